@@ -1,0 +1,212 @@
+"""Checkpoints: written atomically, verified on load, enough to resume training exactly.
+
+    checkpoints/<run>/step_NNNNNN/
+        model.safetensors   weights
+        optimizer.pt        optimizer states, RNG states (absent in weights-only checkpoints)
+        tokenizer.pkl       the tokenizer the model was trained with
+        meta.json           format, step, model and train config, loader state, and each file's sha256
+
+Everything is written into a temporary sibling folder which is renamed into place only when complete,
+so a crash leaves either the previous checkpoint or the new one, never half of one. The hashes in
+meta.json catch files that were truncated or corrupted later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from .common import adamba_home
+from .config import ModelConfig
+from .data.tokenizer import Tokenizer
+from .model import AdambaLM
+
+FORMAT = "adamba-checkpoint"
+VERSION = 1
+WEIGHTS, OPTIMIZER, TOKENIZER, META = "model.safetensors", "optimizer.pt", "tokenizer.pkl", "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def run_dir(run: str) -> Path:
+    return adamba_home() / "checkpoints" / run
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The highest step_NNNNNN folder under a run folder (or the folder itself if it is a checkpoint)."""
+    directory = Path(directory)
+    if (directory / META).exists():
+        return directory
+    steps = sorted(p for p in directory.glob("step_*") if re.fullmatch(r"step_\d{6,}", p.name))
+    return steps[-1] if steps else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_config: dict | None = None,
+                    optimizers: list[torch.optim.Optimizer] | None = None, loader_state: dict | None = None,
+                    tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
+    """Write `directory`/step_NNNNNN atomically and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.tmp-"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(state, tmp / WEIGHTS)
+        if optimizers is not None:
+            torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()},
+                       tmp / OPTIMIZER)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        meta = {
+            "format": FORMAT, "version": VERSION, "step": step,
+            "model_config": model.config.to_dict(), "train_config": train_config,
+            "loader": loader_state, "extra": extra or {},
+            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step: move the old one aside first, then swap
+            trash = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.old-"))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict
+    model: AdambaLM
+    tokenizer: Tokenizer | None
+    optimizer_state: dict | None = field(default=None, repr=False)
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+def read_meta(path: Path) -> dict:
+    meta_path = path / META
+    if not meta_path.exists():
+        raise CheckpointError(f"{meta_path}: missing; {path} is not an adamba checkpoint folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not an adamba checkpoint (format {meta.get('format')!r})"
+                              if isinstance(meta, dict) else f"{meta_path}: not an adamba checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: checkpoint format version {meta.get('version')}, "
+                              f"this adamba reads version {VERSION}")
+    for key in ("step", "model_config", "files"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_path}: missing the {key!r} entry")
+    return meta
+
+
+def _verify(path: Path, meta: dict, name: str) -> Path:
+    file = path / name
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing from the checkpoint")
+    expected = meta["files"].get(name)
+    if expected is not None and _sha256(file) != expected:
+        raise CheckpointError(f"{file}: contents do not match the checksum in meta.json "
+                              "(truncated or corrupted after saving)")
+    return file
+
+
+def load_weights_into(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load a state dict that must match the model exactly; otherwise list every difference."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
+                 f"shape mismatches {wrong}" if wrong else ""]
+        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,
+                    with_optimizer: bool = False) -> Checkpoint:
+    """Load a checkpoint folder, or the latest one of a run folder."""
+    given = Path(path)
+    found = latest_checkpoint(given) if given.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"{given}: no checkpoint found (expected meta.json or step_NNNNNN folders)")
+    meta = read_meta(found)
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except ValueError as err:
+        raise CheckpointError(f"{found / META}: invalid model_config: {err}") from None
+    weights = _verify(found, meta, WEIGHTS)
+    try:
+        state = safetensors.torch.load_file(weights, device=str(device))
+    except Exception as err:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
+    model = AdambaLM.build(config, device)
+    load_weights_into(model, state, str(weights))
+    tokenizer = Tokenizer.load(_verify(found, meta, TOKENIZER)) if TOKENIZER in meta["files"] else None
+    optimizer_state = None
+    if with_optimizer:
+        opt_file = _verify(found, meta, OPTIMIZER)
+        try:
+            # Our own file; it holds Python/NumPy RNG states, which need full unpickling.
+            # Optimizer.load_state_dict moves each state to its parameter's device.
+            optimizer_state = torch.load(io.BytesIO(opt_file.read_bytes()), map_location="cpu",
+                                         weights_only=False)
+        except Exception as err:
+            raise CheckpointError(f"{opt_file}: unreadable optimizer state ({err})") from None
+    return Checkpoint(found, meta, model, tokenizer, optimizer_state)

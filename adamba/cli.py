@@ -1,0 +1,217 @@
+"""`adamba <command>`: one console script for every stage. Each command also runs under torchrun.
+
+    adamba tokenizer train|eval     BPE tokenizer on a corpus
+    adamba train                    pretrain (flags override a --config TOML; --resume continues a run)
+    adamba eval bpb CKPT            bits per byte on held-out data
+    adamba sample CKPT              prompt -> text
+    adamba demo                     the main job: tokenizer, tiny pretraining run, report, samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .config import ModelConfig, RunConfig, TrainConfig, load_toml
+
+
+def _scalar(annotation) -> type:
+    """The scalar type behind annotations like `int | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return args[0] if args else str
+    return annotation if annotation in (int, float, str, bool) else str
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str) -> None:
+    """One --flag per dataclass field; unset flags stay None so a config file's values survive."""
+    group = parser.add_argument_group(f"{cls.__name__} fields")
+    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
+    for f in dataclasses.fields(cls):
+        kind = _scalar(hints[f.name])
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{prefix}{f.name}", default=None,
+                           type=_parse_bool if kind is bool else kind, metavar=kind.__name__.upper(),
+                           help=f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else None)
+
+
+def config_overrides(args: argparse.Namespace, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    model, train = config_overrides(args, "model_"), config_overrides(args, "train_")
+    if args.config:
+        return load_toml(args.config, model, train)
+    return RunConfig(ModelConfig.from_dict(model), TrainConfig.from_dict(train))
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A checkpoint or run folder, or the name of a run under $ADAMBA_HOME/checkpoints."""
+    from .checkpoint import run_dir
+
+    path = Path(name)
+    return path if path.exists() else run_dir(name)
+
+
+# --- commands ----------------------------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> None:
+    from .data.corpus import open_corpus
+    from .data.prepare import default_tokenizer_name, training_texts
+    from .data.tokenizer import Tokenizer, tokenizer_dir
+
+    corpus = open_corpus(args.data)
+    name = args.name or default_tokenizer_name(corpus, args.vocab_size)
+    tokenizer = Tokenizer.train(training_texts(corpus, args.val_fraction), args.vocab_size, name)
+    print(f"saved {tokenizer.vocab_size}-token tokenizer to {tokenizer.save(tokenizer_dir(name))}")
+
+
+def cmd_tokenizer_eval(args) -> None:
+    from .data.corpus import open_corpus
+    from .data.dataset import split_key
+    from .data.prepare import default_tokenizer_name
+    from .data.tokenizer import Tokenizer, compression, tokenizer_dir
+
+    corpus = open_corpus(args.data)
+    name = args.tokenizer or default_tokenizer_name(corpus, args.vocab_size)
+    path = Path(name) if Path(name).exists() else tokenizer_dir(name)
+    tokenizer = Tokenizer.load(path)
+    print(f"tokenizer {path} ({tokenizer.vocab_size} tokens) on {corpus.name}:")
+    for split in ("train", "val"):
+        docs = (d for d in corpus.documents() if (split_key(d) < args.val_fraction) == (split == "val"))
+        n_bytes, n_tokens = compression(tokenizer, docs)
+        print(f"  {split:5s}: {n_bytes:,} bytes, {n_tokens:,} tokens, {n_bytes / max(n_tokens, 1):.3f} bytes/token")
+
+
+def cmd_train(args) -> None:
+    from .common import print0
+    from .train.trainer import train
+
+    cfg = run_config(args)
+    result = train(cfg.model, cfg.train, resume=args.resume)
+    print0(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+
+
+def _load(args):
+    from .checkpoint import load_checkpoint
+    from .common import pick_device
+
+    return load_checkpoint(resolve_checkpoint(args.checkpoint), pick_device(args.device))
+
+
+def cmd_eval_bpb(args) -> None:
+    from .data.corpus import open_corpus
+    from .data.dataset import TokenizedCorpus
+    from .eval.bpb import evaluate_bpb
+
+    ckpt = _load(args)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; bpb needs one")
+    train_cfg = ckpt.meta.get("train_config") or {}
+    data = TokenizedCorpus(open_corpus(args.data or train_cfg.get("data", "embedded")), ckpt.tokenizer,
+                           train_cfg.get("val_fraction", TrainConfig.val_fraction))
+    device = next(ckpt.model.parameters()).device
+    bpb = evaluate_bpb(ckpt.model, data, batch_size=args.batch_size, seq_len=ckpt.model.config.sequence_len,
+                       max_tokens=args.tokens, device=device)
+    print(f"{ckpt.path}: val bpb {bpb:.4f} on {data.corpus.name}")
+
+
+def cmd_sample(args) -> None:
+    from .infer.sample import sample_text
+
+    ckpt = _load(args)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; sampling needs one")
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        text = sample_text(ckpt.model, ckpt.tokenizer, args.prompt, args.max_tokens,
+                           temperature=args.temperature, top_k=args.top_k, seed=seed)
+        print(f"{args.prompt}{text}")
+        if i + 1 < args.num_samples:
+            print("-" * 40)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(minutes=args.minutes, run=args.run)
+
+
+# --- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adamba", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tok = commands.add_parser("tokenizer", help="train or evaluate a BPE tokenizer")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True)
+    for name, func, text in (("train", cmd_tokenizer_train, "train a tokenizer and save it under $ADAMBA_HOME"),
+                             ("eval", cmd_tokenizer_eval, "compression (bytes per token) on a corpus")):
+        sub = tok_commands.add_parser(name, help=text)
+        sub.add_argument("--data", default="embedded", help="embedded, a file/folder, or hf:owner/dataset[:N]")
+        sub.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size)
+        sub.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+        if name == "train":
+            sub.add_argument("--name", help="folder name under $ADAMBA_HOME/tokenizers")
+        else:
+            sub.add_argument("--tokenizer", help="tokenizer name or path (default: the one train would make)")
+        sub.set_defaults(func=func)
+
+    tr = commands.add_parser("train", help="pretrain a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--config", help="TOML file with [model] and [train] tables; flags override it")
+    tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    add_config_flags(tr, ModelConfig, "model_")
+    add_config_flags(tr, TrainConfig, "train_")
+    tr.set_defaults(func=cmd_train)
+
+    ev = commands.add_parser("eval", help="evaluate a checkpoint")
+    ev_commands = ev.add_subparsers(dest="eval_command", required=True)
+    bpb = ev_commands.add_parser("bpb", help="bits per byte on the validation split")
+    bpb.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    bpb.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    bpb.add_argument("--tokens", type=int, default=1 << 20, help="validation tokens to score")
+    bpb.add_argument("--batch-size", type=int, default=8)
+    bpb.add_argument("--device", default="auto")
+    bpb.set_defaults(func=cmd_eval_bpb)
+
+    sa = commands.add_parser("sample", help="generate text from a checkpoint")
+    sa.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    sa.add_argument("--prompt", default="")
+    sa.add_argument("--max-tokens", type=int, default=128)
+    sa.add_argument("--temperature", type=float, default=0.8)
+    sa.add_argument("--top-k", type=int, default=50)
+    sa.add_argument("--seed", type=int, default=None)
+    sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--device", default="auto")
+    sa.set_defaults(func=cmd_sample)
+
+    de = commands.add_parser("demo", help="the main job on the embedded corpus, a few minutes on a CPU")
+    de.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    de.add_argument("--run", default="demo")
+    de.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"adamba: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Configuration dataclasses: every field is validated here, so bad input fails early with a clear message.
+
+`ModelConfig` has one size dial, `depth` (as in nanochat): width = depth x aspect_ratio rounded up to the
+head dim, heads = width / head_dim. Any derived field can be overridden explicitly. `TrainConfig` holds
+everything a training run needs beyond the model. Both round-trip through plain dicts (JSON/TOML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+# Block kinds and the names users may write for them.
+ATTENTION = "T"
+MAMBA = "M"
+MAMBA2 = "M2"
+BLOCK_ALIASES = {
+    "t": ATTENTION, "transformer": ATTENTION, "attention": ATTENTION, "attn": ATTENTION,
+    "m": MAMBA, "mamba": MAMBA, "mamba1": MAMBA,
+    "m2": MAMBA2, "mamba2": MAMBA2,
+}
+AVAILABLE_BLOCKS = {ATTENTION}
+
+
+def _fail(field_name: str, problem: str, fix: str = "") -> None:
+    message = f"{field_name}: {problem}"
+    if fix:
+        message += f" ({fix})"
+    raise ValueError(message)
+
+
+def _block_kind(token: str, where: str) -> str:
+    kind = BLOCK_ALIASES.get(token.strip().lower())
+    if kind is None:
+        _fail("block_pattern", f"unknown block kind {token!r} {where}",
+              "use T/transformer for attention, M/mamba for Mamba-1, M2/mamba2 for Mamba-2")
+    return kind
+
+
+def parse_block_pattern(pattern: str | list | tuple) -> list[str]:
+    """Parse `"TMTM"`, `"T*12 M*8"`, `"T, M"`, `["T", "mamba"]` into a list of block kinds."""
+    if isinstance(pattern, (list, tuple)):
+        if not pattern:
+            _fail("block_pattern", "is empty", "give at least one block kind, e.g. 'T'")
+        kinds: list[str] = []
+        for i, token in enumerate(pattern):
+            if not isinstance(token, str):
+                _fail("block_pattern", f"item {i} is {token!r}, not a string")
+            kinds.extend(parse_block_pattern(token))
+        return kinds
+    if not isinstance(pattern, str):
+        _fail("block_pattern", f"must be a string or a list of strings, got {type(pattern).__name__}")
+    tokens = [t for t in re.split(r"[\s,]+", pattern.strip()) if t]
+    if not tokens:
+        _fail("block_pattern", "is empty", "give at least one block kind, e.g. 'T'")
+    kinds = []
+    for token in tokens:
+        match = re.fullmatch(r"([A-Za-z0-9]+)\s*\*\s*(\d+)", token)
+        if match:
+            name, count = match.group(1), int(match.group(2))
+            if count < 1:
+                _fail("block_pattern", f"repeat count in {token!r} must be at least 1")
+            kinds.extend([_block_kind(name, f"in {token!r}")] * count)
+        elif token.lower() in BLOCK_ALIASES and len(token) > 2:
+            kinds.append(BLOCK_ALIASES[token.lower()])
+        elif re.fullmatch(r"(?:M2|T|M)+", token, flags=re.IGNORECASE):
+            kinds.extend(_block_kind(k, f"in {token!r}")
+                         for k in re.findall(r"M2|T|M", token, flags=re.IGNORECASE))
+        else:
+            _fail("block_pattern", f"cannot parse {token!r}",
+                  "write letters like 'TTMM', repeats like 'T*12 M*8', or long names like 'mamba'")
+    return kinds
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(name, f"must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an AdambaLM. Unset sizes are derived from `depth` (default 12)."""
+
+    sequence_len: int = 1024
+    vocab_size: int = 65536
+    depth: int | None = None
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    aspect_ratio: int = 64  # width per unit of depth, as in nanochat
+    head_dim: int = 128  # target head size when heads are derived from the width
+    mlp_ratio: int = 4
+    block_pattern: Any = "T"
+    # Per-layer attention windows, nanochat style: 'L' = full context, 'S' = `short_window` tokens.
+    # The pattern tiles over the attention layers; the last attention layer always sees full context.
+    window_pattern: str = "L"
+    short_window: int | None = None
+    logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 disables
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _positive_int("sequence_len", self.sequence_len)
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("aspect_ratio", self.aspect_ratio)
+        _positive_int("head_dim", self.head_dim)
+        _positive_int("mlp_ratio", self.mlp_ratio)
+        kinds = parse_block_pattern(self.block_pattern)
+        if self.depth is not None:
+            _positive_int("depth", self.depth)
+        if self.n_layer is None:
+            if self.depth is not None:
+                self.n_layer = self.depth
+            elif len(kinds) > 1:
+                self.n_layer = len(kinds)
+            else:
+                self.n_layer = 12
+        _positive_int("n_layer", self.n_layer)
+        if self.n_layer % len(kinds):
+            _fail("block_pattern", f"has {len(kinds)} blocks, which does not tile n_layer={self.n_layer}",
+                  "give one kind per layer, or a pattern whose length divides n_layer")
+        self.block_pattern = kinds * (self.n_layer // len(kinds))
+        missing = sorted({k for k in self.block_pattern if k not in AVAILABLE_BLOCKS})
+        if missing:
+            _fail("block_pattern", f"Mamba blocks are not available yet (kinds {missing})",
+                  "use only 'T' attention blocks in this version")
+
+        size = self.depth if self.depth is not None else self.n_layer
+        if self.n_embd is None:
+            self.n_embd = math.ceil(size * self.aspect_ratio / self.head_dim) * self.head_dim
+        _positive_int("n_embd", self.n_embd)
+        if self.n_head is None:
+            self.n_head = max(1, self.n_embd // self.head_dim)
+        _positive_int("n_head", self.n_head)
+        if self.n_embd % self.n_head:
+            _fail("n_head", f"{self.n_head} does not divide n_embd={self.n_embd}")
+        if (self.n_embd // self.n_head) % 2:
+            _fail("n_head", f"gives an odd head size {self.n_embd // self.n_head}",
+                  "rotary embeddings need an even head size")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _positive_int("n_kv_head", self.n_kv_head)
+        if self.n_head % self.n_kv_head:
+            _fail("n_kv_head", f"{self.n_kv_head} does not divide n_head={self.n_head}",
+                  "grouped-query attention shares each K/V head among a whole number of query heads")
+
+        if not isinstance(self.window_pattern, str) or not re.fullmatch(r"[SLsl]+", self.window_pattern):
+            _fail("window_pattern", f"must be letters S (short) and L (long), got {self.window_pattern!r}")
+        self.window_pattern = self.window_pattern.upper()
+        if self.short_window is None:
+            self.short_window = max(1, self.sequence_len // 2)
+        _positive_int("short_window", self.short_window)
+        if not isinstance(self.logit_softcap, (int, float)) or self.logit_softcap < 0:
+            _fail("logit_softcap", f"must be >= 0 (0 disables it), got {self.logit_softcap!r}")
+        if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 0:
+            _fail("rope_base", f"must be > 0, got {self.rope_base!r}")
+
+    @property
+    def model_head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def attention_windows(self) -> list[int | None]:
+        """Attention window per layer (None = full causal context; None for non-attention layers)."""
+        attention_layers = [i for i, k in enumerate(self.block_pattern) if k == ATTENTION]
+        windows: list[int | None] = [None] * self.n_layer
+        for j, layer in enumerate(attention_layers):
+            short = self.window_pattern[j % len(self.window_pattern)] == "S"
+            if short and layer != attention_layers[-1]:
+                windows[layer] = self.short_window
+        return windows
+
+    def describe(self) -> str:
+        pattern = "".join(self.block_pattern)
+        return (f"n_layer={self.n_layer} n_embd={self.n_embd} n_head={self.n_head} "
+                f"n_kv_head={self.n_kv_head} head_dim={self.model_head_dim} vocab_size={self.vocab_size} "
+                f"sequence_len={self.sequence_len} blocks={pattern} windows={self.window_pattern}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return _from_dict(cls, data, "model config")
+
+
+@dataclass
+class TrainConfig:
+    """A training run: data, batch, optimizer, schedule, evaluation and checkpointing."""
+
+    run: str = "default"  # checkpoints go to $ADAMBA_HOME/checkpoints/<run>/
+    data: str = "embedded"  # 'embedded', a local file/folder, or 'hf:<owner>/<dataset>'
+    tokenizer: str | None = None  # a tokenizer name under $ADAMBA_HOME/tokenizers (default: per data)
+    vocab_size: int = 4096  # for a tokenizer trained on the fly
+    val_fraction: float = 0.05
+    device_batch_size: int = 8
+    total_batch_size: int = 8 * 256  # tokens per optimizer step, over all ranks and micro-steps
+    num_iterations: int = 100
+    time_budget_s: float = 0.0  # > 0: stop (and save) once this much wall time has passed
+    matrix_lr: float = 0.02  # Muon
+    embedding_lr: float = 0.2  # AdamW
+    unembedding_lr: float = 0.004  # AdamW
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    grad_clip: float = 0.0  # 0 disables
+    dtype: str = "auto"  # auto: bfloat16 on capable GPUs, float32 elsewhere
+    device: str = "auto"
+    compile: bool | None = None  # None: on for CUDA, off on CPU
+    eval_every: int = 50  # steps; 0 disables periodic evaluation
+    eval_tokens: int = 32768  # validation tokens per bpb evaluation
+    sample_every: int = 0  # steps; 0 disables periodic samples
+    save_every: int = 0  # steps; 0 saves only at the end
+    seed: int = 42
+    wandb: bool = False
+    metrics_file: str | None = None  # JSONL; default <checkpoint dir>/metrics.jsonl
+
+    def __post_init__(self) -> None:
+        for name in ("device_batch_size", "total_batch_size", "num_iterations", "vocab_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("eval_every", "sample_every", "save_every", "eval_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                _fail(name, f"must be a non-negative integer, got {value!r}")
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip",
+                     "time_budget_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                _fail(name, f"must be a non-negative number, got {value!r}")
+        for name in ("val_fraction", "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                _fail(name, f"must be between 0 and 1, got {value!r}")
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            _fail("warmdown_ratio", "warmup_ratio + warmdown_ratio exceeds 1")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32, bfloat16 or float16")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run):
+            _fail("run", f"{self.run!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        return _from_dict(cls, data, "train config")
+
+
+def _from_dict(cls, data: dict, what: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected a table of fields, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass
+class RunConfig:
+    """A TOML file with optional [model] and [train] tables."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_toml(path: str | Path, model_overrides: dict | None = None,
+              train_overrides: dict | None = None) -> RunConfig:
+    """Read a run config from TOML; overrides (e.g. from CLI flags) win over the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"config file {path}: unknown table(s) {unknown}; use [model] and [train]")
+    model = {**data.get("model", {}), **(model_overrides or {})}
+    train = {**data.get("train", {}), **(train_overrides or {})}
+    return RunConfig(ModelConfig.from_dict(model), TrainConfig.from_dict(train))

@@ -1,0 +1,3 @@
+from .model import AdambaLM
+
+__all__ = ["AdambaLM"]

@@ -1,0 +1,115 @@
+"""AdambaLM: token embedding -> norm -> blocks -> norm -> lm_head -> logit softcap.
+
+With only attention blocks this computes exactly nanochat's (October 2025) GPT forward. The model is meant
+to be built on the meta device and then materialised by `init_weights()` (see `AdambaLM.build`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ATTENTION, ModelConfig
+from .attention import AttentionBlock
+from .flops import FlopCount, count_flops
+from .norm import rms_norm
+from .rotary import rotary_tables
+
+
+def build_block(kind: str, config: ModelConfig, window: int | None) -> nn.Module:
+    if kind == ATTENTION:
+        return AttentionBlock(config.n_embd, config.n_head, config.n_kv_head,
+                              config.mlp_ratio * config.n_embd, window)
+    raise ValueError(f"block_pattern: block kind {kind!r} is not available")
+
+
+class AdambaLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(
+            build_block(kind, config, window)
+            for kind, window in zip(config.block_pattern, config.attention_windows(), strict=True))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = rotary_tables(config.sequence_len, config.model_head_dim, config.rope_base,
+                                 device=self.wte.weight.device)
+        # Derived from the config, so not saved in checkpoints (persistent=False).
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        if self.wte.weight.device.type != "meta":
+            self.init_weights()
+
+    @classmethod
+    def build(cls, config: ModelConfig, device: torch.device | str = "cpu") -> AdambaLM:
+        """Allocate on the meta device (no memory, no init cost), then materialise on `device`."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's initialisation.
+
+        - Embedding ~ N(0, 1): the embedding is normalised right away, so its scale is irrelevant.
+        - Linear ~ N(0, std) with std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) (Everett et al. 2023,
+          arXiv:2310.17813), which keeps activations O(1) for wide and narrow matrices alike.
+        - Every projection that writes into the residual stream (attention c_proj, MLP c_proj) and the
+          lm_head start at zero: each block starts as the identity and the first logits are uniform.
+        - Rotary tables are recomputed, since `to_empty` leaves buffers uninitialised.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = rotary_tables(self.config.sequence_len, self.config.model_head_dim,
+                                 self.config.rope_base, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer family: 2-D block matrices (Muon), embedding and lm_head (AdamW)."""
+        matrices = [p for p in self.blocks.parameters() if p.ndim == 2]
+        others = [p for p in self.blocks.parameters() if p.ndim != 2]
+        return {"matrix": matrices, "scalar": others,
+                "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight]}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def count_flops(self, context: int | None = None) -> FlopCount:
+        return count_flops(self.config, context)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored)."""
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        T = idx.size(1)
+        if T > self.config.sequence_len:
+            raise ValueError(f"input has {T} tokens, more than the model's sequence_len="
+                             f"{self.config.sequence_len}; crop the input")
+        cos, sin = self.cos[:T], self.sin[:T]
+        x = rms_norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(rms_norm(x)).float()
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)

@@ -1,0 +1,222 @@
+"""One training loop, callable as a function (tests) or from `adamba train` (CLI, torchrun).
+
+Per optimizer step: `grad_accum` micro-batches of device_batch_size x sequence_len tokens per rank, so
+that total_batch_size tokens are seen across all ranks; the loss of each micro-batch is divided by
+grad_accum, and DDP averages over ranks, so the update equals one step on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_checkpoint, run_dir, save_checkpoint, set_rng_state
+from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything
+from ..config import ModelConfig, TrainConfig
+from ..data.loader import DataLoader
+from ..data.prepare import prepare_data
+from ..eval.bpb import evaluate_bpb
+from ..infer.sample import sample_text
+from ..model import AdambaLM
+from .optim import build_optimizers, set_schedule
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+SAMPLE_PROMPTS = ["The ", "To be, or not", "KING"]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path
+    metrics: list[dict] = field(default_factory=list)
+    initial_val_bpb: float | None = None
+    final_val_bpb: float | None = None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+class MetricsLog:
+    """Append-only JSONL on rank 0; on resume, entries after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool, wandb_run=None):
+        self.path, self.enabled, self.wandb = path, enabled, wandb_run
+        self.records: list[dict] = []
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r.get("step", 0) <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+
+def _wandb_run(config: TrainConfig, model_config: ModelConfig, enabled: bool):
+    if not (config.wandb and enabled):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("wandb: asked for, but the wandb package is not installed (`pip install wandb`)") \
+            from None
+    return wandb.init(project="adamba", name=config.run,
+                      config={"model": model_config.to_dict(), "train": config.to_dict()})
+
+
+def grad_accum_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
+    per_micro = config.device_batch_size * seq_len * world_size
+    if config.total_batch_size % per_micro:
+        raise ValueError(f"total_batch_size: {config.total_batch_size} tokens is not a multiple of "
+                         f"device_batch_size x sequence_len x world_size = {per_micro}")
+    return config.total_batch_size // per_micro
+
+
+def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    device = pick_device(config.device)
+    info: DistInfo = init_distributed(device)
+    dtype = pick_dtype(config.dtype, device)
+    seed_everything(config.seed + info.rank)
+    data = prepare_data(config.data, config.tokenizer, config.vocab_size, config.val_fraction, info.rank,
+                        progress)
+    tokenizer = data.tokenizer
+    out_dir = run_dir(config.run)
+
+    start_step, checkpoint = 0, None
+    if resume:
+        checkpoint = load_checkpoint(out_dir, device, with_optimizer=True)
+        model, model_config, start_step = checkpoint.model, checkpoint.model.config, checkpoint.step
+        print0(f"resuming {config.run} from {checkpoint.path} (step {start_step})")
+    else:
+        if model_config.vocab_size != tokenizer.vocab_size:
+            model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+        model = AdambaLM.build(model_config, device)
+    print0(f"model: {model_config.describe()}  ({model.num_params():,} parameters)")
+    flops = model.count_flops()
+    accum = grad_accum_steps(config, model_config.sequence_len, info.world_size)
+    print0(f"batch: {config.total_batch_size:,} tokens/step = {config.device_batch_size} rows x "
+           f"{model_config.sequence_len} tokens x {info.world_size} rank(s) x {accum} micro-steps; "
+           f"{flops.train:.3g} training FLOPs/token; compute dtype {dtype}")
+
+    optimizers = build_optimizers(model, config)
+    loader = DataLoader(data, "train", config.device_batch_size, model_config.sequence_len, rank=info.rank,
+                        world_size=info.world_size, seed=config.seed, device=device)
+    if checkpoint is not None:
+        for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        loader.load_state_dict(checkpoint.meta["loader"])
+        set_rng_state(checkpoint.optimizer_state["rng"])
+
+    train_model: torch.nn.Module = model
+    compile_model = config.compile if config.compile is not None else device.type == "cuda"
+    if compile_model:
+        train_model = torch.compile(model)
+    if info.enabled:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda"
+                                              else None)
+    autocast = (contextlib.nullcontext if dtype == torch.float32
+                else lambda: torch.autocast(device.type, dtype=dtype))
+
+    def evaluate() -> float:
+        return evaluate_bpb(model, data, batch_size=config.device_batch_size, seq_len=model_config.sequence_len,
+                            max_tokens=config.eval_tokens, device=device, rank=info.rank,
+                            world_size=info.world_size, autocast=autocast)
+
+    metrics = MetricsLog(Path(config.metrics_file) if config.metrics_file else out_dir / "metrics.jsonl",
+                         start_step if resume else None, info.is_master,
+                         _wandb_run(config, model_config, info.is_master))
+    result = TrainResult(step=start_step, checkpoint=out_dir)
+    peak = peak_flops(device)
+    tokens_per_step = config.total_batch_size
+    bar = tqdm(total=config.num_iterations, initial=start_step, desc=f"train {config.run}", unit="step",
+               disable=not (progress and info.is_master), dynamic_ncols=True)
+    started = time.perf_counter()
+    step = start_step
+
+    def save() -> Path:
+        if info.is_master:
+            result.checkpoint = save_checkpoint(
+                out_dir, model, step=step, train_config=config.to_dict(), optimizers=optimizers,
+                loader_state=loader.state_dict(), tokenizer=tokenizer)
+        if info.enabled:
+            dist.barrier()
+        return result.checkpoint
+
+    while True:
+        out_of_time = bool(config.time_budget_s) and time.perf_counter() - started > config.time_budget_s
+        last = step >= config.num_iterations or out_of_time
+        if config.eval_every and (step % config.eval_every == 0 or last):
+            bpb = evaluate()
+            if step == 0:
+                result.initial_val_bpb = bpb
+            result.final_val_bpb = bpb
+            metrics.log({"step": step, "val_bpb": bpb})
+            if info.is_master:
+                bar.write(f"step {step:5d} | val bpb {bpb:.4f}")
+        if config.sample_every and (step % config.sample_every == 0 or last) and info.is_master:
+            for prompt in SAMPLE_PROMPTS:
+                text = sample_text(model, tokenizer, prompt, 32, temperature=0.0)
+                bar.write(f"  sample: {prompt!r} -> {text!r}")
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        lr_mult = set_schedule(optimizers, step, config)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = next(loader)
+            sync = not info.enabled or micro == accum - 1
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                loss = train_model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss_value = (loss_sum / accum).item()
+        if info.enabled:  # gloo has no AVG: sum, then divide
+            loss_tensor = torch.tensor(loss_value, device=device)
+            dist.all_reduce(loss_tensor)
+            loss_value = loss_tensor.item() / info.world_size
+        dt = time.perf_counter() - t0
+        step += 1
+        tok_per_s = tokens_per_step / dt
+        record = {"step": step, "loss": loss_value, "lr_mult": lr_mult, "tokens": step * tokens_per_step,
+                  "dt": dt, "tok_per_s": tok_per_s}
+        if peak:
+            record["mfu"] = flops.train * tok_per_s / (peak * info.world_size)
+        metrics.log(record)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_s:,.0f}")
+        bar.update(1)
+        if config.save_every and step % config.save_every == 0 and step < config.num_iterations:
+            save()
+    bar.close()
+    result.step = step
+    save()
+    result.metrics = metrics.records
+    return result
