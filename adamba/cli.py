@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("eval", cmd_tokenizer_eval, "compression (bytes per token) on a corpus")):
         sub = tok_commands.add_parser(name, help=text)
         sub.add_argument("--data", default="embedded", help="embedded, a file/folder, or hf:owner/dataset[:N]")
-        sub.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size)
+        sub.add_argument("--vocab-size", type=int, default=TrainConfig.tokenizer_vocab_size)
         sub.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
         if name == "train":
             sub.add_argument("--name", help="folder name under $ADAMBA_HOME/tokenizers")

@@ -197,10 +197,10 @@ class ModelConfig:
 class TrainConfig:
     """A training run: data, batch, optimizer, schedule, evaluation and checkpointing."""
 
-    run: str = "default"  # checkpoints go to $ADAMBA_HOME/checkpoints/<run>/
+    run_name: str = "default"  # checkpoints go to $ADAMBA_HOME/checkpoints/<run>/
     data: str = "embedded"  # 'embedded', a local file/folder, or 'hf:<owner>/<dataset>'
     tokenizer: str | None = None  # a tokenizer name under $ADAMBA_HOME/tokenizers (default: per data)
-    vocab_size: int = 4096  # for a tokenizer trained on the fly
+    tokenizer_vocab_size: int = 4096  # for a tokenizer trained on the fly (the model takes its size)
     val_fraction: float = 0.05
     device_batch_size: int = 8
     total_batch_size: int = 8 * 256  # tokens per optimizer step, over all ranks and micro-steps
@@ -226,7 +226,7 @@ class TrainConfig:
     metrics_file: str | None = None  # JSONL; default <checkpoint dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
-        for name in ("device_batch_size", "total_batch_size", "num_iterations", "vocab_size"):
+        for name in ("device_batch_size", "total_batch_size", "num_iterations", "tokenizer_vocab_size"):
             _positive_int(name, getattr(self, name))
         for name in ("eval_every", "sample_every", "save_every", "eval_tokens"):
             value = getattr(self, name)
@@ -245,8 +245,8 @@ class TrainConfig:
             _fail("warmdown_ratio", "warmup_ratio + warmdown_ratio exceeds 1")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32, bfloat16 or float16")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run):
-            _fail("run", f"{self.run!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
+            _fail("run_name", f"{self.run_name!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

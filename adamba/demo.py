@@ -5,55 +5,27 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from .checkpoint import load_checkpoint
-from .common import pick_device, print0
+from .common import print0
 from .config import ModelConfig, TrainConfig
-from .data.prepare import prepare_data
 from .infer.sample import sample_text
-from .model import AdambaLM
 from .train.report import write_report
 from .train.trainer import train
 
 DEMO_PROMPTS = ["ROMEO\n", "To be, or not to be", "Enter KING"]
 
 
-def demo_configs(run: str) -> tuple[ModelConfig, TrainConfig]:
+def demo_configs(run: str, minutes: float) -> tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(depth=4, head_dim=64, sequence_len=256, vocab_size=4096)
-    config = TrainConfig(run=run, data="embedded", vocab_size=4096, device_batch_size=8,
-                         total_batch_size=2 * 8 * 256, eval_tokens=32768)
+    config = TrainConfig(run_name=run, data="embedded", tokenizer_vocab_size=4096, device_batch_size=8,
+                         total_batch_size=2 * 8 * 256, eval_tokens=32768, eval_every=50,
+                         num_iterations=100_000, time_budget_s=minutes * 60)
     return model, config
-
-
-def measure_step_seconds(model_config: ModelConfig, config: TrainConfig, steps: int = 3) -> float:
-    """Seconds per optimizer step of this model on this machine (forward + backward, first step excluded)."""
-    device = pick_device(config.device)
-    model = AdambaLM.build(model_config, device)
-    accum = config.total_batch_size // (config.device_batch_size * model_config.sequence_len)
-    x = torch.randint(0, model_config.vocab_size, (config.device_batch_size, model_config.sequence_len),
-                      device=device)
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        for _ in range(accum):
-            model(x, x).backward()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def run_demo(minutes: float = 5.0, run: str = "demo") -> None:
     started = time.perf_counter()
-    model_config, config = demo_configs(run)
-    prepare_data(config.data, config.tokenizer, config.vocab_size, config.val_fraction)
-    step_s = measure_step_seconds(model_config, config)
-    # The optimizer and periodic evaluations add roughly 15% to the forward/backward time.
-    steps = max(10, int(minutes * 60 / (step_s * 1.15)))
-    config.num_iterations = steps
-    config.eval_every = max(1, steps // 5)
-    config.time_budget_s = minutes * 60 * 1.5  # a safety stop on a machine slower than measured
-    print0(f"demo: ~{step_s:.2f} s/step here, so {steps} steps of {config.total_batch_size:,} tokens "
-           f"fit {minutes:g} minutes")
+    model_config, config = demo_configs(run, minutes)
     result = train(model_config, config)
 
     checkpoint = load_checkpoint(result.checkpoint)

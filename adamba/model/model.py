@@ -105,7 +105,8 @@ class AdambaLM(nn.Module):
         x = rms_norm(self.wte(idx))
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(rms_norm(x)).float()
+        logits = self.lm_head(rms_norm(x))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         cap = self.config.logit_softcap
         if cap:
             logits = cap * torch.tanh(logits / cap)

@@ -27,11 +27,12 @@ from ..data.prepare import prepare_data
 from ..eval.bpb import evaluate_bpb
 from ..infer.sample import sample_text
 from ..model import AdambaLM
-from .optim import build_optimizers, set_schedule
+from .optim import build_optimizers, lr_multiplier, set_schedule
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 SAMPLE_PROMPTS = ["The ", "To be, or not", "KING"]
+REPLAN_AT = (5, 20, 50)  # steps into a time-budgeted run at which num_iterations is re-fitted
 
 
 @dataclass
@@ -82,8 +83,25 @@ def _wandb_run(config: TrainConfig, model_config: ModelConfig, enabled: bool):
     except ImportError:
         raise ValueError("wandb: asked for, but the wandb package is not installed (`pip install wandb`)") \
             from None
-    return wandb.init(project="adamba", name=config.run,
+    return wandb.init(project="adamba", name=config.run_name,
                       config={"model": model_config.to_dict(), "train": config.to_dict()})
+
+
+def fit_to_budget(config: TrainConfig, step: int, start_step: int, elapsed: float) -> TrainConfig:
+    """Shorten num_iterations so the run, warmdown included, ends inside time_budget_s.
+
+    Only done while the schedule is still in its constant phase, so the steps already taken are exactly
+    what they would have been had num_iterations been this number from the start."""
+    if step == start_step or lr_multiplier(step, config) != 1.0 or step < round(config.warmup_ratio *
+                                                                                  config.num_iterations):
+        return config
+    seconds_per_step = elapsed / (step - start_step)  # includes evaluations and checkpoints so far
+    affordable = step + int((config.time_budget_s - elapsed) / seconds_per_step)
+    if affordable >= config.num_iterations:
+        return config
+    print0(f"time budget: ~{seconds_per_step:.2f} s/step, so num_iterations {config.num_iterations} -> "
+           f"{max(affordable, step + 1)}")
+    return dataclasses.replace(config, num_iterations=max(affordable, step + 1))
 
 
 def grad_accum_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
@@ -100,18 +118,19 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     info: DistInfo = init_distributed(device)
     dtype = pick_dtype(config.dtype, device)
     seed_everything(config.seed + info.rank)
-    data = prepare_data(config.data, config.tokenizer, config.vocab_size, config.val_fraction, info.rank,
+    data = prepare_data(config.data, config.tokenizer, config.tokenizer_vocab_size, config.val_fraction, info.rank,
                         progress)
     tokenizer = data.tokenizer
-    out_dir = run_dir(config.run)
+    out_dir = run_dir(config.run_name)
 
     start_step, checkpoint = 0, None
     if resume:
         checkpoint = load_checkpoint(out_dir, device, with_optimizer=True)
         model, model_config, start_step = checkpoint.model, checkpoint.model.config, checkpoint.step
-        print0(f"resuming {config.run} from {checkpoint.path} (step {start_step})")
+        print0(f"resuming {config.run_name} from {checkpoint.path} (step {start_step})")
     else:
         if model_config.vocab_size != tokenizer.vocab_size:
+            print0(f"vocab_size: {model_config.vocab_size} -> {tokenizer.vocab_size}, the tokenizer's size")
             model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
         model = AdambaLM.build(model_config, device)
     print0(f"model: {model_config.describe()}  ({model.num_params():,} parameters)")
@@ -151,7 +170,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     result = TrainResult(step=start_step, checkpoint=out_dir)
     peak = peak_flops(device)
     tokens_per_step = config.total_batch_size
-    bar = tqdm(total=config.num_iterations, initial=start_step, desc=f"train {config.run}", unit="step",
+    bar = tqdm(total=config.num_iterations, initial=start_step, desc=f"train {config.run_name}", unit="step",
                disable=not (progress and info.is_master), dynamic_ncols=True)
     started = time.perf_counter()
     step = start_step
@@ -183,6 +202,9 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if last:
             break
 
+        if config.time_budget_s and step - start_step in REPLAN_AT:
+            config = fit_to_budget(config, step, start_step, time.perf_counter() - started)
+            bar.total = config.num_iterations
         t0 = time.perf_counter()
         lr_mult = set_schedule(optimizers, step, config)
         loss_sum = torch.zeros((), device=device)
