@@ -211,7 +211,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=3, help="training steps per timed repetition")
+    ap.add_argument("--steps", type=int, default=2, help="training steps per timed repetition")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     ap.add_argument("--repeats", type=int, default=15, help="timed repetitions per model (interleaved)")
     ap.add_argument("--device", default="auto")

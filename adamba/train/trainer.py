@@ -32,7 +32,7 @@ from .optim import build_optimizers, lr_multiplier, set_schedule
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 SAMPLE_PROMPTS = ["The ", "To be, or not", "KING"]
-REPLAN_AT = (5, 20, 50)  # steps into a time-budgeted run at which num_iterations is re-fitted
+REPLAN_AT = (5, 20, 50, 100)  # steps into a time-budgeted run at which num_iterations is re-fitted
 
 
 @dataclass
@@ -87,21 +87,21 @@ def _wandb_run(config: TrainConfig, model_config: ModelConfig, enabled: bool):
                       config={"model": model_config.to_dict(), "train": config.to_dict()})
 
 
-def fit_to_budget(config: TrainConfig, step: int, start_step: int, elapsed: float) -> TrainConfig:
-    """Shorten num_iterations so the run, warmdown included, ends inside time_budget_s.
+def fit_to_budget(config: TrainConfig, max_iterations: int, step: int, start_step: int,
+                  seconds_per_step: float, remaining: float) -> TrainConfig:
+    """Set num_iterations (at most max_iterations) so that the run, warmdown included, ends inside
+    time_budget_s.
 
-    Only done while the schedule is still in its constant phase, so the steps already taken are exactly
-    what they would have been had num_iterations been this number from the start."""
-    if step == start_step or lr_multiplier(step, config) != 1.0 or step < round(config.warmup_ratio *
-                                                                                  config.num_iterations):
+    Only done while both schedules agree on every step taken so far, so those steps are exactly what they
+    would have been had num_iterations been this number from the start."""
+    affordable = max(step + 1, min(max_iterations, step + int(remaining / seconds_per_step)))
+    new = dataclasses.replace(config, num_iterations=affordable)
+    if step == start_step or affordable == config.num_iterations:
         return config
-    seconds_per_step = elapsed / (step - start_step)  # includes evaluations and checkpoints so far
-    affordable = step + int((config.time_budget_s - elapsed) / seconds_per_step)
-    if affordable >= config.num_iterations:
+    if any(lr_multiplier(s, config) != lr_multiplier(s, new) for s in range(step + 1)):
         return config
-    print0(f"time budget: ~{seconds_per_step:.2f} s/step, so num_iterations {config.num_iterations} -> "
-           f"{max(affordable, step + 1)}")
-    return dataclasses.replace(config, num_iterations=max(affordable, step + 1))
+    print0(f"time budget: ~{seconds_per_step:.2f} s/step, so num_iterations {config.num_iterations} -> {affordable}")
+    return new
 
 
 def grad_accum_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
@@ -173,7 +173,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     bar = tqdm(total=config.num_iterations, initial=start_step, desc=f"train {config.run_name}", unit="step",
                disable=not (progress and info.is_master), dynamic_ncols=True)
     started = time.perf_counter()
-    step = start_step
+    step, max_iterations = start_step, config.num_iterations
 
     def save() -> Path:
         if info.is_master:
@@ -202,10 +202,13 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if last:
             break
 
-        if config.time_budget_s and step - start_step in REPLAN_AT:
-            config = fit_to_budget(config, step, start_step, time.perf_counter() - started)
-            bar.total = config.num_iterations
         t0 = time.perf_counter()
+        if step == start_step:
+            first_step_at = t0
+        elif config.time_budget_s and step - start_step in REPLAN_AT:
+            config = fit_to_budget(config, max_iterations, step, start_step,
+                                   (t0 - first_step_at) / (step - start_step), config.time_budget_s - (t0 - started))
+            bar.total = config.num_iterations
         lr_mult = set_schedule(optimizers, step, config)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):

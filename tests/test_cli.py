@@ -1,0 +1,46 @@
+import re
+
+from adamba.checkpoint import run_dir
+from adamba.cli import main
+
+TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--sequence-len", "32", "--device", "cpu",
+        "--device-batch-size", "4", "--total-batch-size", "128", "--tokenizer-vocab-size", "512",
+        "--val-fraction", "0.1", "--eval-tokens", "256"]
+
+
+def test_tokenizer_commands(corpus_dir, adamba_home, capsys):
+    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--vocab-size", "512", "--name", "t512"]) == 0
+    assert (adamba_home / "tokenizers" / "t512" / "tokenizer.pkl").exists()
+    assert main(["tokenizer", "eval", "--data", str(corpus_dir), "--tokenizer", "t512"]) == 0
+    out = capsys.readouterr().out
+    ratios = [float(x) for x in re.findall(r"([\d.]+) bytes/token", out)]
+    assert len(ratios) == 2 and all(r > 2 for r in ratios)
+    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--vocab-size", "100"]) == 2
+    assert "vocab_size: 100 is too small" in capsys.readouterr().err
+
+
+def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(f'[train]\nrun_name = "cli"\ndata = "{corpus_dir}"\nnum_iterations = 50\n')
+    assert main(["train", "--config", str(config), "--num-iterations", "6", "--eval-every", "3", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "finished at step 6" in out and (run_dir("cli") / "step_000006").exists()
+
+    args = ["sample", "cli", "--prompt", "The king", "--max-tokens", "12", "--seed", "3", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("The king")
+
+    assert main(["eval", "bpb", "cli", "--tokens", "256", "--device", "cpu", "--batch-size", "2"]) == 0
+    bpb = float(re.search(r"val bpb ([\d.]+)", capsys.readouterr().out).group(1))
+    assert 0.5 < bpb < 10
+
+
+def test_bad_input_gives_clear_errors(corpus_dir, capsys):
+    assert main(["train", "--data", str(corpus_dir), *TINY, "--n-head", "5"]) == 2
+    assert "n_head: 5 does not divide n_embd=64" in capsys.readouterr().err
+    assert main(["sample", "no-such-run", "--device", "cpu"]) == 2
+    assert "no-such-run: no checkpoint found" in capsys.readouterr().err
+    assert main(["train", "--config", "missing.toml"]) == 2
+    assert "missing.toml does not exist" in capsys.readouterr().err
