@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from adamba import ModelConfig, TrainConfig
@@ -92,3 +94,11 @@ def test_dict_and_toml_round_trip(tmp_path):
     path.write_text("[model\n")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_toml(path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=str)
+def test_shipped_configs_are_valid(path):
+    from adamba.train.trainer import grad_accum_steps
+
+    cfg = load_toml(path)
+    assert grad_accum_steps(cfg.train, cfg.model.sequence_len, world_size=1) >= 1

@@ -33,6 +33,9 @@ from .optim import build_optimizers, lr_multiplier, set_schedule
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 SAMPLE_PROMPTS = ["The ", "To be, or not", "KING"]
 REPLAN_AT = (5, 20, 50, 100)  # steps into a time-budgeted run at which num_iterations is re-fitted
+# Fields that do not change the optimisation trajectory, so a resumed run may set them freely.
+RESUME_MAY_CHANGE = {"num_iterations", "time_budget_s", "eval_every", "eval_tokens", "sample_every", "save_every",
+                     "wandb", "metrics_file", "device", "compile"}
 
 
 @dataclass
@@ -128,6 +131,12 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         checkpoint = load_checkpoint(out_dir, device, with_optimizer=True)
         model, model_config, start_step = checkpoint.model, checkpoint.model.config, checkpoint.step
         print0(f"resuming {config.run_name} from {checkpoint.path} (step {start_step})")
+        saved = checkpoint.meta.get("train_config") or {}
+        changed = sorted(k for k, v in config.to_dict().items()
+                         if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE)
+        if changed:
+            print0(f"warning: resuming with different {changed} than the checkpoint was trained with; "
+                   "the run will not continue exactly as it would have")
     else:
         if model_config.vocab_size != tokenizer.vocab_size:
             print0(f"vocab_size: {model_config.vocab_size} -> {tokenizer.vocab_size}, the tokenizer's size")
@@ -236,7 +245,8 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if peak:
             record["mfu"] = flops.train * tok_per_s / (peak * info.world_size)
         metrics.log(record)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_s:,.0f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_s:,.0f}",
+                        **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
         bar.update(1)
         if config.save_every and step % config.save_every == 0 and step < config.num_iterations:
             save()
