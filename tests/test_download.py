@@ -345,3 +345,17 @@ def test_endpoint_and_url(monkeypatch):
     assert hf_file_url(REPO, "x.parquet", revision="refs/convert/parquet", endpoint="http://h") == (
         "http://h/datasets/owner/name/resolve/refs%2Fconvert%2Fparquet/x.parquet"
     )
+
+
+def test_hf_corpus_spec_downloads_and_reads_documents(server, tmp_path, monkeypatch, adamba_home):
+    from adamba.data.corpus import open_corpus
+
+    base, state = server
+    shards = _serve_hf_repo(state, tmp_path)
+    monkeypatch.setenv("ADAMBA_HF_ENDPOINT", base)
+    corpus = open_corpus(f"hf:{REPO}:2")
+    expected = [t for p in SHARDS[:2] for t in pq.read_table(pa.BufferReader(shards[p])).column("text").to_pylist()]
+    assert list(corpus.documents()) == expected
+    assert all(str(adamba_home / "datasets") in str(p) for p in (adamba_home / "datasets").rglob("*.parquet"))
+    with pytest.raises(ValueError, match="not of the form hf:"):
+        open_corpus("hf:no-slash")
