@@ -4,6 +4,7 @@
     adamba train                    pretrain (flags override a --config TOML; --resume continues a run)
     adamba eval bpb CKPT            bits per byte on held-out data
     adamba sample CKPT              prompt -> text
+    adamba import nanochat PATH     a nanochat checkpoint folder -> an adamba checkpoint
     adamba demo                     the main job: tokenizer, tiny pretraining run, report, samples
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -128,18 +130,39 @@ def cmd_eval_bpb(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .infer.sample import sample_text
+    from .infer.engine import Engine
+    from .infer.sampling import SamplingParams
 
     ckpt = _load(args)
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; sampling needs one")
+    tokenizer = ckpt.tokenizer
+    engine = Engine(ckpt.model, tokenizer)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+    prompt = tokenizer.encode(args.prompt, bos=True)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = sample_text(ckpt.model, ckpt.tokenizer, args.prompt, args.max_tokens,
-                           temperature=args.temperature, top_k=args.top_k, seed=seed)
-        print(f"{args.prompt}{text}")
+        print(args.prompt, end="", flush=True)
+        tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id])
+        for piece in tokenizer.decode_stream(tokens):
+            print(piece, end="", flush=True)
+        print()
         if i + 1 < args.num_samples:
             print("-" * 40)
+
+
+def cmd_import_nanochat(args) -> None:
+    from .checkpoint import run_dir, save_checkpoint
+    from .nanochat import find_nanochat_step, load_nanochat
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag) or args.tag in (".", ".."):
+        raise ValueError(f"--tag: {args.tag!r} is not a valid folder name (use letters, digits, '.', '_', '-')")
+    step = find_nanochat_step(args.path, args.step)
+    model, tokenizer = load_nanochat(args.path, step)
+    saved = save_checkpoint(run_dir(args.tag), model, step=step, tokenizer=tokenizer,
+                            extra={"imported_from": str(args.path)})
+    note = "" if tokenizer is not None else " (no tokenizer.pkl beside it: sample/eval will need one)"
+    print(f"imported nanochat step {step} ({model.config.describe()}) from {args.path} to {saved}{note}")
 
 
 def cmd_demo(args) -> None:
@@ -191,10 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--max-tokens", type=int, default=128)
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-k", type=int, default=50)
+    sa.add_argument("--top-p", type=float, default=None)
+    sa.add_argument("--min-p", type=float, default=None)
     sa.add_argument("--seed", type=int, default=None)
     sa.add_argument("--num-samples", type=int, default=1)
     sa.add_argument("--device", default="auto")
     sa.set_defaults(func=cmd_sample)
+
+    im = commands.add_parser("import", help="convert a checkpoint from another project")
+    im_commands = im.add_subparsers(dest="import_command", required=True)
+    nc = im_commands.add_parser("nanochat", help="a nanochat checkpoint folder (model_NNNNNN.pt, meta_NNNNNN.json)")
+    nc.add_argument("path", help="folder holding model_NNNNNN.pt, meta_NNNNNN.json and optionally tokenizer.pkl")
+    nc.add_argument("--tag", required=True, help="run name to save under $ADAMBA_HOME/checkpoints")
+    nc.add_argument("--step", type=int, default=None, help="which step to import (default: the latest)")
+    nc.set_defaults(func=cmd_import_nanochat)
 
     de = commands.add_parser("demo", help="the main job on the embedded corpus, a few minutes on a CPU")
     de.add_argument("--minutes", type=float, default=5.0, help="training time budget")

@@ -8,7 +8,8 @@ import time
 from .checkpoint import load_checkpoint
 from .common import print0
 from .config import ModelConfig, TrainConfig
-from .infer.sample import sample_text
+from .infer.engine import Engine
+from .infer.sampling import SamplingParams
 from .train.report import write_report
 from .train.trainer import train
 
@@ -30,7 +31,8 @@ def run_demo(minutes: float = 5.0, run: str = "demo") -> None:
 
     checkpoint = load_checkpoint(result.checkpoint)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    samples = [(p, sample_text(model, tokenizer, p, 96, temperature=0.8, top_k=50, seed=i))
+    engine = Engine(model, tokenizer)
+    samples = [(p, engine.complete(p, 96, SamplingParams(temperature=0.8, top_k=50), seed=i))
                for i, p in enumerate(DEMO_PROMPTS)]
     before, after = result.initial_val_bpb, result.final_val_bpb
     throughputs = sorted(m["tok_per_s"] for m in result.metrics if "loss" in m)

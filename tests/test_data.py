@@ -156,3 +156,11 @@ def test_embedded_corpus_fails_over_with_a_message(monkeypatch):
         corpus = corpus_module.embedded_corpus()
     docs = corpus.read_shard(0)
     assert corpus.name == "stdlib-docstrings" and sum(map(len, docs)) > 500_000
+
+
+def test_decode_stream_joins_split_characters(tokenizer):
+    text = "Thou art fair — naïve ❤ king"
+    ids = tokenizer.encode(text)
+    pieces = list(tokenizer.decode_stream(ids))
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert len(pieces) > 1

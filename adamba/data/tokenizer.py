@@ -6,6 +6,7 @@ nanochat tokenizer loads unchanged.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import pickle
@@ -105,6 +106,17 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
+
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Text pieces as token ids arrive; a character whose bytes span several tokens comes out whole."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for i in ids:
+            piece = decoder.decode(self.enc.decode_single_token_bytes(i))
+            if piece:
+                yield piece
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
 
     @cached_property
     def token_bytes(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import InferenceCache, KVState
 from .mlp import MLP
 from .norm import rms_norm
 from .rotary import apply_rotary
@@ -34,14 +35,21 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: InferenceCache | None = None, state: KVState | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         gqa = self.n_kv_head != self.n_head
+        if state is not None:
+            k, v = state.update(k, v, cache)
+            mask, causal = cache.attention_mask(T, self.window)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=gqa)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.window is None or self.window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -60,6 +68,10 @@ class AttentionBlock(nn.Module):
         self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, window)
         self.mlp = MLP(n_embd, mlp_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x), cos, sin)
+    def new_state(self, batch: int, capacity: int, device, dtype) -> KVState:
+        return KVState(batch, capacity, self.attn.n_kv_head, self.attn.head_dim, device, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: InferenceCache | None = None, state: KVState | None = None) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin, cache, state)
         return x + self.mlp(rms_norm(x))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..config import ATTENTION, ModelConfig
 from .attention import AttentionBlock
+from .cache import InferenceCache
 from .flops import FlopCount, count_flops
 from .norm import rms_norm
 from .rotary import rotary_tables
@@ -93,18 +94,29 @@ class AdambaLM(nn.Module):
         return count_flops(self.config, context)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                loss_reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored)."""
+                cache: InferenceCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored).
+
+        With a `cache`, idx holds the next T tokens of each row: they are appended to the rows' state
+        (row b at positions cache.lengths[b] onwards) and only their logits are computed."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         T = idx.size(1)
-        if T > self.config.sequence_len:
-            raise ValueError(f"input has {T} tokens, more than the model's sequence_len="
-                             f"{self.config.sequence_len}; crop the input")
-        cos, sin = self.cos[:T], self.sin[:T]
+        if cache is None:
+            if T > self.config.sequence_len:
+                raise ValueError(f"input has {T} tokens, more than the model's sequence_len="
+                                 f"{self.config.sequence_len}; crop the input")
+            cos, sin = self.cos[:T], self.sin[:T]
+        else:
+            if idx.size(0) != cache.batch:
+                raise ValueError(f"idx has {idx.size(0)} rows but the cache was made for {cache.batch}")
+            positions = cache.begin(T)
+            cos, sin = self.cos[positions], self.sin[positions]
         x = rms_norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, cache.states[i] if cache is not None else None)
+        if cache is not None:
+            cache.finish(T)
         logits = self.lm_head(rms_norm(x))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         cap = self.config.logit_softcap

@@ -14,8 +14,10 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tupl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) of x (B, T, H, D) by the angle of position t; cos/sin are (T, D/2)."""
+    """Rotate pairs (x_i, x_{i+d/2}) of x (B, T, H, D) by the angle of each token's position.
+
+    cos/sin are (T, D/2) when every row is at the same positions, or (B, T, D/2) per row (cached decoding)."""
     d = x.shape[-1] // 2
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)

@@ -25,7 +25,8 @@ from ..config import ModelConfig, TrainConfig
 from ..data.loader import DataLoader
 from ..data.prepare import prepare_data
 from ..eval.bpb import evaluate_bpb
-from ..infer.sample import sample_text
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
 from ..model import AdambaLM
 from .optim import build_optimizers, lr_multiplier, set_schedule
 
@@ -205,8 +206,9 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
             if info.is_master:
                 bar.write(f"step {step:5d} | val bpb {bpb:.4f}")
         if config.sample_every and (step % config.sample_every == 0 or last) and info.is_master:
+            engine = Engine(model, tokenizer)
             for prompt in SAMPLE_PROMPTS:
-                text = sample_text(model, tokenizer, prompt, 32, temperature=0.0)
+                text = engine.complete(prompt, 32, SamplingParams(temperature=0.0))
                 bar.write(f"  sample: {prompt!r} -> {text!r}")
         if last:
             break

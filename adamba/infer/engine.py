@@ -1,0 +1,127 @@
+"""The inference engine: prefill each prompt in one pass, then decode token by token through the cache.
+
+Batched rows may have prompts of different lengths: prompts are right-padded, prefilled together (causal
+attention keeps padding from reaching real tokens), and each row's length is then set to its own prompt
+length, so its first new token overwrites the padding. Rows stop on their own (stop token, stop string,
+max_new_tokens, or the model's context); a finished row stays in the batch but no longer advances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.cache import InferenceCache
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (stop token or string), "length" (max_new_tokens or context)
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        if not prompts:
+            raise ValueError("prompts: give at least one prompt")
+        context = self.model.config.sequence_len
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. <|bos|>)")
+            if len(prompt) > context:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's context of "
+                                 f"{context} (sequence_len); shorten the prompt")
+
+    @torch.no_grad()
+    def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
+              *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
+              completions: list[Completion] | None = None) -> Iterator[list[tuple[int, int]]]:
+        """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
+
+        Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
+        its row and is not part of the completion."""
+        self._check_prompts(prompts)
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
+        params = params or SamplingParams()
+        model = self.model
+        device = next(model.parameters()).device
+        B = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        capacity = min(model.config.sequence_len, int(lengths.max()) + max_new_tokens)
+        cache = InferenceCache(model, B, capacity)
+        ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
+        for b, prompt in enumerate(prompts):
+            ids[b, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        rows = completions if completions is not None else []
+        rows[:] = [Completion() for _ in range(B)]
+        stops = set(stop_tokens)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(ids, cache=cache)[torch.arange(B, device=device), lengths - 1]
+            cache.lengths.copy_(lengths)  # padded rows: their next token overwrites the padding
+            for _ in range(max_new_tokens):
+                tokens = sample(logits, params, generator).tolist()
+                produced = []
+                for b, token in enumerate(tokens):
+                    row = rows[b]
+                    if row.finish_reason:
+                        continue
+                    if token in stops:
+                        row.finish_reason = "stop"
+                        continue
+                    row.tokens.append(token)
+                    produced.append((b, token))
+                    if stop_strings and any(s in self.tokenizer.decode(row.tokens[-64:]) for s in stop_strings):
+                        row.finish_reason = "stop"
+                    elif len(row.tokens) == max_new_tokens or int(cache.lengths[b]) >= capacity:
+                        row.finish_reason = "length"  # no room left in the context for this token
+                for b, row in enumerate(rows):
+                    if row.finish_reason and not finished[b]:
+                        finished[b] = True
+                        cache.lengths[b] -= 1  # park the row on its last slot, which it rewrites from now on
+                if produced:
+                    yield produced
+                if bool(finished.all()):
+                    break
+                parked = cache.lengths.clone()
+                step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+                logits = model(step, cache=cache)[:, -1]
+                cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
+        finally:
+            model.train(was_training)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 params: SamplingParams | None = None, **kwargs) -> list[Completion]:
+        completions: list[Completion] = []
+        for _ in self.steps(prompts, max_new_tokens, params, completions=completions, **kwargs):
+            pass
+        return completions
+
+    def stream(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
+               **kwargs) -> Iterator[int]:
+        """Tokens of one prompt as they are produced."""
+        for produced in self.steps([prompt], max_new_tokens, params, **kwargs):
+            for _, token in produced:
+                yield token
+
+    def complete(self, prompt: str, max_new_tokens: int, params: SamplingParams | None = None,
+                 stop_strings: Sequence[str] = (), **kwargs) -> str:
+        """Text in, text out: the prompt starts with <|bos|>; the result ends before any stop string."""
+        if self.tokenizer is None:
+            raise ValueError("complete() needs a tokenizer: Engine(model, tokenizer)")
+        stops = [self.tokenizer.bos_id, *kwargs.pop("stop_tokens", ())]
+        [completion] = self.generate([self.tokenizer.encode(prompt, bos=True)], max_new_tokens, params,
+                                     stop_tokens=stops, stop_strings=stop_strings, **kwargs)
+        text = self.tokenizer.decode(completion.tokens)
+        cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
+        return text[:cut]

@@ -1,0 +1,97 @@
+"""Inference state: one object per layer, each shaped by what its layer needs, held in one cache.
+
+The cache knows how many tokens each row has consumed (`lengths`); each block creates its own state
+(`block.new_state(...)`) and reads and writes it in its forward. Nothing outside the blocks looks inside a
+layer's state, so the engine works the same for every architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVState:
+    """Keys and values of an attention layer, for `capacity` positions per row.
+
+    Rows may hold different numbers of tokens: the new tokens of row b go to positions
+    lengths[b] .. lengths[b] + T - 1, and a query at position p sees keys j <= p (and p - j < window)."""
+
+    def __init__(self, batch: int, capacity: int, n_kv_head: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (B, T, H_kv, D); return all keys and values so far (B, H_kv, L, D)."""
+        T = k.size(1)
+        if cache.uniform_start is not None:  # every row at the same position: a plain slice
+            start = cache.uniform_start
+            self.k[:, :, start:start + T] = k.transpose(1, 2)
+            self.v[:, :, start:start + T] = v.transpose(1, 2)
+        else:
+            rows, cols = cache.write_index(T)
+            self.k.transpose(1, 2)[rows, cols] = k
+            self.v.transpose(1, 2)[rows, cols] = v
+        end = cache.end(T)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class InferenceCache:
+    """Per-layer states for `batch` rows of up to `capacity` tokens, plus how many tokens each row holds."""
+
+    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None):
+        if capacity > model.config.sequence_len:
+            raise ValueError(f"capacity: {capacity} tokens exceeds the model's context "
+                             f"(sequence_len={model.config.sequence_len})")
+        param = next(model.parameters())
+        device, dtype = device or param.device, dtype or param.dtype
+        self.batch, self.capacity = batch, capacity
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.states = [block.new_state(batch, capacity, device, dtype) for block in model.blocks]
+        self._masks: dict = {}
+        self.uniform_start: int | None = 0
+
+    # --- called by the model around each forward -------------------------------------------------------
+    def begin(self, T: int) -> torch.Tensor:
+        """Check room for T new tokens per row; return each new token's absolute position (B, T)."""
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if hi + T > self.capacity:
+            raise ValueError(f"the sequence would grow to {hi + T} tokens, beyond the cache's capacity of "
+                             f"{self.capacity} (the model's context is at most sequence_len)")
+        self.uniform_start = lo if lo == hi else None
+        self._max_length = hi
+        self._masks.clear()
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def finish(self, T: int) -> None:
+        self.lengths += T
+
+    # --- used by layer states ------------------------------------------------------------------------------
+    def end(self, T: int) -> int:
+        """Number of key positions that can be visible to any row this step."""
+        return self._max_length + T
+
+    def write_index(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        rows = torch.arange(self.batch, device=self.lengths.device)[:, None].expand_as(cols)
+        return rows, cols
+
+    def attention_mask(self, T: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for scaled_dot_product_attention over the keys returned by `KVState.update`.
+
+        The boolean mask is (B, 1, T, L); it is None where a cheaper form is exact: a plain causal mask
+        when every row starts empty, or no mask when one new token per row may see every key."""
+        key = (T, window)
+        if key not in self._masks:
+            end = self.end(T)
+            if self.uniform_start == 0 and (window is None or window >= T):
+                self._masks[key] = (None, True)
+            elif T == 1 and self.uniform_start is not None and (window is None or window >= end):
+                self._masks[key] = (None, False)
+            else:
+                query_pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+                key_pos = torch.arange(end, device=self.lengths.device)
+                mask = key_pos[None, None, :] <= query_pos[:, :, None]
+                if window is not None:
+                    mask &= query_pos[:, :, None] - key_pos[None, None, :] < window
+                self._masks[key] = (mask[:, None], False)
+        return self._masks[key]
