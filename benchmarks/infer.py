@@ -49,13 +49,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
 import statistics
 import time
 from collections.abc import Iterator
 
 import torch
+from bench_utils import cpu_name, randomize, sync
 
 from adamba import AdambaLM, ModelConfig
 from adamba.common import pick_device
@@ -83,28 +82,6 @@ def recompute_steps(model: AdambaLM, ids: torch.Tensor, n: int) -> Iterator[list
 def engine_steps(model: AdambaLM, prompts: list[list[int]], n: int) -> Iterator[list[int]]:
     for produced in Engine(model).steps(prompts, n, GREEDY):
         yield [token for _, token in produced]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def randomize(model: AdambaLM, seed: int) -> None:
-    """Draw every weight at random (including the zero-initialised lm_head and output projections)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for p in model.parameters():
-        std = 1.0 if p.ndim < 2 or p is model.wte.weight else 1.0 / math.sqrt(p.size(1))
-        p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 @torch.no_grad()
@@ -167,7 +144,7 @@ def main() -> None:
     ap.add_argument("--recompute-tokens", type=int, default=None,
                     help="tokens the recompute loop generates per timed run (default: "
                          "min(decode tokens, max(2, 4096 // context)): 32, 8, 2 at 128, 512, 2048)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per (context, batch); medians reported")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per (context, batch); medians reported")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds per (context, batch)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",

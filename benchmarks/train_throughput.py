@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bench_utils import cpu_name, randomize, sync
 
 from adamba import AdambaLM, ModelConfig, TrainConfig
 from adamba.common import pick_device
@@ -147,28 +146,6 @@ def control_optimizers(model: ControlLM, tc: TrainConfig) -> list[torch.optim.Op
 def plain_adamw(model: nn.Module) -> list[torch.optim.Optimizer]:
     fused = next(model.parameters()).device.type == "cuda"
     return [torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-10, fused=fused)]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def randomize(model: AdambaLM, seed: int) -> None:
-    """Draw every weight at random (including the zero-initialised lm_head and output projections)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for p in model.parameters():
-        std = 1.0 if p.ndim < 2 or p is model.wte.weight else 1.0 / math.sqrt(p.size(1))
-        p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def check_same_function(cfg: ModelConfig, device: torch.device, batch_size: int) -> tuple[float, float]:
