@@ -29,7 +29,7 @@ BLOCK_ALIASES = {
     "m": MAMBA, "mamba": MAMBA, "mamba1": MAMBA,
     "m2": MAMBA2, "mamba2": MAMBA2,
 }
-AVAILABLE_BLOCKS = {ATTENTION}
+AVAILABLE_BLOCKS = {ATTENTION, MAMBA}
 
 
 def _fail(field_name: str, problem: str, fix: str = "") -> None:
@@ -108,6 +108,12 @@ class ModelConfig:
     short_window: int | None = None
     logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 disables
     rope_base: float = 10000.0
+    # Mamba blocks ('M'): the reference module's hyperparameters
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: Any = "auto"  # "auto" = ceil(n_embd / 16), or an integer
+    mamba_use_mlp: bool = False  # an MLP after the mixer, as in attention blocks
 
     def __post_init__(self) -> None:
         _positive_int("sequence_len", self.sequence_len)
@@ -132,8 +138,8 @@ class ModelConfig:
         self.block_pattern = kinds * (self.n_layer // len(kinds))
         missing = sorted({k for k in self.block_pattern if k not in AVAILABLE_BLOCKS})
         if missing:
-            _fail("block_pattern", f"Mamba blocks are not available yet (kinds {missing})",
-                  "use only 'T' attention blocks in this version")
+            _fail("block_pattern", f"block kind(s) {missing} are not available yet",
+                  "use 'T' (attention) and 'M' (Mamba-1) blocks in this version")
 
         size = self.depth if self.depth is not None else self.n_layer
         if self.n_embd is None:
@@ -164,6 +170,14 @@ class ModelConfig:
             _fail("logit_softcap", f"must be >= 0 (0 disables it), got {self.logit_softcap!r}")
         if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 0:
             _fail("rope_base", f"must be > 0, got {self.rope_base!r}")
+        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.mamba_dt_rank, str) and self.mamba_dt_rank.isdigit():
+            self.mamba_dt_rank = int(self.mamba_dt_rank)  # from a command-line flag
+        if self.mamba_dt_rank != "auto":
+            _positive_int("mamba_dt_rank", self.mamba_dt_rank)
+        if not isinstance(self.mamba_use_mlp, bool):
+            _fail("mamba_use_mlp", f"must be true or false, got {self.mamba_use_mlp!r}")
 
     @property
     def model_head_dim(self) -> int:
@@ -209,6 +223,7 @@ class TrainConfig:
     matrix_lr: float = 0.02  # Muon
     embedding_lr: float = 0.2  # AdamW
     unembedding_lr: float = 0.004  # AdamW
+    scalar_lr: float = 0.004  # AdamW, for non-matrix block parameters (Mamba's A_log, D, dt bias, conv)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
@@ -232,7 +247,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 _fail(name, f"must be a non-negative integer, got {value!r}")
-        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip",
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip",
                      "time_budget_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:

@@ -97,9 +97,16 @@ def test_two_process_torchrun_step_equals_single_process(corpus_dir):
     assert "2 rank" not in (run_dir("single") / "metrics.jsonl").read_text()
     a, b = load_checkpoint(run_dir("ddp")).model, load_checkpoint(run_dir("single")).model
     assert losses("ddp")[1] == pytest.approx(losses("single")[1], abs=1e-6)
+    # Muon orthogonalises in bfloat16 (torch's implementation): a gradient that differs in its last float32
+    # bits (DDP sums in another order) can round one bf16 element the other way, moving that weight by up
+    # to lr * 2^-7 per step. AdamW parameters have no such step and must agree to float32 noise.
+    from adamba import TrainConfig
+
+    muon_atol = common["num_iterations"] * TrainConfig().matrix_lr * 2**-7
     moved = 0.0
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=2e-5, rtol=0, msg=name)
+        muon = name.startswith("blocks.") and p.ndim == 2
+        torch.testing.assert_close(p, q, atol=muon_atol if muon else 2e-5, rtol=0, msg=name)
         moved = max(moved, (p - AdambaLM.build(a.config).state_dict()[name]).abs().max().item())
     assert moved > 1e-3  # the steps really changed the weights
 

@@ -67,8 +67,8 @@ class Engine:
         was_training = model.training
         model.eval()
         try:
+            cache.valid = lengths  # right padding: each row's next token overwrites its padding
             logits = model(ids, cache=cache)[torch.arange(B, device=device), lengths - 1]
-            cache.lengths.copy_(lengths)  # padded rows: their next token overwrites the padding
             for _ in range(max_new_tokens):
                 tokens = sample(logits, params, generator).tolist()
                 produced = []

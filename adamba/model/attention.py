@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import InferenceCache, KVState
+from .init import init_linear_
 from .mlp import MLP
 from .norm import rms_norm
 from .rotary import apply_rotary
@@ -67,6 +68,12 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, window)
         self.mlp = MLP(n_embd, mlp_hidden)
+
+    def init_weights(self) -> None:
+        for linear in (self.attn.c_q, self.attn.c_k, self.attn.c_v):
+            init_linear_(linear)
+        nn.init.zeros_(self.attn.c_proj.weight)  # the block starts as the identity
+        self.mlp.init_weights()
 
     def new_state(self, batch: int, capacity: int, device, dtype) -> KVState:
         return KVState(batch, capacity, self.attn.n_kv_head, self.attn.head_dim, device, dtype)

@@ -49,6 +49,9 @@ class InferenceCache:
         self.states = [block.new_state(batch, capacity, device, dtype) for block in model.blocks]
         self._masks: dict = {}
         self.uniform_start: int | None = 0
+        # Set before a forward whose rows are right-padded: how many of the new tokens of each row are real.
+        # Layers whose state is a running summary (Mamba) must not absorb the padding.
+        self.valid: torch.Tensor | None = None
 
     # --- called by the model around each forward -------------------------------------------------------
     def begin(self, T: int) -> torch.Tensor:
@@ -63,7 +66,8 @@ class InferenceCache:
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
 
     def finish(self, T: int) -> None:
-        self.lengths += T
+        self.lengths += self.valid if self.valid is not None else T
+        self.valid = None
 
     # --- used by layer states ------------------------------------------------------------------------------
     def end(self, T: int) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ATTENTION, ModelConfig
+from ..config import ATTENTION, MAMBA, ModelConfig
+from .mamba import dt_rank_for
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,14 @@ class FlopCount:
     """Forward FLOPs per token, by component, averaged over the positions of a `context`-token sequence."""
 
     context: int
-    projections: float  # q/k/v/o and MLP matrices of every block
+    projections: float  # q/k/v/o, MLP and Mamba projection matrices of every block
     attention: float  # q.k scores and weighted sums of values
     lm_head: float
+    scan: float = 0.0  # Mamba's depthwise conv and selective scan
 
     @property
     def forward(self) -> float:
-        return self.projections + self.attention + self.lm_head
+        return self.projections + self.attention + self.lm_head + self.scan
 
     @property
     def train(self) -> float:
@@ -42,10 +44,18 @@ def count_flops(config: ModelConfig, context: int | None = None) -> FlopCount:
     context = context or config.sequence_len
     d, hd = config.n_embd, config.model_head_dim
     q_dim, kv_dim = config.n_head * hd, config.n_kv_head * hd
-    projections = attention = 0.0
+    mlp = 2 * 2 * d * config.mlp_ratio * d
+    projections = attention = scan = 0.0
     for kind, window in zip(config.block_pattern, config.attention_windows(), strict=True):
         if kind == ATTENTION:
-            projections += 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d
-            projections += 2 * 2 * d * config.mlp_ratio * d
+            projections += 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d + mlp
             attention += 2 * 2 * q_dim * mean_keys(context, window)
-    return FlopCount(context, projections, attention, 2 * d * config.vocab_size)
+        elif kind == MAMBA:
+            d_inner, n = config.mamba_expand * d, config.mamba_d_state
+            rank = dt_rank_for(d, config.mamba_dt_rank)
+            # in_proj, x_proj, dt_proj, out_proj
+            projections += 2 * (d * 2 * d_inner + d_inner * (rank + 2 * n) + rank * d_inner + d_inner * d)
+            projections += mlp if config.mamba_use_mlp else 0
+            # conv taps; per (channel, state): decay*h, + dt*x*B, C*h -> 3 multiply-adds (exp not counted)
+            scan += 2 * d_inner * config.mamba_d_conv + 2 * 3 * d_inner * n
+    return FlopCount(context, projections, attention, 2 * d * config.vocab_size, scan)

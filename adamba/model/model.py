@@ -6,16 +6,15 @@ to be built on the meta device and then materialised by `init_weights()` (see `A
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ATTENTION, ModelConfig
+from ..config import ATTENTION, MAMBA, ModelConfig
 from .attention import AttentionBlock
 from .cache import InferenceCache
 from .flops import FlopCount, count_flops
+from .mamba import MambaBlock
 from .norm import rms_norm
 from .rotary import rotary_tables
 
@@ -24,6 +23,9 @@ def build_block(kind: str, config: ModelConfig, window: int | None) -> nn.Module
     if kind == ATTENTION:
         return AttentionBlock(config.n_embd, config.n_head, config.n_kv_head,
                               config.mlp_ratio * config.n_embd, window)
+    if kind == MAMBA:
+        return MambaBlock(config.n_embd, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand,
+                          config.mamba_dt_rank, config.mlp_ratio * config.n_embd if config.mamba_use_mlp else None)
     raise ValueError(f"block_pattern: block kind {kind!r} is not available")
 
 
@@ -55,37 +57,35 @@ class AdambaLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """nanochat's initialisation.
+        """nanochat's initialisation, block by block.
 
         - Embedding ~ N(0, 1): the embedding is normalised right away, so its scale is irrelevant.
-        - Linear ~ N(0, std) with std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) (Everett et al. 2023,
-          arXiv:2310.17813), which keeps activations O(1) for wide and narrow matrices alike.
-        - Every projection that writes into the residual stream (attention c_proj, MLP c_proj) and the
-          lm_head start at zero: each block starts as the identity and the first logits are uniform.
+        - lm_head = 0, so the first logits are uniform.
+        - Each block initialises itself (`init_weights`): attention and MLP matrices with nanochat's rule
+          (`init.init_linear_`), Mamba mixers with the reference scheme; every projection that writes into
+          the residual stream starts at zero, so each block starts as the identity.
         - Rotary tables are recomputed, since `to_empty` leaves buffers uninitialised.
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                fan_out, fan_in = module.weight.shape
-                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
         for block in self.blocks:
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            block.init_weights()
         cos, sin = rotary_tables(self.config.sequence_len, self.config.model_head_dim,
                                  self.config.rope_base, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer family: 2-D block matrices (Muon), embedding and lm_head (AdamW)."""
-        matrices = [p for p in self.blocks.parameters() if p.ndim == 2]
-        others = [p for p in self.blocks.parameters() if p.ndim != 2]
-        return {"matrix": matrices, "scalar": others,
-                "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight]}
+        """Parameters by optimizer family: 2-D block matrices (Muon); embedding, lm_head, other block
+        parameters, and those a block lists in `no_decay_parameters()` (decay rates, skips, biases) for AdamW."""
+        groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "no_decay": [],
+                                                 "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight]}
+        no_decay = {id(p) for block in self.blocks if hasattr(block, "no_decay_parameters")
+                    for p in block.no_decay_parameters()}
+        for p in self.blocks.parameters():
+            kind = "no_decay" if id(p) in no_decay else "matrix" if p.ndim == 2 else "scalar"
+            groups[kind].append(p)
+        return groups
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

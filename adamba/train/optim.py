@@ -24,7 +24,9 @@ def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
         {"params": groups["embedding"], "lr": config.embedding_lr * scale},
     ]
     if groups["scalar"]:
-        adam_groups.append({"params": groups["scalar"], "lr": config.embedding_lr * scale})
+        adam_groups.append({"params": groups["scalar"], "lr": config.scalar_lr})
+    if groups["no_decay"]:
+        adam_groups.append({"params": groups["no_decay"], "lr": config.scalar_lr, "weight_decay": 0.0})
     fused = next(model.parameters()).device.type == "cuda"
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=config.weight_decay,
                               fused=fused)

@@ -1,0 +1,153 @@
+"""Mamba-1 (Gu & Dao 2023): the selective state-space mixer, and the residual block built around it.
+
+Parameter names, shapes and initialisation follow state-spaces/mamba's `Mamba` module, so a reference
+state dict loads unchanged:
+
+    in_proj   d_model -> 2 d_inner (x and the gate z)     conv1d  depthwise causal, kernel d_conv, bias
+    x_proj    d_inner -> dt_rank + 2 d_state (dt, B, C)   dt_proj dt_rank -> d_inner, bias
+    A_log     (d_inner, d_state), A = -exp(A_log)         D       (d_inner,) skip connection
+    out_proj  d_inner -> d_model
+
+    x, z = in_proj(u);  x = silu(conv1d(x));  dt, B, C = x_proj(x);  dt = softplus(dt_proj(dt))
+    y = selective_scan(x, dt, A, B, C, D) * silu(z);  out = out_proj(y)
+
+The same forward serves training, prefill and decoding: with a `MambaState` it starts from the stored
+conv window and SSM state and leaves them where stepping token by token would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import InferenceCache
+from .mlp import MLP
+from .norm import rms_norm
+from .scan import selective_scan, sequential_scan
+
+
+def dt_rank_for(d_model: int, dt_rank: int | str) -> int:
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+class MambaState:
+    """Decoding state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state, per row."""
+
+    def __init__(self, batch: int, d_inner: int, d_conv: int, d_state: int, device, dtype):
+        self.conv = torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype)
+        self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=dtype)
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = dt_rank_for(d_model, dt_rank)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        if self.A_log.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference initialisation.
+
+        - Linear and conv weights: PyTorch's default (uniform, bound 1/sqrt(fan_in)).
+        - dt_proj.weight ~ U(-dt_rank^-0.5, dt_rank^-0.5); dt_proj.bias = softplus^-1(dt) with dt log-uniform in
+          [dt_min, dt_max], so the initial step sizes span three orders of magnitude (S4D-style timescales).
+        - A = -(1, 2, ..., d_state) for every channel (S4D-Real), stored as A_log = log(1..d_state); D = 1.
+        """
+        for module in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+            module.reset_parameters()
+        bound = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.D.device)
+                       * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        dt = dt.clamp(min=self.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Decay rates, skip weights and biases: trained by AdamW without weight decay, never by Muon."""
+        return [p for p in (self.A_log, self.D, self.dt_proj.bias, self.conv1d.bias) if p is not None]
+
+    def new_state(self, batch: int, device, dtype) -> MambaState:
+        return MambaState(batch, self.d_inner, self.d_conv, self.d_state, device, dtype)
+
+    def forward(self, u: torch.Tensor, state: MambaState | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """u (B, L, d_model) -> (B, L, d_model). With `state`, continue from it and update it in place;
+        `valid` (B,) says how many of the L tokens of each row are real (the rest is right padding)."""
+        batch, L, _ = u.shape
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = x.transpose(1, 2)  # (B, d_inner, L) for the depthwise conv
+        history = state.conv if state is not None else x.new_zeros(batch, self.d_inner, self.d_conv - 1)
+        window = torch.cat([history.to(x.dtype), x], dim=-1)  # causal: each output sees d_conv inputs
+        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        if valid is not None:  # padding must not move the state: dt = 0 means decay 1 and no input
+            dt = dt * (torch.arange(L, device=u.device)[None, :, None] < valid[:, None, None])
+        # The scan runs in at least float32: its state accumulates over the whole sequence (bf16 would drift).
+        f = torch.promote_types(x.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(f))
+        h0 = state.ssm.to(f) if state is not None else None
+        scan = sequential_scan if L == 1 else selective_scan  # one step needs no chunking
+        y, h = scan(x.to(f), dt.to(f), A, B.to(f), C.to(f), self.D.to(f), h0)
+        if state is not None:
+            state.ssm.copy_(h)
+            if valid is None:
+                state.conv.copy_(window[:, :, window.size(-1) - (self.d_conv - 1):])
+            else:  # each row's window ends at its last real token
+                ends = valid + self.d_conv - 1
+                idx = ends[:, None] - torch.arange(self.d_conv - 1, 0, -1, device=u.device)[None, :]
+                state.conv.copy_(window.gather(2, idx[:, None, :].expand(-1, self.d_inner, -1)))
+        y = y.to(u.dtype) * F.silu(z)
+        return self.out_proj(y)
+
+
+class MambaBlock(nn.Module):
+    """x + mamba(norm(x)), then optionally x + mlp(norm(x))."""
+
+    kind = "M"
+
+    def __init__(self, n_embd: int, d_state: int, d_conv: int, expand: int, dt_rank: int | str,
+                 mlp_hidden: int | None):
+        super().__init__()
+        self.mixer = Mamba(n_embd, d_state, d_conv, expand, dt_rank)
+        self.mlp = MLP(n_embd, mlp_hidden) if mlp_hidden else None
+
+    def init_weights(self) -> None:
+        self.mixer.reset_parameters()
+        # Like attention's c_proj: the block starts as the identity (the reference instead scales out_proj
+        # by 1/sqrt(n_layer)); in_proj still gets gradients through the zero matrix's input.
+        nn.init.zeros_(self.mixer.out_proj.weight)
+        if self.mlp is not None:
+            self.mlp.init_weights()
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        return self.mixer.no_decay_parameters()
+
+    def new_state(self, batch: int, capacity: int, device, dtype) -> MambaState:
+        return self.mixer.new_state(batch, device, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: InferenceCache | None = None, state: MambaState | None = None) -> torch.Tensor:
+        x = x + self.mixer(rms_norm(x), state, cache.valid if cache is not None else None)
+        if self.mlp is not None:
+            x = x + self.mlp(rms_norm(x))
+        return x
