@@ -48,7 +48,7 @@ def _block_kind(token: str, where: str) -> str:
 
 
 def parse_block_pattern(pattern: str | list | tuple) -> list[str]:
-    """Parse `"TMTM"`, `"T*12 M*8"`, `"T, M"`, `["T", "mamba"]` into a list of block kinds."""
+    """Parse `"TMTM"`, `"T*12 M*8"`, `"TM*10"`, `"T, M"`, `["T", "mamba"]` into a list of block kinds."""
     if isinstance(pattern, (list, tuple)):
         if not pattern:
             _fail("block_pattern", "is empty", "give at least one block kind, e.g. 'T'")
@@ -65,12 +65,12 @@ def parse_block_pattern(pattern: str | list | tuple) -> list[str]:
         _fail("block_pattern", "is empty", "give at least one block kind, e.g. 'T'")
     kinds = []
     for token in tokens:
-        match = re.fullmatch(r"([A-Za-z0-9]+)\s*\*\s*(\d+)", token)
-        if match:
-            name, count = match.group(1), int(match.group(2))
+        match = re.fullmatch(r"\(?([A-Za-z0-9]+)\)?\s*\*\s*(\d+)", token)
+        if match:  # "T*12", or a group: "TM*10" / "(TM)*10"
+            group, count = parse_block_pattern(match.group(1)), int(match.group(2))
             if count < 1:
                 _fail("block_pattern", f"repeat count in {token!r} must be at least 1")
-            kinds.extend([_block_kind(name, f"in {token!r}")] * count)
+            kinds.extend(group * count)
         elif token.lower() in BLOCK_ALIASES and len(token) > 2:
             kinds.append(BLOCK_ALIASES[token.lower()])
         elif re.fullmatch(r"(?:M2|T|M)+", token, flags=re.IGNORECASE):

@@ -24,6 +24,8 @@ def test_design_example_fields_and_overrides():
     (["T", "transformer"], ["T", "T"]),
     ("attention, T", ["T", "T"]),
     ("TM2M", ["T", "M2", "M"]),
+    ("TM*2 T", ["T", "M", "T", "M", "T"]),
+    ("(TM)*2", ["T", "M", "T", "M"]),
 ])
 def test_parse_block_pattern(pattern, expected):
     assert parse_block_pattern(pattern) == expected
