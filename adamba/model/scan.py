@@ -18,6 +18,7 @@ It takes K + L/K Python steps instead of L. `sequential_scan` is the plain loop,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,6 +84,24 @@ def chunked_scan(x, dt, A, B, C, D, h0=None, chunk: int | None = None) -> tuple[
     return y + x[:, :L] * D, state
 
 
+@functools.cache
+def cuda_selective_scan():
+    """state-spaces/mamba's fused CUDA scan, if that package imports (it is optional and GPU-only)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or installed without its compiled extension
+        return None
+    return selective_scan_fn
+
+
 def selective_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequence path used by the model: returns (y, final state)."""
+    """The sequence path used by the model: returns (y, final state).
+
+    On CUDA with mamba_ssm installed its fused kernel runs the scan (it has no initial-state input, so a
+    continuation from a nonzero state stays on the PyTorch path); elsewhere the chunked scan."""
+    fused = cuda_selective_scan() if x.is_cuda and h0 is None else None
+    if fused is not None:  # its layout is (batch, channels, length)
+        y, h = fused(x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
+                     B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D, return_last_state=True)
+        return y.transpose(1, 2), h
     return chunked_scan(x, dt, A, B, C, D, h0)

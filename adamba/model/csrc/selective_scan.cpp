@@ -88,6 +88,10 @@ struct BwdOut {
 
 template <typename T>
 SCAN_INLINE void load_block(const T* src, int64_t nc, T* dst) {
+  if (nc == CB) {  // full block: fixed-size copy, no library call
+    for (int64_t c = 0; c < CB; ++c) dst[c] = src[c];
+    return;
+  }
   for (int64_t c = 0; c < nc; ++c) dst[c] = src[c];
   for (int64_t c = nc; c < CB; ++c) dst[c] = T(0);
 }
