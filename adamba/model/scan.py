@@ -1,4 +1,4 @@
-"""The selective scan of Mamba-1 (Gu & Dao 2023, "Mamba", Algorithm 2 / S6), in pure PyTorch.
+"""The selective scan of Mamba-1 (Gu & Dao 2023, "Mamba", Algorithm 2 / S6).
 
 For each channel d and state index n, with step sizes dt > 0 and A < 0:
 
@@ -8,80 +8,39 @@ For each channel d and state index n, with step sizes dt > 0 and A < 0:
 Shapes here: x, dt (B, L, d_inner); A (d_inner, d_state); B, C (B, L, d_state); D (d_inner,);
 h0 (B, d_inner, d_state) or None. Returns y (B, L, d_inner) and the final state h_L.
 
-`chunked_scan` is the sequence path: the sequence is cut into chunks of K steps; (1) the recurrence runs
-over the K positions of every chunk at once, each chunk starting from a zero state; (2) a pass over the L/K
-chunk ends carries the true state across chunks; (3) each position adds its chunk's incoming state times its
-decay since the chunk start. Every factor is exp(sum of dt*A) over a span, i.e. exp of a non-positive number,
-so nothing overflows however large dt*A gets (unlike forms that multiply by exp(+cumulative log-decay)).
-It takes K + L/K Python steps instead of L. `sequential_scan` is the plain loop, kept as the reference.
+Three implementations, chosen by `selective_scan`: mamba_ssm's fused kernel on CUDA when it is installed;
+our compiled CPU kernel (`scan_cpu`, C++ with an exact backward) when it builds; otherwise
+`sequential_scan`, the recurrence in PyTorch. Measured (BENCHMARKS.md, "scan"): every pure-PyTorch form is
+memory-bound on (B, L, d_inner, d_state) tensors, and the plain loop over precomputed decays was the
+fastest of them (a chunked two-level scan was 15x and a log-depth parallel scan 2.5x slower in
+forward+backward), so it is both the fallback and the reference the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
+from . import scan_cpu
+
 
 def sequential_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence exactly as written, one time step at a time (reference)."""
-    batch, L, d_inner = x.shape
+    """The recurrence one time step at a time. Decays exp(dt*A) <= 1 and inputs dt*B*x are computed for all
+    steps at once, so the Python loop only multiplies and adds."""
+    batch, _, d_inner = x.shape
+    decay = torch.exp(dt[..., None] * A)  # (B, L, d_inner, N)
+    inputs = (dt * x)[..., None] * B[:, :, None, :]
     h = h0 if h0 is not None else x.new_zeros(batch, d_inner, A.size(1))
-    ys = []
-    for t in range(L):
-        decay = torch.exp(dt[:, t, :, None] * A)  # (B, d_inner, N)
-        h = decay * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(batch, 0, d_inner)
+    states = []
+    # unbind, not decay[:, t]: the backward of indexing writes a full-size gradient at every step (O(L^2))
+    for decay_t, input_t in zip(decay.unbind(1), inputs.unbind(1), strict=True):
+        h = decay_t * h + input_t
+        states.append(h)
+    if not states:
+        return x.new_zeros(batch, 0, d_inner), h
+    y = torch.einsum("bldn,bln->bld", torch.stack(states, dim=1), C)
     return y + x * D, h
-
-
-def default_chunk(L: int) -> int:
-    """K near sqrt(L) minimises the K + L/K Python steps."""
-    return max(1, min(L, 2 ** round(math.log2(max(1.0, math.sqrt(L))))))
-
-
-def chunked_scan(x, dt, A, B, C, D, h0=None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, L, d_inner = x.shape
-    N = A.size(1)
-    if L == 0:
-        return x.new_zeros(batch, 0, d_inner), (h0 if h0 is not None else x.new_zeros(batch, d_inner, N))
-    K = chunk or default_chunk(L)
-    n_chunks = -(-L // K)
-    pad = n_chunks * K - L
-    if pad:  # dt = 0 on padding: decay 1, no input, so padded steps leave the state unchanged
-        x, dt, B, C = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
-    # (B, n_chunks, K, ...) views
-    x_c, dt_c = x.view(batch, n_chunks, K, d_inner), dt.view(batch, n_chunks, K, d_inner)
-    B_c, C_c = B.view(batch, n_chunks, K, N), C.view(batch, n_chunks, K, N)
-    log_decay = dt_c[..., None] * A  # (B, n_chunks, K, d_inner, N), <= 0
-    inputs = (dt_c * x_c)[..., None] * B_c[:, :, :, None, :]
-
-    # (1) local scans: all chunks in parallel, K steps; also the decay since the chunk start
-    h = torch.zeros_like(inputs[:, :, 0])
-    cum = torch.zeros_like(log_decay[:, :, 0])
-    local, since_start = [], []
-    for k in range(K):
-        cum = cum + log_decay[:, :, k]
-        h = torch.exp(log_decay[:, :, k]) * h + inputs[:, :, k]
-        local.append(h)
-        since_start.append(torch.exp(cum))
-    local_h = torch.stack(local, dim=2)  # (B, n_chunks, K, d_inner, N)
-    decay_from_start = torch.stack(since_start, dim=2)
-
-    # (2) carry the state across chunk boundaries: incoming[c] is the true state before chunk c
-    state = h0 if h0 is not None else x.new_zeros(batch, d_inner, N)
-    incoming = []
-    for c in range(n_chunks):
-        incoming.append(state)
-        state = decay_from_start[:, c, -1] * state + local_h[:, c, -1]
-    incoming_h = torch.stack(incoming, dim=1)  # (B, n_chunks, d_inner, N)
-
-    # (3) y_t = C_t . (local_t + decay(start..t) * incoming) + D x_t
-    y = (C_c[:, :, :, None, :] * (local_h + decay_from_start * incoming_h[:, :, None])).sum(-1)
-    y = y.reshape(batch, n_chunks * K, d_inner)[:, :L]
-    return y + x[:, :L] * D, state
 
 
 @functools.cache
@@ -98,10 +57,12 @@ def selective_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Tens
     """The sequence path used by the model: returns (y, final state).
 
     On CUDA with mamba_ssm installed its fused kernel runs the scan (it has no initial-state input, so a
-    continuation from a nonzero state stays on the PyTorch path); elsewhere the chunked scan."""
+    continuation from a nonzero state stays on the PyTorch path); on the CPU our compiled kernel."""
     fused = cuda_selective_scan() if x.is_cuda and h0 is None else None
     if fused is not None:  # its layout is (batch, channels, length)
         y, h = fused(x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
                      B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D, return_last_state=True)
         return y.transpose(1, 2), h
-    return chunked_scan(x, dt, A, B, C, D, h0)
+    if x.device.type == "cpu" and scan_cpu.available():
+        return scan_cpu.cpu_selective_scan(x, dt, A, B, C, D, h0)
+    return sequential_scan(x, dt, A, B, C, D, h0)

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, run_dir, save_checkpoint, set_rng_state
 from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything
-from ..config import ModelConfig, TrainConfig
+from ..config import MAMBA, ModelConfig, TrainConfig
 from ..data.loader import DataLoader
 from ..data.prepare import prepare_data
 from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
-from ..model import AdambaLM
+from ..model import AdambaLM, scan_cpu
 from .optim import build_optimizers, lr_multiplier, set_schedule
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
@@ -144,6 +144,10 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
             model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
         model = AdambaLM.build(model_config, device)
     print0(f"model: {model_config.describe()}  ({model.num_params():,} parameters)")
+    if MAMBA in model_config.block_pattern and device.type == "cpu":
+        print0("Mamba on the CPU: loading the compiled selective scan (the first build takes about a minute)")
+        if not scan_cpu.available():
+            print0(f"  unavailable ({scan_cpu.unavailable_reason()}); using the much slower PyTorch scan")
     flops = model.count_flops()
     accum = grad_accum_steps(config, model_config.sequence_len, info.world_size)
     print0(f"batch: {config.total_batch_size:,} tokens/step = {config.device_batch_size} rows x "
