@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .cache import InferenceCache
 from .mlp import MLP
 from .norm import rms_norm
-from .scan import selective_scan, sequential_scan
+from .scan import cuda_causal_conv1d, selective_scan, sequential_scan
 
 
 def dt_rank_for(d_model: int, dt_rank: int | str) -> int:
@@ -95,9 +95,14 @@ class Mamba(nn.Module):
         batch, L, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = x.transpose(1, 2)  # (B, d_inner, L) for the depthwise conv
-        history = state.conv if state is not None else x.new_zeros(batch, self.d_inner, self.d_conv - 1)
-        window = torch.cat([history.to(x.dtype), x], dim=-1)  # causal: each output sees d_conv inputs
-        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        fused_conv = cuda_causal_conv1d() if x.is_cuda and state is None else None
+        if fused_conv is not None:  # training on a GPU: the fused kernel (zero history, as below)
+            x = fused_conv(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            x = x.transpose(1, 2)
+        else:
+            history = state.conv if state is not None else x.new_zeros(batch, self.d_inner, self.d_conv - 1)
+            window = torch.cat([history.to(x.dtype), x], dim=-1)  # causal: each output sees d_conv inputs
+            x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         if valid is not None:  # padding must not move the state: dt = 0 means decay 1 and no input

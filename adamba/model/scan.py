@@ -53,6 +53,16 @@ def cuda_selective_scan():
     return selective_scan_fn
 
 
+@functools.cache
+def cuda_causal_conv1d():
+    """Dao-AILab's fused causal depthwise conv + SiLU for CUDA, if `causal_conv1d` imports (optional)."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # not installed, or installed without its compiled extension
+        return None
+    return causal_conv1d_fn
+
+
 def selective_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequence path used by the model: returns (y, final state).
 
