@@ -111,23 +111,6 @@ def test_decode_equals_full_forward_for_every_prompt_length(pattern):
                                        atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
-def test_padded_batch_rows_keep_exact_mamba_state():
-    model = random_hybrid("MTM", sequence_len=64)
-    lengths = [5, 17, 1, 30]
-    seqs = [torch.randint(0, 512, (n + 6,)) for n in lengths]
-    cache = InferenceCache(model, 4, 64)
-    padded = torch.zeros(4, max(lengths), dtype=torch.long)
-    for b, n in enumerate(lengths):
-        padded[b, :n] = seqs[b][:n]
-    cache.valid = torch.tensor(lengths)
-    model(padded, cache=cache)
-    for t in range(6):
-        out = model(torch.stack([seqs[b][n + t] for b, n in enumerate(lengths)])[:, None], cache=cache)
-        for b, n in enumerate(lengths):
-            torch.testing.assert_close(out[b, 0], model(seqs[b][None, :n + t + 1])[0, -1], atol=1e-5, rtol=1e-5)
-
-
 def test_engine_generates_with_pure_mamba_and_hybrids():
     from adamba.infer.engine import Engine
     from adamba.infer.sampling import SamplingParams
