@@ -200,6 +200,10 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
 
     while True:
         out_of_time = bool(config.time_budget_s) and time.perf_counter() - started > config.time_budget_s
+        if config.time_budget_s and info.enabled:  # stop together: a rank leaving alone would hang the others
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
         last = step >= config.num_iterations or out_of_time
         if config.eval_every and (step % config.eval_every == 0 or last):
             bpb = evaluate()
@@ -221,8 +225,13 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if step == start_step:
             first_step_at = t0
         elif config.time_budget_s and step - start_step in REPLAN_AT:
-            config = fit_to_budget(config, max_iterations, step, start_step,
-                                   (t0 - first_step_at) / (step - start_step), config.time_budget_s - (t0 - started))
+            # every rank must choose the same num_iterations: plan with the slowest rank's clock
+            clocks = torch.tensor([t0 - first_step_at, t0 - started], dtype=torch.float64, device=device)
+            if info.enabled:
+                dist.all_reduce(clocks, op=dist.ReduceOp.MAX)
+            training_s, elapsed = clocks.tolist()
+            config = fit_to_budget(config, max_iterations, step, start_step, training_s / (step - start_step),
+                                   config.time_budget_s - elapsed)
             bar.total = config.num_iterations
         lr_mult = set_schedule(optimizers, step, config)
         loss_sum = torch.zeros((), device=device)
