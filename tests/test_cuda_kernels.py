@@ -10,6 +10,7 @@ import torch
 from adamba.model.mamba import Mamba
 from adamba.model.scan import cuda_causal_conv1d, cuda_selective_scan, sequential_scan
 
+# Justified skips: these kernels cannot exist without a GPU; CI has none (see the module docstring).
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
