@@ -99,6 +99,3 @@ class TokenizedCorpus:
         shard = self.shard(i)
         is_val = shard.keys < self._threshold
         return shard.documents(is_val if split == "val" else ~is_val)
-
-    def count_tokens(self, split: str) -> int:
-        return sum(int(sum(len(d) for d in self.split_documents(i, split))) for i in range(len(self)))
