@@ -114,6 +114,12 @@ class ModelConfig:
     mamba_expand: int = 2
     mamba_dt_rank: Any = "auto"  # "auto" = ceil(n_embd / 16), or an integer
     mamba_use_mlp: bool = False  # an MLP after the mixer, as in attention blocks
+    # Matryoshka widths of attention/MLP layers (Mamba, embeddings and lm_head stay at full width).
+    # None: powers of two times the head size, up to n_embd (always included).
+    matryoshka_levels: Any = None
+    # Named compute modes -> width. None: the seeds' proportions (Ghost 128 but at most D/4, Whisper D/4,
+    # Normal D/2, Think D), each rounded up to the nearest level.
+    compute_modes: Any = None
 
     def __post_init__(self) -> None:
         _positive_int("sequence_len", self.sequence_len)
@@ -178,6 +184,56 @@ class ModelConfig:
             _positive_int("mamba_dt_rank", self.mamba_dt_rank)
         if not isinstance(self.mamba_use_mlp, bool):
             _fail("mamba_use_mlp", f"must be true or false, got {self.mamba_use_mlp!r}")
+        self._check_matryoshka()
+
+    def _check_matryoshka(self) -> None:
+        hd = self.model_head_dim
+        if self.matryoshka_levels is None:
+            levels, w = [], hd
+            while w < self.n_embd:
+                levels.append(w)
+                w *= 2
+            self.matryoshka_levels = levels + [self.n_embd]
+        levels = self.matryoshka_levels
+        if isinstance(levels, str) and re.fullmatch(r"\d+(,\d+)*", levels):  # from a flag: "128,256,512"
+            levels = [int(w) for w in levels.split(",")]
+        if not isinstance(levels, (list, tuple)) or not levels or not all(
+                isinstance(w, int) and not isinstance(w, bool) for w in levels):
+            _fail("matryoshka_levels", f"must be a list of integer widths, got {levels!r}")
+        bad = [w for w in levels if w <= 0 or w > self.n_embd or w % hd]
+        if bad:
+            _fail("matryoshka_levels", f"widths {bad} are not whole numbers of heads up to n_embd={self.n_embd}",
+                  f"use multiples of the head size {hd}")
+        self.matryoshka_levels = sorted(set(levels) | {self.n_embd})
+        if self.compute_modes is None:
+            d = self.n_embd
+            targets = {"ghost": min(128, d // 4), "whisper": d // 4, "normal": d // 2, "think": d}
+            self.compute_modes = {name: next(w for w in self.matryoshka_levels if w >= min(t, self.n_embd))
+                                  for name, t in targets.items()}
+        if not isinstance(self.compute_modes, dict) or not self.compute_modes:
+            _fail("compute_modes", f"must be a table of mode name -> width, got {self.compute_modes!r}")
+        for name, width in self.compute_modes.items():
+            if width not in self.matryoshka_levels:
+                _fail("compute_modes", f"mode {name!r} has width {width!r}, not one of matryoshka_levels "
+                      f"{self.matryoshka_levels}")
+
+    def layer_widths(self, width: Any = None) -> list[int | None]:
+        """Per-layer widths for a compute choice: None (full), a width, a mode name, or a per-layer list.
+        Non-attention layers always run at full width (None)."""
+        if width is None:
+            return [None] * self.n_layer
+        if isinstance(width, str):
+            if width.lower() not in self.compute_modes:
+                _fail("width", f"unknown compute mode {width!r}", f"use one of {sorted(self.compute_modes)}")
+            width = self.compute_modes[width.lower()]
+        widths = list(width) if isinstance(width, (list, tuple)) else [width] * self.n_layer
+        if len(widths) != self.n_layer:
+            _fail("width", f"a per-layer list needs {self.n_layer} widths, got {len(widths)}")
+        for w in widths:
+            if w is not None and w not in self.matryoshka_levels:
+                _fail("width", f"{w!r} is not a Matryoshka level", f"use one of {self.matryoshka_levels}")
+        return [None if kind != ATTENTION or w in (None, self.n_embd) else w
+                for kind, w in zip(self.block_pattern, widths, strict=True)]
 
     @property
     def model_head_dim(self) -> int:

@@ -78,7 +78,7 @@ def test_corrupt_truncated_and_mismatched_checkpoints_name_the_file(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"missing keys \['blocks.2.attn.c_k.weight'"):
         load_checkpoint(path)
-    meta["model_config"].update(n_layer=2, n_embd=128, block_pattern="T")
+    meta["model_config"].update(n_layer=2, n_embd=128, block_pattern="T", matryoshka_levels=None, compute_modes=None)
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"shape mismatches"):
         load_checkpoint(path)

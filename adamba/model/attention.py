@@ -36,27 +36,43 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
 
+    def heads_at(self, width: int) -> tuple[int, int]:
+        """(query heads, K/V heads) a Matryoshka width uses: whole heads of fixed size, the first ones; a query
+        head h reads K/V head h // (n_head / n_kv_head), so the first ceil(n_q / group) K/V heads suffice."""
+        n_q = width // self.head_dim
+        group = self.n_head // self.n_kv_head
+        return n_q, -(-n_q // group)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: InferenceCache | None = None, state: KVState | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+                cache: InferenceCache | None = None, state: KVState | None = None,
+                width: int | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
+        if width is not None and state is not None:
+            raise ValueError("width: decoding through the cache at a reduced Matryoshka width is not supported "
+                             "yet (it needs the width-aware K/V cache); decode at full width")
+        hd = self.head_dim
+        q = F.linear(x, self.c_q.weight[:n_q * hd, :d]).view(B, T, n_q, hd)
+        k = F.linear(x, self.c_k.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+        v = F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        gqa = self.n_kv_head != self.n_head
+        gqa = n_kv != n_q
         if state is not None:
             k, v = state.update(k, v, cache)
             mask, causal = cache.attention_mask(T, self.window)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=gqa)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if gqa and n_q % n_kv:  # a width whose query heads fill the last K/V group only partly
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=2)[:, :, :n_q] for t in (k, v))
+            gqa = False
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.window is None or self.window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             mask = window_mask(T, T, self.window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight[:d, :n_q * hd])
 
 
 class AttentionBlock(nn.Module):
@@ -79,6 +95,14 @@ class AttentionBlock(nn.Module):
         return KVState(batch, capacity, self.attn.n_kv_head, self.attn.head_dim, device, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: InferenceCache | None = None, state: KVState | None = None) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x), cos, sin, cache, state)
-        return x + self.mlp(rms_norm(x))
+                cache: InferenceCache | None = None, state: KVState | None = None,
+                width: int | None = None) -> torch.Tensor:
+        """At a Matryoshka width w the block reads, normalises and writes only the first w coordinates of
+        the residual stream; the others pass through unchanged."""
+        if width is None:
+            x = x + self.attn(rms_norm(x), cos, sin, cache, state)
+            return x + self.mlp(rms_norm(x))
+        head, tail = x[..., :width], x[..., width:]
+        head = head + self.attn(rms_norm(head), cos, sin, cache, state, width)
+        head = head + self.mlp(rms_norm(head), width)
+        return torch.cat([head, tail], dim=-1)

@@ -40,15 +40,23 @@ def mean_keys(context: int, window: int | None) -> float:
     return (w * (w + 1) / 2 + (context - w) * w) / context
 
 
-def count_flops(config: ModelConfig, context: int | None = None) -> FlopCount:
+def count_flops(config: ModelConfig, context: int | None = None,
+                widths: list[int | None] | None = None) -> FlopCount:
+    """Per-token forward FLOPs; `widths` (from config.layer_widths) gives each attention layer's Matryoshka
+    width, None meaning full. A layer at width w uses w/head_dim query heads, the K/V heads they read
+    (ceil(n_q / group)), w input and output coordinates and mlp_ratio * w hidden neurons."""
     context = context or config.sequence_len
     d, hd = config.n_embd, config.model_head_dim
-    q_dim, kv_dim = config.n_head * hd, config.n_kv_head * hd
+    group = config.n_head // config.n_kv_head
     mlp = 2 * 2 * d * config.mlp_ratio * d
     projections = attention = scan = 0.0
-    for kind, window in zip(config.block_pattern, config.attention_windows(), strict=True):
+    widths = widths or [None] * config.n_layer
+    for kind, window, width in zip(config.block_pattern, config.attention_windows(), widths, strict=True):
         if kind == ATTENTION:
-            projections += 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d + mlp
+            w = width or d
+            n_q = w // hd
+            q_dim, kv_dim = n_q * hd, -(-n_q // group) * hd
+            projections += 2 * w * (q_dim + 2 * kv_dim) + 2 * q_dim * w + 2 * 2 * w * config.mlp_ratio * w
             attention += 2 * 2 * q_dim * mean_keys(context, window)
         elif kind == MAMBA:
             d_inner, n = config.mamba_expand * d, config.mamba_d_state

@@ -17,5 +17,11 @@ class MLP(nn.Module):
         init_linear_(self.c_fc)
         nn.init.zeros_(self.c_proj.weight)  # the block starts as the identity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+    def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """At a Matryoshka width w < n_embd, x holds the first w coordinates and the first
+        hidden * w / n_embd neurons are used (nested: a narrower slice is a prefix of a wider one)."""
+        if width is None:
+            return self.c_proj(F.relu(self.c_fc(x)).square())
+        hidden = self.c_fc.out_features * width // self.c_fc.in_features
+        h = F.relu(F.linear(x, self.c_fc.weight[:hidden, :width])).square()
+        return F.linear(h, self.c_proj.weight[:width, :hidden])

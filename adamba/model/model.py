@@ -90,15 +90,18 @@ class AdambaLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def count_flops(self, context: int | None = None) -> FlopCount:
-        return count_flops(self.config, context)
+    def count_flops(self, context: int | None = None, width=None) -> FlopCount:
+        return count_flops(self.config, context, self.config.layer_widths(width))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: InferenceCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+                cache: InferenceCache | None = None, width=None, loss_reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored).
 
         With a `cache`, idx holds the next T tokens of each row: they are appended to the rows' state
-        (row b at positions cache.lengths[b] onwards) and only their logits are computed."""
+        (row b at positions cache.lengths[b] onwards) and only their logits are computed.
+        `width` runs attention/MLP layers at a Matryoshka width: an int, a per-layer list, or a compute mode
+        name (config.compute_modes); None is the full model."""
+        widths = self.config.layer_widths(width)
         if idx.ndim != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         T = idx.size(1)
@@ -114,7 +117,8 @@ class AdambaLM(nn.Module):
             cos, sin = self.cos[positions], self.sin[positions]
         x = rms_norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, cache.states[i] if cache is not None else None)
+            state = cache.states[i] if cache is not None else None
+            x = block(x, cos, sin, cache, state) if widths[i] is None else block(x, cos, sin, cache, state, widths[i])
         if cache is not None:
             cache.finish(T)
         logits = self.lm_head(rms_norm(x))

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from adamba import AdambaLM, ModelConfig
+from adamba.model.attention import AttentionBlock
+from adamba.model.cache import InferenceCache
+from tests.conftest import tiny_config
+
+
+def standalone_slice(block: AttentionBlock, width: int, group: int) -> AttentionBlock:
+    """A separate width-`width` block built from the sliced weights. K/V heads are written out per query head
+    (query head h reads K/V head h // group), so it is plain multi-head attention whatever the grouping."""
+    hd = block.attn.head_dim
+    n_q = width // hd
+    small = AttentionBlock(width, n_q, n_q, block.mlp.c_fc.out_features * width // block.mlp.c_fc.in_features,
+                           block.attn.window).double()
+    kv_rows = torch.cat([torch.arange(h // group * hd, (h // group + 1) * hd) for h in range(n_q)])
+    hidden = small.mlp.c_fc.out_features
+    with torch.no_grad():
+        small.attn.c_q.weight.copy_(block.attn.c_q.weight[:n_q * hd, :width])
+        small.attn.c_k.weight.copy_(block.attn.c_k.weight[kv_rows, :width])
+        small.attn.c_v.weight.copy_(block.attn.c_v.weight[kv_rows, :width])
+        small.attn.c_proj.weight.copy_(block.attn.c_proj.weight[:width, :n_q * hd])
+        small.mlp.c_fc.weight.copy_(block.mlp.c_fc.weight[:hidden, :width])
+        small.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight[:width, :hidden])
+    return small
+
+
+@pytest.mark.parametrize("n_embd,n_head,n_kv_head,levels", [
+    (64, 4, 4, None),  # levels 16, 32, 64
+    (64, 4, 1, None),  # grouped-query attention: 4 query heads share 1 K/V head
+    (96, 6, 3, [16, 48, 96]),  # width 48: 3 query heads fill K/V groups of 2 only partly
+])
+def test_width_slice_equals_standalone_block_from_sliced_weights(n_embd, n_head, n_kv_head, levels):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+                      sequence_len=16, matryoshka_levels=levels)
+    model = AdambaLM(cfg).double()
+    block = model.blocks[0]
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 10, n_embd, dtype=torch.float64)
+    cos, sin = model.cos[:10], model.sin[:10]
+    for width in cfg.matryoshka_levels[:-1]:
+        out = block(x, cos, sin, width=width)
+        small = standalone_slice(block, width, n_head // n_kv_head)
+        torch.testing.assert_close(out[..., :width], small(x[..., :width], cos, sin), atol=1e-12, rtol=1e-12)
+        assert torch.equal(out[..., width:], x[..., width:])  # coordinates past the width pass through
+    torch.testing.assert_close(block(x, cos, sin, width=n_embd), block(x, cos, sin))
+
+
+def test_width_choices_and_errors():
+    cfg = tiny_config(block_pattern="TM", n_kv_head=2)  # n_embd 64, head 16: levels 16, 32, 64
+    assert cfg.matryoshka_levels == [16, 32, 64]
+    assert cfg.compute_modes == {"ghost": 16, "whisper": 16, "normal": 32, "think": 64}
+    assert cfg.layer_widths("normal") == [32, None]  # Mamba stays at full width
+    assert cfg.layer_widths([16, 32]) == [16, None]
+    torch.manual_seed(0)
+    model = AdambaLM(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    idx = torch.randint(0, 512, (1, 12))
+    full = model(idx)
+    assert torch.equal(model(idx, width="think"), full) and torch.equal(model(idx, width=64), full)
+    assert not torch.allclose(model(idx, width="ghost"), full, atol=1e-3)
+    torch.testing.assert_close(model(idx, width=[32, 16]), model(idx, width=32))
+    for bad, message in ((24, "24 is not a Matryoshka level"), ("fast", "unknown compute mode 'fast'"),
+                         ([16], "a per-layer list needs 2 widths")):
+        with pytest.raises(ValueError, match=f"^width: {message}"):
+            model(idx, width=bad)
+    with pytest.raises(ValueError, match="^width: decoding through the cache at a reduced"):
+        model(idx, cache=InferenceCache(model, 1, 32), width="ghost")
+    with pytest.raises(ValueError, match="^matryoshka_levels"):
+        tiny_config(matryoshka_levels=[24, 64])
+    with pytest.raises(ValueError, match="^compute_modes"):
+        tiny_config(compute_modes={"ghost": 48})
+
+
+def test_narrow_width_trains_only_its_nested_slice():
+    torch.manual_seed(0)
+    model = AdambaLM(tiny_config())
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    idx = torch.randint(0, 512, (2, 8))
+    model(idx, idx, width=16).backward()
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert attn.c_q.weight.grad[:16, :16].abs().sum() > 0
+    for grad in (attn.c_q.weight.grad[16:], attn.c_q.weight.grad[:, 16:], attn.c_proj.weight.grad[16:],
+                 mlp.c_fc.weight.grad[64:], mlp.c_proj.weight.grad[:, 64:]):
+        assert torch.count_nonzero(grad) == 0
+
+
+def test_flop_counter_matches_a_hand_count_at_every_mode():
+    # attention layer (n_embd 64, 4 query heads of 16, 2 K/V heads) then a Mamba layer (d_inner 128, d_state 16,
+    # dt_rank 4, d_conv 4); vocab 512; context 32, so a query sees 16.5 keys on average
+    cfg = tiny_config(block_pattern="TM", n_kv_head=2)
+    model = AdambaLM(cfg)
+    mamba = 2 * (64 * 256 + 128 * (4 + 32) + 4 * 128 + 128 * 64) + 2 * 128 * 4 + 6 * 128 * 16
+    lm_head = 2 * 64 * 512
+    hand = {  # width: (q dims, k/v dims) -> projections + MLP + attention scores and values
+        16: 2 * 16 * (16 + 2 * 16) + 2 * 16 * 16 + 4 * 16 * 64 + 4 * 16 * 16.5,
+        32: 2 * 32 * (32 + 2 * 16) + 2 * 32 * 32 + 4 * 32 * 128 + 4 * 32 * 16.5,
+        64: 2 * 64 * (64 + 2 * 32) + 2 * 64 * 64 + 4 * 64 * 256 + 4 * 64 * 16.5,
+    }
+    for mode, width in cfg.compute_modes.items():
+        f = model.count_flops(32, width=mode)
+        assert f.forward == pytest.approx(hand[width] + mamba + lm_head), mode
+    assert model.count_flops(32, width="ghost").forward < model.count_flops(32).forward
+
+
+def test_levels_from_a_command_line_flag():
+    assert tiny_config(matryoshka_levels="32,16").matryoshka_levels == [16, 32, 64]
