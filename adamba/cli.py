@@ -4,6 +4,7 @@
     adamba train                    pretrain (flags override a --config TOML; --resume continues a run)
     adamba eval bpb CKPT            bits per byte on held-out data
     adamba sample CKPT              prompt -> text
+    adamba modes CKPT               compute modes: width per layer, FLOPs/token, val bpb
     adamba import nanochat PATH     a nanochat checkpoint folder -> an adamba checkpoint
     adamba demo                     the main job: tokenizer, tiny pretraining run, report, samples
 """
@@ -113,20 +114,46 @@ def _load(args):
 
 
 def cmd_eval_bpb(args) -> None:
-    from .data.corpus import open_corpus
-    from .data.dataset import TokenizedCorpus
     from .eval.bpb import evaluate_bpb
 
     ckpt = _load(args)
-    if ckpt.tokenizer is None:
-        raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; bpb needs one")
-    train_cfg = ckpt.meta.get("train_config") or {}
-    data = TokenizedCorpus(open_corpus(args.data or train_cfg.get("data", "embedded")), ckpt.tokenizer,
-                           train_cfg.get("val_fraction", TrainConfig.val_fraction))
+    data = _validation_data(ckpt, args.data)
     device = next(ckpt.model.parameters()).device
     bpb = evaluate_bpb(ckpt.model, data, batch_size=args.batch_size, seq_len=ckpt.model.config.sequence_len,
                        max_tokens=args.tokens, device=device)
     print(f"{ckpt.path}: val bpb {bpb:.4f} on {data.corpus.name}")
+
+
+def _validation_data(ckpt, data_spec: str | None):
+    from .data.corpus import open_corpus
+    from .data.dataset import TokenizedCorpus
+
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; bpb needs one")
+    train_cfg = ckpt.meta.get("train_config") or {}
+    return TokenizedCorpus(open_corpus(data_spec or train_cfg.get("data", "embedded")), ckpt.tokenizer,
+                           train_cfg.get("val_fraction", TrainConfig.val_fraction))
+
+
+def cmd_modes(args) -> None:
+    from .eval.bpb import evaluate_bpb
+
+    ckpt = _load(args)
+    model, config = ckpt.model, ckpt.model.config
+    data = _validation_data(ckpt, args.data) if args.tokens else None
+    device = next(model.parameters()).device
+    full = model.count_flops(args.context).forward
+    print(f"{ckpt.path}: compute modes; FLOPs/token of a forward at context {args.context} "
+          f"(projections, attention, Mamba scan and lm_head all counted)")
+    print("| mode | width per layer | FLOPs/token | of full | val bpb |\n|---|---|---:|---:|---:|")
+    for mode in config.compute_modes:
+        widths = [w or (config.n_embd if k == "T" else "full")
+                  for k, w in zip(config.block_pattern, config.layer_widths(mode), strict=True)]
+        flops = model.count_flops(args.context, width=mode).forward
+        bpb = (evaluate_bpb(model, data, batch_size=args.batch_size, seq_len=config.sequence_len,
+                            max_tokens=args.tokens, device=device, width=mode) if data is not None else None)
+        print(f"| {mode} | {' '.join(map(str, widths))} | {flops:.3g} | {100 * flops / full:.1f}% | "
+              f"{'-' if bpb is None else f'{bpb:.4f}'} |")
 
 
 def cmd_sample(args) -> None:
@@ -228,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--tag", required=True, help="run name to save under $ADAMBA_HOME/checkpoints")
     nc.add_argument("--step", type=int, default=None, help="which step to import (default: the latest)")
     nc.set_defaults(func=cmd_import_nanochat)
+
+    mo = commands.add_parser("modes", help="compute modes of a checkpoint: widths, FLOPs/token, val bpb")
+    mo.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    mo.add_argument("--context", type=int, default=None, help="context for attention's FLOPs (default: sequence_len)")
+    mo.add_argument("--tokens", type=int, default=1 << 16, help="validation tokens per mode (0: skip bpb)")
+    mo.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    mo.add_argument("--batch-size", type=int, default=8)
+    mo.add_argument("--device", default="auto")
+    mo.set_defaults(func=cmd_modes)
 
     de = commands.add_parser("demo", help="the main job on the embedded corpus, a few minutes on a CPU")
     de.add_argument("--minutes", type=float, default=5.0, help="training time budget")

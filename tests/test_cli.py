@@ -36,6 +36,14 @@ def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
     bpb = float(re.search(r"val bpb ([\d.]+)", capsys.readouterr().out).group(1))
     assert 0.5 < bpb < 10
 
+    assert main(["modes", "cli", "--tokens", "256", "--device", "cpu", "--batch-size", "2"]) == 0
+    rows = {m[0]: m[1:] for m in re.findall(r"\| (\w+) \| ([\d ]+) \| ([\d.e+]+) \| ([\d.]+)% \| ([\d.]+) \|",
+                                            capsys.readouterr().out)}
+    assert set(rows) == {"ghost", "whisper", "normal", "think"}
+    assert rows["think"][0] == "64 64" and rows["think"][2] == "100.0" and rows["ghost"][0] == "16 16"
+    assert float(rows["ghost"][1]) < float(rows["normal"][1]) < float(rows["think"][1])
+    assert float(rows["think"][3]) == round(bpb, 4)  # the full mode is the model eval bpb measured
+
 
 def test_bad_input_gives_clear_errors(corpus_dir, capsys):
     assert main(["train", "--data", str(corpus_dir), *TINY, "--n-head", "5"]) == 2
