@@ -294,6 +294,13 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 saves only at the end
     seed: int = 42
     wandb: bool = False
+    # Matryoshka training: every optimizer micro-step also trains narrower slices of the model.
+    matryoshka: bool = False
+    # "sandwich": full, smallest and `matryoshka_middle` random middle widths per micro-step (Yu & Huang 2019,
+    # slimmable networks); "sample": one random level per micro-step (MatFormer, Devvrit et al. 2023).
+    matryoshka_rule: str = "sandwich"
+    matryoshka_middle: int = 1
+    matryoshka_per_layer: bool = False  # sampled widths differ per layer (True) or are one per model (False)
     metrics_file: str | None = None  # JSONL; default <checkpoint dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
@@ -316,6 +323,10 @@ class TrainConfig:
             _fail("warmdown_ratio", "warmup_ratio + warmdown_ratio exceeds 1")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32, bfloat16 or float16")
+        if self.matryoshka_rule not in ("sandwich", "sample"):
+            _fail("matryoshka_rule", f"unknown rule {self.matryoshka_rule!r}", "use sandwich or sample")
+        if not isinstance(self.matryoshka_middle, int) or self.matryoshka_middle < 0:
+            _fail("matryoshka_middle", f"must be a non-negative integer, got {self.matryoshka_middle!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
             _fail("run_name", f"{self.run_name!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
 

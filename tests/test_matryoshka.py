@@ -110,3 +110,43 @@ def test_flop_counter_matches_a_hand_count_at_every_mode():
 
 def test_levels_from_a_command_line_flag():
     assert tiny_config(matryoshka_levels="32,16").matryoshka_levels == [16, 32, 64]
+
+
+def test_micro_step_widths_rules():
+    from adamba import TrainConfig
+    from adamba.train.matryoshka import micro_step_widths
+
+    model = tiny_config(n_layer=3)  # levels 16, 32, 64
+    assert micro_step_widths(model, TrainConfig(), 0, 0) == [None]
+    sandwich = micro_step_widths(model, TrainConfig(matryoshka=True, matryoshka_middle=2), 5, 1)
+    assert sandwich[:2] == [None, [16, 16, 16]] and sandwich[2:] == [[32, 32, 32]] * 2
+    assert sandwich == micro_step_widths(model, TrainConfig(matryoshka=True, matryoshka_middle=2), 5, 1)
+    sampled = [micro_step_widths(model, TrainConfig(matryoshka=True, matryoshka_rule="sample"), s, 0)
+               for s in range(40)]
+    assert all(len(p) == 1 and len(set(p[0])) == 1 for p in sampled)
+    assert {p[0][0] for p in sampled} == {16, 32, 64}
+    per_layer = [micro_step_widths(model, TrainConfig(matryoshka=True, matryoshka_rule="sample",
+                                                      matryoshka_per_layer=True), s, 0)[0] for s in range(40)]
+    assert any(len(set(p)) > 1 for p in per_layer)
+
+
+def test_matryoshka_training_makes_narrow_slices_useful(corpus_dir):
+    from adamba.checkpoint import load_checkpoint
+    from adamba.data.corpus import local_corpus
+    from adamba.data.dataset import TokenizedCorpus
+    from adamba.eval.bpb import evaluate_bpb
+    from adamba.train.trainer import train
+    from tests.conftest import tiny_train_config
+
+    bpb = {}
+    for flag in (False, True):
+        result = train(tiny_config(), tiny_train_config(corpus_dir, run_name=f"mat{flag}", num_iterations=40,
+                                                        matryoshka=flag), progress=False)
+        ckpt = load_checkpoint(result.checkpoint)
+        data = TokenizedCorpus(local_corpus(corpus_dir), ckpt.tokenizer, 0.1, progress=False)
+        bpb[flag] = {w: evaluate_bpb(ckpt.model, data, batch_size=4, seq_len=32, max_tokens=1024,
+                                     device=torch.device("cpu"), width=w) for w in (16, 64)}
+    # the 16-wide slice of a Matryoshka-trained model beats the same slice of a model trained at full width only
+    # (measured: 1.34 vs 1.43 bpb), while the full width loses little (1.35 vs 1.33)
+    assert bpb[True][16] < 0.95 * bpb[False][16]
+    assert bpb[True][64] < 1.05 * bpb[False][64]

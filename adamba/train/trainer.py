@@ -28,6 +28,7 @@ from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
+from .matryoshka import micro_step_widths
 from .optim import build_optimizers, lr_multiplier, set_schedule
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
@@ -237,11 +238,15 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = next(loader)
-            sync = not info.enabled or micro == accum - 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                loss = train_model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
+            widths = micro_step_widths(model_config, config, step, micro)
+            for j, width in enumerate(widths):
+                # DDP averages gradients on the step's last backward only
+                sync = not info.enabled or (micro == accum - 1 and j == len(widths) - 1)
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                    loss = train_model(x, y) if width is None else train_model(x, y, width=width)
+                    (loss / (accum * len(widths))).backward()
+                if j == 0:
+                    loss_sum += loss.detach()  # the logged loss is the first choice's: full width, or the sample
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         for opt in optimizers:
