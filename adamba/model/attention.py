@@ -43,14 +43,36 @@ class CausalSelfAttention(nn.Module):
         group = self.n_head // self.n_kv_head
         return n_q, -(-n_q // group)
 
+    @torch.no_grad()
+    def fill_heads(self, state: KVState, cache: InferenceCache, n_kv: int, end: int) -> None:
+        """Give every earlier position the first n_kv K/V heads. A head a position lacks is computed from the
+        layer input it kept, at the smallest Matryoshka level that has that head: exactly what the position
+        would hold had it run at that width (it ran narrower, so every head it did compute is unchanged)."""
+        before = torch.arange(end, device=state.heads.device)[None, :] < cache.lengths[:, None]
+        need = before & (state.heads[:, :end] < n_kv)
+        if not bool(need.any()):
+            return
+        cos, sin = (t[:end] for t in cache.rotary)
+        hd, first = self.head_dim, 0
+        for level in cache.levels:
+            last = min(self.heads_at(level)[1], n_kv)
+            if last > first:  # heads [first, last) first appear at this level
+                missing = (need & (state.heads[:, :end] < last))[:, None, :, None]
+                h = rms_norm(state.inputs[:, :end, :level])
+                rows = slice(first * hd, last * hd)
+                k = rms_norm(apply_rotary(F.linear(h, self.c_k.weight[rows, :level]).unflatten(-1, (-1, hd)),
+                                          cos, sin)).transpose(1, 2)
+                v = F.linear(h, self.c_v.weight[rows, :level]).unflatten(-1, (-1, hd)).transpose(1, 2)
+                state.k[:, first:last, :end] = torch.where(missing, k.to(state.k.dtype), state.k[:, first:last, :end])
+                state.v[:, first:last, :end] = torch.where(missing, v.to(state.v.dtype), state.v[:, first:last, :end])
+            first = max(first, last)
+        state.heads[:, :end] = torch.where(need, n_kv, state.heads[:, :end])
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: InferenceCache | None = None, state: KVState | None = None,
-                width: int | None = None) -> torch.Tensor:
+                width: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
         n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
-        if width is not None and state is not None:
-            raise ValueError("width: decoding through the cache at a reduced Matryoshka width is not supported "
-                             "yet (it needs the width-aware K/V cache); decode at full width")
         hd = self.head_dim
         q = F.linear(x, self.c_q.weight[:n_q * hd, :d]).view(B, T, n_q, hd)
         k = F.linear(x, self.c_k.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
@@ -58,20 +80,19 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         gqa = n_kv != n_q
         if state is not None:
-            k, v = state.update(k, v, cache)
+            if state.inputs is not None:  # some position was written narrower than this query needs
+                self.fill_heads(state, cache, n_kv, cache.end(T))
+            k, v = state.update(k, v, cache, residual)
             mask, causal = cache.attention_mask(T, self.window)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=gqa)
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-        if gqa and n_q % n_kv:  # a width whose query heads fill the last K/V group only partly
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=2)[:, :, :n_q] for t in (k, v))
-            gqa = False
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.window is None or self.window >= T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            q = q.transpose(1, 2)
         else:
-            mask = window_mask(T, T, self.window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            mask, causal = (None, True) if self.window is None or self.window >= T else \
+                (window_mask(T, T, self.window, x.device), False)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if gqa and n_q % n_kv:  # a width whose query heads fill the last K/V group only partly
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)[:, :n_q] for t in (k, v))
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight[:d, :n_q * hd])
 
 
@@ -103,6 +124,6 @@ class AttentionBlock(nn.Module):
             x = x + self.attn(rms_norm(x), cos, sin, cache, state)
             return x + self.mlp(rms_norm(x))
         head, tail = x[..., :width], x[..., width:]
-        head = head + self.attn(rms_norm(head), cos, sin, cache, state, width)
+        head = head + self.attn(rms_norm(head), cos, sin, cache, state, width, residual=x)
         head = head + self.mlp(rms_norm(head), width)
         return torch.cat([head, tail], dim=-1)

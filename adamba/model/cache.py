@@ -14,25 +14,42 @@ class KVState:
     """Keys and values of an attention layer, for `capacity` positions per row.
 
     Rows may hold different numbers of tokens: the new tokens of row b go to positions
-    lengths[b] .. lengths[b] + T - 1, and a query at position p sees keys j <= p (and p - j < window)."""
+    lengths[b] .. lengths[b] + T - 1, and a query at position p sees keys j <= p (and p - j < window).
+
+    Matryoshka widths: a token run at width w writes only the K/V heads that width has (the first ones);
+    `heads` records how many each position holds. A narrower query later reads the first heads (nested: exact).
+    A wider one needs heads the token never computed; for that, positions written narrower than full also keep
+    the layer's input (the residual stream, n_embd floats per token and layer: as much again as full K/V
+    when n_kv_head = n_head), from which the attention layer computes the missing heads when first needed."""
 
     def __init__(self, batch: int, capacity: int, n_kv_head: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
+        self.heads = torch.full((batch, capacity), n_kv_head, dtype=torch.long, device=device)
+        self.inputs: torch.Tensor | None = None  # (batch, capacity, n_embd), made at the first narrow write
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' k, v (B, T, H_kv, D); return all keys and values so far (B, H_kv, L, D)."""
-        T = k.size(1)
+    def update(self, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache,
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (B, T, H, D) in the first H heads; return the first H heads of all keys
+        and values so far (B, H, L, D). `residual` (B, T, n_embd) is kept when H is not every head."""
+        T, n = k.size(1), k.size(2)
         if cache.uniform_start is not None:  # every row at the same position: a plain slice
             start = cache.uniform_start
-            self.k[:, :, start:start + T] = k.transpose(1, 2)
-            self.v[:, :, start:start + T] = v.transpose(1, 2)
+            self.k[:, :n, start:start + T] = k.transpose(1, 2)
+            self.v[:, :n, start:start + T] = v.transpose(1, 2)
         else:
             rows, cols = cache.write_index(T)
-            self.k.transpose(1, 2)[rows, cols] = k
-            self.v.transpose(1, 2)[rows, cols] = v
+            self.k[:, :n].transpose(1, 2)[rows, cols] = k
+            self.v[:, :n].transpose(1, 2)[rows, cols] = v
+        if n < self.k.size(1) or self.inputs is not None:
+            rows, cols = cache.write_index(T)
+            self.heads[rows, cols] = n
+            if n < self.k.size(1):
+                if self.inputs is None:
+                    self.inputs = residual.new_zeros(self.k.size(0), self.k.size(2), residual.size(-1))
+                self.inputs[rows, cols] = residual
         end = cache.end(T)
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :n, :end], self.v[:, :n, :end]
 
 
 class InferenceCache:
@@ -45,6 +62,8 @@ class InferenceCache:
         param = next(model.parameters())
         device, dtype = device or param.device, dtype or param.dtype
         self.batch, self.capacity = batch, capacity
+        self.levels = model.config.matryoshka_levels
+        self.rotary = (model.cos, model.sin)  # for K/V heads computed later at earlier positions
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.states = [block.new_state(batch, capacity, device, dtype) for block in model.blocks]
         self._masks: dict = {}
