@@ -170,7 +170,8 @@ def cmd_sample(args) -> None:
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         print(args.prompt, end="", flush=True)
-        tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id])
+        tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
+                               width=int(args.mode) if args.mode and args.mode.isdigit() else args.mode)
         for piece in tokenizer.decode_stream(tokens):
             print(piece, end="", flush=True)
         print()
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--min-p", type=float, default=None)
     sa.add_argument("--seed", type=int, default=None)
     sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--mode", default=None, help="compute mode (ghost, whisper, normal, think) or a width")
     sa.add_argument("--device", default="auto")
     sa.set_defaults(func=cmd_sample)
 

@@ -43,6 +43,10 @@ def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
     assert rows["think"][0] == "64 64" and rows["think"][2] == "100.0" and rows["ghost"][0] == "16 16"
     assert float(rows["ghost"][1]) < float(rows["normal"][1]) < float(rows["think"][1])
     assert float(rows["think"][3]) == round(bpb, 4)  # the full mode is the model eval bpb measured
+    assert main(["sample", "cli", "--prompt", "The", "--max-tokens", "5", "--mode", "ghost", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert main(["sample", "cli", "--mode", "fast", "--device", "cpu"]) == 2
+    assert "unknown compute mode 'fast'" in capsys.readouterr().err
 
 
 def test_bad_input_gives_clear_errors(corpus_dir, capsys):

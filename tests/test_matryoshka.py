@@ -245,3 +245,15 @@ def test_decode_with_widths_going_up_and_down_equals_the_per_token_reference(pat
     # the same full-width model evaluated uniformly agrees with the reference too (a check of the reference)
     torch.testing.assert_close(per_token_width_reference(model, idx, [64] * len(widths)),
                                model(torch.tensor([idx]))[0], atol=1e-9, rtol=1e-9)
+
+
+def test_engine_generates_at_a_compute_mode():
+    from adamba.infer.engine import Engine
+    from adamba.infer.sampling import SamplingParams
+
+    model = random_matryoshka_model(block_pattern="TM", n_kv_head=2)
+    [row] = Engine(model).generate([[1, 2, 3]], 6, SamplingParams(temperature=0), width="ghost")
+    ids = [1, 2, 3]
+    for _ in range(6):
+        ids.append(int(model(torch.tensor([ids]), width="ghost")[0, -1].argmax()))
+    assert row.tokens == ids[3:]

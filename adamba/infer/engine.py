@@ -41,11 +41,12 @@ class Engine:
     @torch.no_grad()
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
               *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
-              completions: list[Completion] | None = None) -> Iterator[list[tuple[int, int]]]:
+              completions: list[Completion] | None = None, width=None) -> Iterator[list[tuple[int, int]]]:
         """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
 
         Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
-        its row and is not part of the completion."""
+        its row and is not part of the completion. `width` is a Matryoshka compute choice (a mode name, a
+        width or a per-layer list; see AdambaLM.forward) used for every token."""
         self._check_prompts(prompts)
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
@@ -68,7 +69,7 @@ class Engine:
         model.eval()
         try:
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
-            logits = model(ids, cache=cache)[torch.arange(B, device=device), lengths - 1]
+            logits = model(ids, cache=cache, width=width)[torch.arange(B, device=device), lengths - 1]
             for _ in range(max_new_tokens):
                 tokens = sample(logits, params, generator).tolist()
                 produced = []
@@ -95,7 +96,7 @@ class Engine:
                     break
                 parked = cache.lengths.clone()
                 step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-                logits = model(step, cache=cache)[:, -1]
+                logits = model(step, cache=cache, width=width)[:, -1]
                 cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:
             model.train(was_training)
