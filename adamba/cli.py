@@ -3,6 +3,7 @@
     adamba tokenizer train|eval     BPE tokenizer on a corpus
     adamba train                    pretrain (flags override a --config TOML; --resume continues a run)
     adamba eval bpb CKPT            bits per byte on held-out data
+    adamba eval elastic CKPT        every compute mode: val bpb and FLOPs/token, Markdown + PNG
     adamba sample CKPT              prompt -> text
     adamba modes CKPT               compute modes: width per layer, FLOPs/token, val bpb
     adamba import nanochat PATH     a nanochat checkpoint folder -> an adamba checkpoint
@@ -136,24 +137,26 @@ def _validation_data(ckpt, data_spec: str | None):
 
 
 def cmd_modes(args) -> None:
-    from .eval.bpb import evaluate_bpb
+    from .eval.elastic_report import markdown_table, mode_rows
 
     ckpt = _load(args)
-    model, config = ckpt.model, ckpt.model.config
     data = _validation_data(ckpt, args.data) if args.tokens else None
-    device = next(model.parameters()).device
-    full = model.count_flops(args.context).forward
-    print(f"{ckpt.path}: compute modes; FLOPs/token of a forward at context {args.context} "
+    context = args.context or ckpt.model.config.sequence_len
+    print(f"{ckpt.path}: compute modes; FLOPs/token of a forward at context {context} "
           f"(projections, attention, Mamba scan and lm_head all counted)")
-    print("| mode | width per layer | FLOPs/token | of full | val bpb |\n|---|---|---:|---:|---:|")
-    for mode in config.compute_modes:
-        widths = [w or (config.n_embd if k == "T" else "full")
-                  for k, w in zip(config.block_pattern, config.layer_widths(mode), strict=True)]
-        flops = model.count_flops(args.context, width=mode).forward
-        bpb = (evaluate_bpb(model, data, batch_size=args.batch_size, seq_len=config.sequence_len,
-                            max_tokens=args.tokens, device=device, width=mode) if data is not None else None)
-        print(f"| {mode} | {' '.join(map(str, widths))} | {flops:.3g} | {100 * flops / full:.1f}% | "
-              f"{'-' if bpb is None else f'{bpb:.4f}'} |")
+    print(markdown_table(mode_rows(ckpt.model, data, context=context, tokens=args.tokens,
+                                   batch_size=args.batch_size)))
+
+
+def cmd_eval_elastic(args) -> None:
+    from .eval.elastic_report import markdown_table, mode_rows, write_elastic_report
+
+    ckpt = _load(args)
+    context = args.context or ckpt.model.config.sequence_len
+    rows = mode_rows(ckpt.model, _validation_data(ckpt, args.data), context=context, tokens=args.tokens,
+                     batch_size=args.batch_size)
+    print(markdown_table(rows))
+    print(f"report: {write_elastic_report(ckpt.path.parent.name, rows, context, str(ckpt.path))}")
 
 
 def cmd_sample(args) -> None:
@@ -235,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     bpb.add_argument("--batch-size", type=int, default=8)
     bpb.add_argument("--device", default="auto")
     bpb.set_defaults(func=cmd_eval_bpb)
+    el = ev_commands.add_parser("elastic", help="val bpb and FLOPs/token of every compute mode; Markdown + PNG")
+    el.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    el.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    el.add_argument("--tokens", type=int, default=1 << 18, help="validation tokens per mode")
+    el.add_argument("--context", type=int, default=None, help="context for attention's FLOPs (default: sequence_len)")
+    el.add_argument("--batch-size", type=int, default=8)
+    el.add_argument("--device", default="auto")
+    el.set_defaults(func=cmd_eval_elastic)
 
     sa = commands.add_parser("sample", help="generate text from a checkpoint")
     sa.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")

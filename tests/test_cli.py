@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 from adamba.checkpoint import run_dir
 from adamba.cli import main
@@ -45,6 +46,10 @@ def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
     assert float(rows["think"][3]) == round(bpb, 4)  # the full mode is the model eval bpb measured
     assert main(["sample", "cli", "--prompt", "The", "--max-tokens", "5", "--mode", "ghost", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("The")
+    assert main(["eval", "elastic", "cli", "--tokens", "256", "--device", "cpu", "--batch-size", "2"]) == 0
+    report = Path(re.search(r"report: (\S+)", capsys.readouterr().out).group(1))
+    assert report.exists() and (report.parent / "elastic.png").stat().st_size > 1000
+    assert "| think | 64 64 |" in report.read_text()
     assert main(["sample", "cli", "--mode", "fast", "--device", "cpu"]) == 2
     assert "unknown compute mode 'fast'" in capsys.readouterr().err
 
