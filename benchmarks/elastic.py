@@ -1,0 +1,100 @@
+"""Decode speed of each compute mode against the speed-up its FLOPs predict, side by side in one run.
+
+The demo's model shape (depth 4, width 256, head dim 64, vocab 4096) as an alternating attention/Mamba hybrid
+with random weights (speed does not depend on the values). For every mode: the engine decodes --tokens tokens
+per row after a --context-token prompt, batch --batch; repetitions alternate the modes (think, ghost, ...,
+think, ghost, ...) and medians are reported. The predicted speed-up of a mode is FLOPs(think) / FLOPs(mode)
+from the one FLOP counter at the decode context; the measured one is tok/s(mode) / tok/s(think). The target
+(issue 5): Ghost reaches >= 60% of its predicted speed-up, measured as (measured - 1) / (predicted - 1).
+
+    python benchmarks/elastic.py
+    python benchmarks/elastic.py --depth 20 --width 1280 --vocab-size 65536 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from bench_utils import cpu_name, randomize, sync
+
+from adamba import AdambaLM, ModelConfig
+from adamba.common import pick_device
+from adamba.infer.engine import Engine
+from adamba.infer.sampling import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--pattern", default="TM")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    config = ModelConfig(n_layer=args.depth, n_embd=args.width, head_dim=64, vocab_size=args.vocab_size,
+                         block_pattern=args.pattern, sequence_len=args.context + args.tokens)
+    model = AdambaLM.build(config, device).eval()
+    randomize(model, seed=0)
+    engine = Engine(model)
+    prompts = [torch.randint(0, args.vocab_size, (args.context,)).tolist() for _ in range(args.batch)]
+    greedy = SamplingParams(temperature=0)
+    modes = list(config.compute_modes)
+
+    def decode_seconds(mode: str) -> float:
+        """Seconds per decoded token (prefill excluded: the clock starts at the first token)."""
+        stamps = []
+        for _ in engine.steps(prompts, args.tokens, greedy, width=mode):
+            sync(device)
+            stamps.append(time.perf_counter())
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    for mode in modes:  # warm-up
+        decode_seconds(mode)
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            runs[mode].append(decode_seconds(mode))
+    full_flops = model.count_flops(args.context).forward
+    full_s = statistics.median(runs["think"])
+    rows = []
+    for mode in modes:
+        s = statistics.median(runs[mode])
+        predicted = full_flops / model.count_flops(args.context, width=mode).forward
+        measured = full_s / s
+        rows.append({"mode": mode, "widths": config.layer_widths(mode), "ms_per_token": 1e3 * s,
+                     "tok_s": args.batch / s, "predicted_speedup": predicted, "measured_speedup": measured})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"{device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"{config.describe()}; context {args.context}, batch {args.batch}, {args.tokens} tokens, "
+          f"{args.repeats} interleaved repeats")
+    print("| mode | widths | ms/token | tok/s | predicted speed-up | measured | realised |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        realised = (r["measured_speedup"] - 1) / (r["predicted_speedup"] - 1) if r["predicted_speedup"] > 1 else None
+        r["realised"] = realised
+        print(f"| {r['mode']} | {' '.join(str(w or 'full') for w in r['widths'])} | {r['ms_per_token']:.2f} | "
+              f"{r['tok_s']:.0f} | {r['predicted_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
+              f"{'-' if realised is None else f'{100 * realised:.0f}%'} |")
+    ghost = next(r for r in rows if r["mode"] == "ghost")
+    holds = ghost["realised"] is not None and ghost["realised"] >= 0.6
+    print(f"ghost reaches {100 * (ghost['realised'] or 0):.0f}% of its predicted speed-up: target (>= 60%) "
+          f"{'holds' if holds else 'does NOT hold'}")
+    print(json.dumps({"benchmark": "elastic", "device": device.type, "device_name": name,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "config": config.describe(),
+                      "context": args.context, "batch": args.batch, "tokens": args.tokens,
+                      "target_holds": holds, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
