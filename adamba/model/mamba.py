@@ -110,8 +110,9 @@ class Mamba(nn.Module):
         # The scan runs in at least float32: its state accumulates over the whole sequence (bf16 would drift).
         f = torch.promote_types(x.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(f))
-        # An all-zero state (a fresh cache) is the same as none, and none lets the fused CUDA kernel run prefill.
-        h0 = state.ssm.to(f) if state is not None and bool(state.ssm.any()) else None
+        # An all-zero state (a fresh cache) is the same as none, and none lets the fused CUDA kernel run prefill;
+        # single-token steps never use that kernel, so they skip the check (a device sync) on the hot path.
+        h0 = state.ssm.to(f) if state is not None and (L == 1 or bool(state.ssm.any())) else None
         scan = sequential_scan if L == 1 else selective_scan  # one step needs no chunking
         y, h = scan(x.to(f), dt.to(f), A, B.to(f), C.to(f), self.D.to(f), h0)
         if state is not None:
