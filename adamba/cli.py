@@ -4,6 +4,7 @@
     adamba train                    pretrain (flags override a --config TOML; --resume continues a run)
     adamba eval bpb CKPT            bits per byte on held-out data
     adamba eval elastic CKPT        every compute mode: val bpb and FLOPs/token, Markdown + PNG
+    adamba eval loops CKPT          a looped model at r = 1..32 and adaptive exit: val bpb, FLOPs/token, Markdown + PNG
     adamba sample CKPT              prompt -> text
     adamba modes CKPT               compute modes: width per layer, FLOPs/token, val bpb
     adamba import nanochat PATH     a nanochat checkpoint folder -> an adamba checkpoint
@@ -159,6 +160,25 @@ def cmd_eval_elastic(args) -> None:
     print(f"report: {write_elastic_report(ckpt.path.parent.name, rows, context, str(ckpt.path))}")
 
 
+def cmd_eval_loops(args) -> None:
+    from .eval.loops_report import loop_rows, markdown_table, write_loops_report
+
+    ckpt = _load(args)
+    model = ckpt.model
+    if model.config.loop is None:
+        raise ValueError(f"{ckpt.path}: the model has no loop (config.loop is None); `eval loops` needs a looped one")
+    try:
+        counts = tuple(int(r) for r in args.loops.split(","))
+    except ValueError:
+        raise ValueError(f"--loops: expected comma-separated integers, got {args.loops!r}") from None
+    context = args.context or model.config.sequence_len
+    rows = loop_rows(model, _validation_data(ckpt, args.data), context=context, tokens=args.tokens,
+                     batch_size=args.batch_size, counts=counts)
+    reference = model.count_flops(context).forward  # at mean_recurrence
+    print(markdown_table(rows, reference))
+    print(f"report: {write_loops_report(ckpt.path.parent.name, rows, reference, context, str(ckpt.path))}")
+
+
 def cmd_sample(args) -> None:
     from .infer.engine import Engine
     from .infer.sampling import SamplingParams
@@ -174,7 +194,8 @@ def cmd_sample(args) -> None:
         seed = None if args.seed is None else args.seed + i
         print(args.prompt, end="", flush=True)
         tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
-                               width=int(args.mode) if args.mode and args.mode.isdigit() else args.mode)
+                               width=int(args.mode) if args.mode and args.mode.isdigit() else args.mode,
+                               loops=args.loops)
         for piece in tokenizer.decode_stream(tokens):
             print(piece, end="", flush=True)
         print()
@@ -246,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--batch-size", type=int, default=8)
     el.add_argument("--device", default="auto")
     el.set_defaults(func=cmd_eval_elastic)
+    lo = ev_commands.add_parser("loops", help="a looped model at several loop counts and adaptive exit thresholds: "
+                                "val bpb and FLOPs/token; Markdown + PNG")
+    lo.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    lo.add_argument("--loops", default="1,2,4,8,16,32", help="fixed loop counts to measure; the largest caps exits")
+    lo.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    lo.add_argument("--tokens", type=int, default=1 << 16, help="validation tokens per row")
+    lo.add_argument("--context", type=int, default=None, help="context for attention's FLOPs (default: sequence_len)")
+    lo.add_argument("--batch-size", type=int, default=8)
+    lo.add_argument("--device", default="auto")
+    lo.set_defaults(func=cmd_eval_loops)
 
     sa = commands.add_parser("sample", help="generate text from a checkpoint")
     sa.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
@@ -258,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None)
     sa.add_argument("--num-samples", type=int, default=1)
     sa.add_argument("--mode", default=None, help="compute mode (ghost, whisper, normal, think) or a width")
+    sa.add_argument("--loops", type=int, default=None, help="looped models: iterations per token (default: the "
+                    "config's mean_recurrence)")
     sa.add_argument("--device", default="auto")
     sa.set_defaults(func=cmd_sample)
 
@@ -279,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.set_defaults(func=cmd_modes)
 
     de = commands.add_parser("demo", help="the main job on the embedded corpus, a few minutes on a CPU")
-    de.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    de.add_argument("--minutes", type=float, default=8.0, help="training time budget")
     de.add_argument("--run", default="demo")
     de.set_defaults(func=cmd_demo)
     return parser

@@ -29,7 +29,8 @@ BLOCK_ALIASES = {
     "m": MAMBA, "mamba": MAMBA, "mamba1": MAMBA,
     "m2": MAMBA2, "mamba2": MAMBA2,
 }
-AVAILABLE_BLOCKS = {ATTENTION, MAMBA}
+AVAILABLE_BLOCKS = {ATTENTION, MAMBA, MAMBA2}
+TRAIN_STAGES = ("mamba-only", "new-dims", "all")  # TrainConfig.stage (train/stages.py)
 
 
 def _fail(field_name: str, problem: str, fix: str = "") -> None:
@@ -88,12 +89,93 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 @dataclass
+class LoopConfig:
+    """Looped depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning", the Huginn model):
+    the first `prelude` layers run once, the next `recur` layers iterate r times, the last `coda` layers run once.
+    Block kinds come from block_pattern. r is chosen per call (adamba/model/looped.py); training samples it."""
+
+    prelude: int = 2
+    recur: int = 4
+    coda: int = 2
+    mean_recurrence: int = 4  # r-bar: the training distribution's mean, and the default r at inference
+    r_max: int | None = None  # training draws are clamped to [1, r_max]; None: 4 * mean_recurrence
+    backprop_depth: int = 8  # k: gradients flow through the last k iterations only (truncated backprop)
+    init_state: str = "prelude"  # what the first iteration reads as state: "prelude" (its output) or "random"
+    # Std of the random initial state: Huginn's sqrt(2/5), at our unit-RMS embeddings (its state is also N(0, .))
+    init_sigma: float = 0.6325
+    init_seed: int = 0  # seeds the fixed random initial states used outside training (so decoding is exact)
+    sandwich_norm: bool = False  # a learnable RMSNorm after each recurrent block, as in Huginn's sandwich blocks
+
+    def __post_init__(self) -> None:
+        for name in ("prelude", "coda"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(f"loop.{name}", f"must be a non-negative integer, got {value!r}")
+        for name in ("recur", "mean_recurrence", "backprop_depth"):
+            _positive_int(f"loop.{name}", getattr(self, name))
+        if self.r_max is None:
+            self.r_max = 4 * self.mean_recurrence
+        _positive_int("loop.r_max", self.r_max)
+        if self.r_max < self.mean_recurrence:
+            _fail("loop.r_max", f"{self.r_max} is below mean_recurrence={self.mean_recurrence}")
+        if self.init_state not in ("prelude", "random"):
+            _fail("loop.init_state", f"unknown {self.init_state!r}", "use prelude or random")
+        if not isinstance(self.init_sigma, (int, float)) or isinstance(self.init_sigma, bool) or self.init_sigma <= 0:
+            _fail("loop.init_sigma", f"must be > 0, got {self.init_sigma!r}")
+        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):
+            _fail("loop.init_seed", f"must be an integer, got {self.init_seed!r}")
+        if not isinstance(self.sandwich_norm, bool):
+            _fail("loop.sandwich_norm", f"must be true or false, got {self.sandwich_norm!r}")
+
+    @property
+    def layers(self) -> int:
+        return self.prelude + self.recur + self.coda
+
+    @property
+    def prelude_layers(self) -> range:
+        return range(self.prelude)
+
+    @property
+    def recurrent_layers(self) -> range:
+        return range(self.prelude, self.prelude + self.recur)
+
+    @property
+    def coda_layers(self) -> range:
+        return range(self.prelude + self.recur, self.layers)
+
+
+def _loop_config(value: Any) -> LoopConfig | None:
+    """ModelConfig.loop from None, a LoopConfig, a table (dict / TOML) or a flag ("prelude=2,recur=4,coda=2")."""
+    if value is None or isinstance(value, LoopConfig):
+        return value
+    if isinstance(value, str):
+        table = {}
+        for item in (part.strip() for part in value.split(",") if part.strip()):
+            key, sep, text = item.partition("=")
+            if not sep:
+                _fail("loop", f"cannot parse {item!r}", "write fields as name=value, e.g. 'prelude=2,recur=4,coda=2'")
+            lowered = text.strip().lower()
+            table[key.strip()] = (lowered == "true" if lowered in ("true", "false") else
+                                  int(lowered) if re.fullmatch(r"-?\d+", lowered) else
+                                  float(lowered) if re.fullmatch(r"-?[\d.]+(e-?\d+)?", lowered) else text.strip())
+        value = table
+    if not isinstance(value, dict):
+        _fail("loop", f"must be a table of loop fields (or None), got {type(value).__name__}")
+    known = {f.name for f in fields(LoopConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        _fail("loop", f"unknown field(s) {unknown}", f"known fields are {sorted(known)}")
+    return LoopConfig(**value)
+
+
+@dataclass
 class ModelConfig:
     """Architecture of an AdambaLM. Unset sizes are derived from `depth` (default 12)."""
 
     sequence_len: int = 1024
     vocab_size: int = 65536
     depth: int | None = None
+    size: int | None = None  # width dial: n_embd = size x aspect_ratio, rounded up to head_dim (default: depth)
     n_layer: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -108,18 +190,45 @@ class ModelConfig:
     short_window: int | None = None
     logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 disables
     rope_base: float = 10000.0
+    # Set by `adamba surgery widen` to the width the model had before it was first widened (None: never widened).
+    # Every parameter-free RMSNorm over the residual stream (and Mamba-2's gated norm) then divides the sum of
+    # squares by at most this many coordinates, so zero new coordinates leave the norm, and the function, as
+    # they were (adamba/model/norm.py explains the math).
+    norm_width: int | None = None
     # Mamba blocks ('M'): the reference module's hyperparameters
     mamba_d_state: int = 16
     mamba_d_conv: int = 4
     mamba_expand: int = 2
     mamba_dt_rank: Any = "auto"  # "auto" = ceil(n_embd / 16), or an integer
-    mamba_use_mlp: bool = False  # an MLP after the mixer, as in attention blocks
+    mamba_use_mlp: bool = False  # an MLP after the mixer, as in attention blocks (Mamba-1 and Mamba-2 blocks)
+    # Mamba-2 blocks ('M2'): the reference `Mamba2` module's hyperparameters. d_inner = expand * n_embd is split
+    # into d_inner / headdim heads, each with one scalar decay; ngroups groups of heads share B and C.
+    mamba2_d_state: int = 64
+    mamba2_headdim: int = 64
+    mamba2_ngroups: int = 1
+    mamba2_chunk_size: int = 64  # steps per chunk of the SSD scan (affects speed, not results)
+    mamba2_expand: int = 2
+    mamba2_d_conv: int = 4
     # Matryoshka widths of attention/MLP layers (Mamba, embeddings and lm_head stay at full width).
     # None: powers of two times the head size, up to n_embd (always included).
     matryoshka_levels: Any = None
     # Named compute modes -> width. None: the seeds' proportions (Ghost 128 but at most D/4, Whisper D/4,
     # Normal D/2, Think D), each rounded up to the nearest level.
     compute_modes: Any = None
+    # Looped depth (LoopConfig: prelude, recur, coda, mean_recurrence, ...); None: every layer runs once.
+    loop: Any = None
+    # Adaptive compute (model/exits.py, model/predictor.py). Early exit after block k, for k >= min_exit_layer
+    # (None: no exits): the shared final norm, lm_head and softcap give its logits, so an exit at k is exactly
+    # the model truncated to its first k blocks; a ConfidenceGate per exit layer decides, token by token.
+    min_exit_layer: int | None = None
+    gate_hidden: int = 64  # hidden units of each ConfidenceGate / ExpansionGate (a 2-layer MLP per layer)
+    # An ExpansionGate after every block k >= 0.75 n_layer: low confidence doubles the Matryoshka width of the
+    # remaining attention layers (capped at n_embd), as the seeds' V2 describes.
+    expansion_gates: bool = False
+    # LayerDimPredictor: reads the hidden states after the first `predictor_layers` blocks (run at full width),
+    # mean-pooled over the prompt, and picks a Matryoshka level for each later attention layer; 0: none.
+    predictor_layers: int = 0
+    predictor_hidden: int = 128
 
     def __post_init__(self) -> None:
         _positive_int("sequence_len", self.sequence_len)
@@ -130,14 +239,23 @@ class ModelConfig:
         kinds = parse_block_pattern(self.block_pattern)
         if self.depth is not None:
             _positive_int("depth", self.depth)
+        self.loop = _loop_config(self.loop)
+        if self.loop is not None and self.depth is not None and self.n_layer is None \
+                and self.depth != self.loop.layers:
+            _fail("loop", f"prelude + recur + coda = {self.loop.layers} layers, but depth={self.depth}",
+                  "set the width of a looped model with `size`, or make depth agree")
         if self.n_layer is None:
-            if self.depth is not None:
+            if self.loop is not None:
+                self.n_layer = self.loop.layers
+            elif self.depth is not None:
                 self.n_layer = self.depth
             elif len(kinds) > 1:
                 self.n_layer = len(kinds)
             else:
                 self.n_layer = 12
         _positive_int("n_layer", self.n_layer)
+        if self.loop is not None and self.n_layer != self.loop.layers:
+            _fail("loop", f"prelude + recur + coda = {self.loop.layers} layers, but n_layer={self.n_layer}")
         if self.n_layer % len(kinds):
             _fail("block_pattern", f"has {len(kinds)} blocks, which does not tile n_layer={self.n_layer}",
                   "give one kind per layer, or a pattern whose length divides n_layer")
@@ -145,9 +263,11 @@ class ModelConfig:
         missing = sorted({k for k in self.block_pattern if k not in AVAILABLE_BLOCKS})
         if missing:
             _fail("block_pattern", f"block kind(s) {missing} are not available yet",
-                  "use 'T' (attention) and 'M' (Mamba-1) blocks in this version")
+                  "use 'T' (attention), 'M' (Mamba-1) and 'M2' (Mamba-2) blocks in this version")
 
-        size = self.depth if self.depth is not None else self.n_layer
+        if self.size is not None:
+            _positive_int("size", self.size)
+        size = self.size if self.size is not None else self.depth if self.depth is not None else self.n_layer
         if self.n_embd is None:
             self.n_embd = math.ceil(size * self.aspect_ratio / self.head_dim) * self.head_dim
         _positive_int("n_embd", self.n_embd)
@@ -184,7 +304,73 @@ class ModelConfig:
             _positive_int("mamba_dt_rank", self.mamba_dt_rank)
         if not isinstance(self.mamba_use_mlp, bool):
             _fail("mamba_use_mlp", f"must be true or false, got {self.mamba_use_mlp!r}")
+        if self.norm_width is not None:
+            _positive_int("norm_width", self.norm_width)
+            if self.norm_width > self.n_embd:
+                _fail("norm_width", f"{self.norm_width} exceeds n_embd={self.n_embd}",
+                      "it is the width before widening, so at most n_embd; leave it unset for an unwidened model")
+        self._check_mamba2()
         self._check_matryoshka()
+        self._check_adaptive()
+
+    def _check_adaptive(self) -> None:
+        _positive_int("gate_hidden", self.gate_hidden)
+        _positive_int("predictor_hidden", self.predictor_hidden)
+        if self.min_exit_layer is not None:
+            if not isinstance(self.min_exit_layer, int) or isinstance(self.min_exit_layer, bool) \
+                    or not 1 <= self.min_exit_layer < self.n_layer:
+                _fail("min_exit_layer", f"must be an integer in [1, n_layer - 1 = {self.n_layer - 1}] or None, "
+                      f"got {self.min_exit_layer!r}", "an exit after block k needs 1 <= k < n_layer")
+            if self.loop is not None:
+                _fail("min_exit_layer", "early exit is not defined for looped models",
+                      "looped models exit by their own criteria (loops=Loops(exit='kl'))")
+        if not isinstance(self.expansion_gates, bool):
+            _fail("expansion_gates", f"must be true or false, got {self.expansion_gates!r}")
+        if self.expansion_gates:
+            if self.loop is not None:
+                _fail("expansion_gates", "not defined for looped models")
+            if not self.expansion_layers:
+                _fail("expansion_gates", f"n_layer={self.n_layer} has no layer k >= 0.75 n_layer with a block after it")
+            if ATTENTION not in self.block_pattern[self.expansion_layers[0]:]:
+                _fail("expansion_gates", f"no attention layer at or after layer {self.expansion_layers[0]} "
+                      f"(0.75 n_layer), so expanding would change nothing",
+                      "only attention/MLP layers have Matryoshka widths")
+        if not isinstance(self.predictor_layers, int) or isinstance(self.predictor_layers, bool) \
+                or not 0 <= self.predictor_layers < self.n_layer:
+            _fail("predictor_layers", f"must be an integer in [0, n_layer - 1 = {self.n_layer - 1}], "
+                  f"got {self.predictor_layers!r}", "0 disables the width predictor")
+        if self.predictor_layers:
+            if self.loop is not None:
+                _fail("predictor_layers", "the width predictor is not defined for looped models")
+            if ATTENTION not in self.block_pattern[self.predictor_layers:]:
+                _fail("predictor_layers", f"no attention layer after the first {self.predictor_layers}, so "
+                      "there is no width to predict")
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """Layers k after whose block a token may exit (k blocks ran); empty without min_exit_layer."""
+        return [] if self.min_exit_layer is None else list(range(self.min_exit_layer, self.n_layer))
+
+    @property
+    def expansion_layers(self) -> list[int]:
+        """Layers k >= 0.75 n_layer after whose block an ExpansionGate may widen the remaining layers."""
+        return list(range(max(1, math.ceil(0.75 * self.n_layer)), self.n_layer))
+
+    def _check_mamba2(self) -> None:
+        for name in ("mamba2_d_state", "mamba2_headdim", "mamba2_ngroups", "mamba2_chunk_size", "mamba2_expand",
+                     "mamba2_d_conv"):
+            _positive_int(name, getattr(self, name))
+        if MAMBA2 not in self.block_pattern:  # the shapes below only matter where an M2 block exists
+            return
+        d_inner = self.mamba2_expand * self.n_embd
+        if d_inner % self.mamba2_headdim:
+            _fail("mamba2_headdim", f"{self.mamba2_headdim} does not divide d_inner = mamba2_expand * n_embd = "
+                  f"{d_inner}", "each head is mamba2_headdim channels wide")
+        nheads = d_inner // self.mamba2_headdim
+        if nheads % self.mamba2_ngroups:
+            _fail("mamba2_ngroups", f"{self.mamba2_ngroups} does not divide the {nheads} heads "
+                  f"(d_inner {d_inner} / mamba2_headdim {self.mamba2_headdim})",
+                  "each group of heads shares one B and C")
 
     def _check_matryoshka(self) -> None:
         hd = self.model_head_dim
@@ -253,7 +439,9 @@ class ModelConfig:
         pattern = "".join(self.block_pattern)
         return (f"n_layer={self.n_layer} n_embd={self.n_embd} n_head={self.n_head} "
                 f"n_kv_head={self.n_kv_head} head_dim={self.model_head_dim} vocab_size={self.vocab_size} "
-                f"sequence_len={self.sequence_len} blocks={pattern} windows={self.window_pattern}")
+                f"sequence_len={self.sequence_len} blocks={pattern} windows={self.window_pattern}"
+                + (f" loop={self.loop.prelude}+{self.loop.recur}x{self.loop.mean_recurrence}+{self.loop.coda}"
+                   if self.loop is not None else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,12 +489,46 @@ class TrainConfig:
     matryoshka_rule: str = "sandwich"
     matryoshka_middle: int = 1
     matryoshka_per_layer: bool = False  # sampled widths differ per layer (True) or are one per model (False)
+    # Without --matryoshka: train at this one compute choice (a mode name or width; None = full). A model
+    # trained only at width w is the independent control a Matryoshka slice of width w is compared against.
+    width: Any = None
+    # lambda of the energy penalty lambda * E[FLOPs/token] / FLOPs(full) (train/energy.py). It needs something that
+    # chooses widths to have a gradient: the LayerDimPredictor (predictor_weight > 0); with sampled or fixed widths
+    # the trainer says so and leaves the loss alone.
+    energy_weight: float = 0.0
+    # Adaptive compute (train/losses.py), all off by default. Early-exit loss (LayerSkip, Elhoushi et al. 2024):
+    # CE of every exit layer's logits (weights growing with depth, summing to 1) and/or KL from the final layer's
+    # distribution, each layer switched on by a curriculum ("gradual": from the last exit to the first over the
+    # first `exit_curriculum` fraction of the steps; "none": all from step 0).
+    exit_loss_weight: float = 0.0
+    exit_kl_weight: float = 0.0
+    exit_curriculum: str = "gradual"
+    exit_curriculum_fraction: float = 0.5
+    # ConfidenceGate / ExpansionGate training: BCE against the honest label "this exit's (or this narrow run's)
+    # next-token choice agrees with the full model's" ("argmax"), or "KL(full || exit) < gate_kl_delta" ("kl").
+    gate_loss_weight: float = 0.0
+    gate_label: str = "argmax"
+    gate_kl_delta: float = 0.1
+    adaptive_lr: float = 0.003  # AdamW learning rate of the gates and the width predictor
+    # LayerDimPredictor training: CE of the Gumbel-softmax mixture of widths + energy_weight * E[FLOPs]/F(full).
+    predictor_weight: float = 0.0
+    predictor_temperature: float = 1.0  # Gumbel-softmax temperature (straight-through: hard in the forward)
+    predictor_context: int = 64  # prompt tokens per row the predictor reads; the loss counts the tokens after them
+    # Looped models: 0 draws each micro-step's loop count from the Poisson-lognormal (train/loops.py); r > 0
+    # trains every micro-step at r iterations (the fixed-r control that sampled r is compared against).
+    fixed_loops: int = 0
+    # Growth (adamba/surgery, train/stages.py): start from a checkpoint's weights (a run name or folder, e.g. a
+    # surgery's output) with a fresh optimizer and schedule; the model flags are then ignored.
+    init_from: str | None = None
+    # What trains after a surgery: "mamba-only" (only the Mamba blocks the surgery inserted), "new-dims" (after
+    # widening: only the new dimensions), "all"; None: everything, as in any run.
+    stage: str | None = None
     metrics_file: str | None = None  # JSONL; default <checkpoint dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
         for name in ("device_batch_size", "total_batch_size", "num_iterations", "tokenizer_vocab_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("eval_every", "sample_every", "save_every", "eval_tokens"):
+        for name in ("eval_every", "sample_every", "save_every", "eval_tokens", "fixed_loops"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 _fail(name, f"must be a non-negative integer, got {value!r}")
@@ -327,6 +549,30 @@ class TrainConfig:
             _fail("matryoshka_rule", f"unknown rule {self.matryoshka_rule!r}", "use sandwich or sample")
         if not isinstance(self.matryoshka_middle, int) or self.matryoshka_middle < 0:
             _fail("matryoshka_middle", f"must be a non-negative integer, got {self.matryoshka_middle!r}")
+        if self.width is not None and self.matryoshka:
+            _fail("width", "a fixed training width and --matryoshka exclude each other",
+                  "use matryoshka to train every width, or width to train one")
+        if isinstance(self.width, str) and self.width.isdigit():
+            self.width = int(self.width)  # from a command-line flag
+        if not isinstance(self.energy_weight, (int, float)) or self.energy_weight < 0:
+            _fail("energy_weight", f"must be a non-negative number, got {self.energy_weight!r}")
+        for name in ("exit_loss_weight", "exit_kl_weight", "gate_loss_weight", "adaptive_lr", "predictor_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                _fail(name, f"must be a non-negative number, got {value!r}")
+        if self.exit_curriculum not in ("gradual", "none"):
+            _fail("exit_curriculum", f"unknown curriculum {self.exit_curriculum!r}", "use gradual or none")
+        if not isinstance(self.exit_curriculum_fraction, (int, float)) or not 0 <= self.exit_curriculum_fraction <= 1:
+            _fail("exit_curriculum_fraction", f"must be between 0 and 1, got {self.exit_curriculum_fraction!r}")
+        if self.gate_label not in ("argmax", "kl"):
+            _fail("gate_label", f"unknown label {self.gate_label!r}", "use argmax or kl")
+        for name in ("gate_kl_delta", "predictor_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                _fail(name, f"must be > 0, got {value!r}")
+        _positive_int("predictor_context", self.predictor_context)
+        if self.stage is not None and self.stage not in TRAIN_STAGES:
+            _fail("stage", f"unknown stage {self.stage!r}", f"use one of {', '.join(TRAIN_STAGES)}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
             _fail("run_name", f"{self.run_name!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
 

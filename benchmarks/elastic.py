@@ -1,11 +1,12 @@
 """Decode speed of each compute mode against the speed-up its FLOPs predict, side by side in one run.
 
-The demo's model shape (depth 4, width 256, head dim 64, vocab 4096) as an alternating attention/Mamba hybrid
-with random weights (speed does not depend on the values). For every mode: the engine decodes --tokens tokens
-per row after a --context-token prompt, batch --batch; repetitions alternate the modes (think, ghost, ...,
-think, ghost, ...) and medians are reported. The predicted speed-up of a mode is FLOPs(think) / FLOPs(mode)
-from the one FLOP counter at the decode context; the measured one is tok/s(mode) / tok/s(think). The target
-(issue 5): Ghost reaches >= 60% of its predicted speed-up, measured as (measured - 1) / (predicted - 1).
+The demo's model (`adamba.demo.demo_configs`: an alternating attention/Mamba hybrid, depth 4, width 256, head
+dim 64, vocab 4096) with random weights (speed does not depend on the values); flags override its shape.
+For every mode: the engine decodes --tokens tokens per row after a --context-token prompt, batch --batch;
+repetitions alternate the modes (think, ghost, ..., think, ghost, ...) and medians are reported. The
+predicted speed-up of a mode is FLOPs(think) / FLOPs(mode) from the one FLOP counter at the decode context;
+the measured one is tok/s(mode) / tok/s(think). The target (issue 5): Ghost reaches >= 60% of its predicted
+speed-up, measured as (measured - 1) / (predicted - 1).
 
     python benchmarks/elastic.py
     python benchmarks/elastic.py --depth 20 --width 1280 --vocab-size 65536 --device cuda
@@ -23,16 +24,17 @@ from bench_utils import cpu_name, randomize, sync
 
 from adamba import AdambaLM, ModelConfig
 from adamba.common import pick_device
+from adamba.demo import demo_configs
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--pattern", default="TM")
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--depth", type=int, default=None, help="n_layer (default: the demo model's)")
+    ap.add_argument("--width", type=int, default=None, help="n_embd (default: the demo model's)")
+    ap.add_argument("--pattern", default=None, help="block_pattern (default: the demo model's)")
+    ap.add_argument("--vocab-size", type=int, default=None)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
@@ -42,12 +44,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    config = ModelConfig(n_layer=args.depth, n_embd=args.width, head_dim=64, vocab_size=args.vocab_size,
-                         block_pattern=args.pattern, sequence_len=args.context + args.tokens)
+    demo = demo_configs("elastic", 0)[0].to_dict()
+    shape = {"n_layer": args.depth, "n_embd": args.width, "block_pattern": args.pattern,
+             "vocab_size": args.vocab_size}
+    demo.update({k: v for k, v in shape.items() if v is not None})
+    if args.depth is not None or args.width is not None:  # re-derive heads, levels and modes for the new shape
+        demo.update(depth=None, n_head=None, n_kv_head=None, matryoshka_levels=None, compute_modes=None)
+    config = ModelConfig.from_dict({**demo, "sequence_len": args.context + args.tokens})
     model = AdambaLM.build(config, device).eval()
     randomize(model, seed=0)
     engine = Engine(model)
-    prompts = [torch.randint(0, args.vocab_size, (args.context,)).tolist() for _ in range(args.batch)]
+    prompts = [torch.randint(0, config.vocab_size, (args.context,)).tolist() for _ in range(args.batch)]
     greedy = SamplingParams(temperature=0)
     modes = list(config.compute_modes)
 

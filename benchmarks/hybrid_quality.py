@@ -1,11 +1,15 @@
-"""Quality of an alternating attention/Mamba hybrid against a pure transformer of (nearly) equal size.
+"""Quality of an alternating attention/Mamba hybrid, and of pure Mamba-1 (`M`) and Mamba-2 (`M2`) stacks,
+against a pure transformer (`T`) of (nearly) equal size.
 
-Both models are trained by the same trainer on the embedded corpus with the same tokenizer, seed, data
+Every model is trained by the same trainer on the embedded corpus with the same tokenizer, seed, data
 order, batch, schedule and number of steps, so they see exactly the same tokens; val bpb is measured on the
-same held-out scenes. The transformer is the control. Prints a table, writes a PNG of both validation
-curves next to the run reports, and ends with one JSON line.
+same held-out scenes. The transformer is the control; the pure Mamba stacks get the number of layers whose
+parameter count is closest to the transformer's (a Mamba layer without MLP has about half an attention
+layer's parameters). Prints a table, writes a PNG of the validation curves next to the run reports, and ends
+with one JSON line.
 
-    python benchmarks/hybrid_quality.py                      # defaults below: ~20-30 minutes on 2 CPU cores
+    python benchmarks/hybrid_quality.py   # defaults below, four models: ~1 hour on 2 CPU cores (estimated, not timed)
+    python benchmarks/hybrid_quality.py --models transformer,mamba,mamba2   # the T / M / M2 comparison only
     python benchmarks/hybrid_quality.py --steps 2000 --device cuda
 """
 
@@ -25,10 +29,20 @@ from adamba import AdambaLM, ModelConfig, TrainConfig  # noqa: E402
 from adamba.common import adamba_home  # noqa: E402
 from adamba.train.trainer import train  # noqa: E402
 
+MODELS = ("transformer", "hybrid", "mamba", "mamba2")
+
 
 def count_params(config: ModelConfig) -> int:
     with torch.device("meta"):
         return AdambaLM(config).num_params()
+
+
+def matched_stack(kind: str, target: int, common: dict) -> ModelConfig:
+    """A stack of `kind` layers whose parameter count is closest to `target` (parameters grow linearly in
+    the number of layers: embeddings and lm_head once, then the same amount per layer)."""
+    one, two = (count_params(ModelConfig(n_layer=n, block_pattern=kind, **common)) for n in (1, 2))
+    n_layer = max(1, round((target - one) / (two - one)) + 1)
+    return ModelConfig(n_layer=n_layer, block_pattern=kind, **common)
 
 
 def main() -> None:
@@ -38,6 +52,8 @@ def main() -> None:
     parser.add_argument("--transformer-layers", type=int, default=6)
     parser.add_argument("--hybrid-pattern", default="TM*4",
                         help="the hybrid's block pattern; TM*4 = 8 layers, 4 attention + 4 Mamba")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"which of {', '.join(MODELS)} to train (the transformer is always trained)")
     parser.add_argument("--sequence-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=2)
@@ -48,10 +64,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     common = dict(n_embd=args.width, head_dim=64, sequence_len=args.sequence_len, vocab_size=4096)
+    chosen = {m.strip() for m in args.models.split(",") if m.strip()}
+    unknown = sorted(chosen - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    transformer = ModelConfig(n_layer=args.transformer_layers, block_pattern="T", **common)
+    target = count_params(transformer)
     models = {
-        "transformer": ModelConfig(n_layer=args.transformer_layers, block_pattern="T", **common),
+        "transformer": transformer,
         "hybrid": ModelConfig(block_pattern=args.hybrid_pattern, **common),
+        "mamba": matched_stack("M", target, common),
+        "mamba2": matched_stack("M2", target, common),
     }
+    models = {name: cfg for name, cfg in models.items() if name == "transformer" or name in chosen}
     params = {name: count_params(cfg) for name, cfg in models.items()}
     results = {}
     for name, model_config in models.items():
@@ -73,7 +98,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         ax.plot(*zip(*r["curve"], strict=True), marker="o", label=f"{name} ({r['params'] / 1e6:.2f}M params)")
-    ax.set(xlabel="step (same tokens for both)", ylabel="held-out val bpb", title="hybrid vs transformer")
+    ax.set(xlabel="step (same tokens for all)", ylabel="held-out val bpb", title="T, hybrid, M and M2 stacks")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -81,15 +106,20 @@ def main() -> None:
     plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(plot, dpi=110)
 
-    t, h = results["transformer"], results["hybrid"]
-    print("\n| model | blocks | params | train FLOPs/token | val bpb | minutes |\n|---|---|---:|---:|---:|---:|")
+    t = results["transformer"]
+    gaps = {name: (r["val_bpb"] - t["val_bpb"]) / t["val_bpb"] for name, r in results.items()}
+    print("\n| model | blocks | params | train FLOPs/token | val bpb | vs transformer | minutes |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['blocks']} | {r['params']:,} | {r['train_flops_per_token']:.3g} | "
-              f"{r['val_bpb']:.4f} | {r['minutes']:.1f} |")
-    gap = (h["val_bpb"] - t["val_bpb"]) / t["val_bpb"]
-    print(f"\nhybrid vs transformer: {100 * gap:+.2f}% val bpb (negative = hybrid better); "
-          f"params {100 * (h['params'] - t['params']) / t['params']:+.1f}%; plot {plot}")
-    print(json.dumps({"benchmark": "hybrid_quality", "steps": args.steps, "relative_bpb_gap": gap,
+              f"{r['val_bpb']:.4f} | {100 * gaps[name]:+.2f}% | {r['minutes']:.1f} |")
+    for name, r in results.items():
+        if name != "transformer":
+            print(f"{name} vs transformer: {100 * gaps[name]:+.2f}% val bpb (negative = {name} better); "
+                  f"params {100 * (r['params'] - t['params']) / t['params']:+.1f}%")
+    print(f"plot {plot}")
+    print(json.dumps({"benchmark": "hybrid_quality", "steps": args.steps, "relative_bpb_gap": gaps.get("hybrid"),
+                      "relative_bpb_gaps": gaps,
                       **{name: {k: v for k, v in r.items() if k != "curve"} for name, r in results.items()}}))
 
 

@@ -19,9 +19,18 @@ for four implementations of the same function:
               (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): pairs are combined level by level (L/2, L/4, ...
               elements, log2 L levels), then the even positions are filled in on the way back.
 
+and, in the same run and table, Mamba-2's scan (Dao & Gu 2024, SSD) on inputs of the same sizes:
+
+  ssd         `adamba.model.ssd.ssd_chunked`: the chunked state-space-duality scan in pure PyTorch (chunks of
+              64 steps, matmuls inside chunks, a recurrence between them) over the --d-inner channels split into
+              heads of 64, each with one scalar decay A (uniform in [-16, -1], Mamba-2's init) and one dt per step;
+              B and C as above (one group). A different function from the Mamba-1 scan (one decay per head, not
+              per channel and state), so it is checked against its own float64 recurrence (`ssd_sequential`).
+              Compared with ours-torch, the Mamba-1 pure-PyTorch path; run once per --d-state (16 and 64).
+
 Fairness: one process, the same inputs and threads (--threads, torch.set_num_threads) for all; each
 (L, mode) first runs every implementation once untimed (warmup), then --repeats rounds that alternate the
-implementations (ours, ours-torch, loop, parallel, ours, ...); medians are reported. An implementation whose
+implementations (ours, ours-torch, loop, parallel, ssd, ours, ...); medians are reported. An implementation whose
 run takes longer than --max-seconds is timed once (its warmup run); one whose run at this L is estimated (its
 median at the previous L, scaled by the length ratio) to take longer than --max-seconds is skipped, and the
 table says so.
@@ -32,11 +41,13 @@ backward counts, the inputs do not). Peak RSS is VmHWM of /proc/self/status, res
 before the run (/proc/self/clear_refs); not `getrusage(...).ru_maxrss`, which on Linux a child inherits from
 its parent's peak across fork + exec (it read 0 MB growth for everything here).
 
-Before timing, a check: at the first length, y and h_L of all four (float32) must agree with the loop in
-float64 to 1e-4 (max abs difference / max abs value), else the script exits non-zero.
+Before timing, a check: at the first length, y and h_L of all four Mamba-1 scans (float32) must agree with the
+loop in float64, and SSD's with its sequential recurrence in float64, to 1e-4 (max abs difference / max abs
+value), else the script exits non-zero.
 
 The project's acceptance target: at L = 1024, fwd+bwd, ours >= 10x faster than the loop and >= 2x faster than
-the parallel scan; the script says whether it holds.
+the parallel scan; and the SSD scan >= 5x faster than ours-torch at d_state 16 and 64 (issue 9); the script says
+whether each holds. The decode table adds a Mamba-2 block, whose per-token cost should not grow with the context.
 
 Run from the repository root, with adamba installed (`pip install -e .`) or with `PYTHONPATH=.`:
     python benchmarks/scan.py --threads 2
@@ -59,9 +70,12 @@ from bench_utils import cpu_name
 
 from adamba.model import scan_cpu
 from adamba.model.scan import sequential_scan
+from adamba.model.ssd import ssd_chunked, ssd_sequential
 
 TARGET_L, TARGET_VS_LOOP, TARGET_VS_PARALLEL = 1024, 10.0, 2.0
-METHODS = ("ours", "ours-torch", "loop", "parallel")
+TARGET_SSD_VS_TORCH = 5.0  # SSD fwd+bwd against ours-torch at TARGET_L
+SSD_HEADDIM, SSD_CHUNK = 64, 64  # ModelConfig's mamba2_headdim and mamba2_chunk_size defaults
+METHODS = ("ours", "ours-torch", "loop", "parallel", "ssd")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -110,12 +124,25 @@ def parallel_scan(x, dt, A, B, C, D, h0=None):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def flat_ssd(scan):
+    """An SSD scan on the flat layout of this script: x (batch, L, d_inner) in heads of SSD_HEADDIM channels,
+    dt (batch, L, heads), A and D (heads,), B and C (batch, L, N) shared by all heads; y (batch, L, d_inner)
+    and h_L (batch, d_inner, N) come back flat, so the cotangents are those of the Mamba-1 scans."""
+    def run(x, dt, A, B, C, D, h0=None):
+        batch, L, d_inner = x.shape
+        y, h = scan(x.view(batch, L, dt.size(-1), -1), dt, A, B[:, :, None], C[:, :, None], D, h0)
+        return y.reshape(batch, L, d_inner), h.reshape(batch, d_inner, -1)
+    return run
+
+
 SCANS = {"ours": scan_cpu.cpu_selective_scan, "ours-torch": sequential_scan, "loop": loop_scan,
-         "parallel": parallel_scan}
+         "parallel": parallel_scan, "ssd": flat_ssd(lambda *a: ssd_chunked(*a, chunk_size=SSD_CHUNK))}
 
 
 def make_inputs(batch, L, d_inner, d_state, seed, dtype=torch.float32):
-    """Mamba-like values: dt in [1e-3, 1e-1] (log-uniform), A = -(1..N) per channel (S4D-real), D = 1."""
+    """Mamba-like values: dt in [1e-3, 1e-1] (log-uniform), A = -(1..N) per channel (S4D-real), D = 1.
+    Returns ({method: its inputs}, cotangents of y and h_L): the Mamba-1 scans share one set; SSD gets the
+    same x, B, C and one dt per (step, head), A ~ -U[1, 16] and D = 1 per head (Mamba-2's init)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, L, d_inner, generator=gen, dtype=dtype)
     dt = torch.exp(torch.rand(batch, L, d_inner, generator=gen, dtype=dtype) * math.log(100.0)) * 1e-3
@@ -125,12 +152,17 @@ def make_inputs(batch, L, d_inner, d_state, seed, dtype=torch.float32):
     D = torch.ones(d_inner, dtype=dtype)
     gy = torch.randn(batch, L, d_inner, generator=gen, dtype=dtype)
     gh = torch.randn(batch, d_inner, d_state, generator=gen, dtype=dtype)
-    return (x, dt, A, B, C, D), (gy, gh)
+    heads = d_inner // SSD_HEADDIM
+    dt_heads = torch.exp(torch.rand(batch, L, heads, generator=gen, dtype=dtype) * math.log(100.0)) * 1e-3
+    A_heads = -(torch.rand(heads, generator=gen, dtype=dtype) * 15 + 1)
+    inputs = {m: (x, dt, A, B, C, D) for m in METHODS}
+    inputs["ssd"] = (x, dt_heads, A_heads, B, C, torch.ones(heads, dtype=dtype))
+    return inputs, (gy, gh)
 
 
 def run_once(method: str, mode: str, inputs, cotangents) -> float:
-    """Seconds for one fwd (no_grad) or fwd+bwd of `method`."""
-    fn = SCANS[method]
+    """Seconds for one fwd (no_grad) or fwd+bwd of `method` on its inputs (`make_inputs`)."""
+    fn, inputs = SCANS[method], inputs[method]
     if mode == "fwd":
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -181,13 +213,15 @@ def measure_memory(args, method: str, mode: str, L: int) -> float | None:
 
 
 def check_same_function(args, L: int) -> dict[str, float]:
-    """Max relative difference of y and h_L (float32) from the loop in float64."""
+    """Max relative difference of y and h_L (float32) from the loop in float64 (SSD: from its recurrence)."""
     inputs, _ = make_inputs(args.batch, L, args.d_inner, args.d_state, args.seed)
     with torch.no_grad():
-        y_ref, h_ref = loop_scan(*(t.double() for t in inputs))
+        reference = {"mamba1": loop_scan(*(t.double() for t in inputs["loop"])),
+                     "ssd": flat_ssd(ssd_sequential)(*(t.double() for t in inputs["ssd"]))}
         errors = {}
         for method in METHODS:
-            y, h = SCANS[method](*inputs)
+            y_ref, h_ref = reference["ssd" if method == "ssd" else "mamba1"]
+            y, h = SCANS[method](*inputs[method])
             errors[method] = max(((y.double() - y_ref).abs().max() / y_ref.abs().max()).item(),
                                  ((h.double() - h_ref).abs().max() / h_ref.abs().max()).item())
     return errors
@@ -199,26 +233,29 @@ def fmt_ms(v: float | None, note: str = "") -> str:
 
 @torch.no_grad()
 def decode_latency(args) -> list[dict]:
-    """Per-token latency of one Mamba block and one attention block (d_model = d_inner / 2), batch 1, decoding
-    through the inference cache after `context` tokens. Mamba's state has a fixed size; attention reads a
-    cache that grows with the context."""
+    """Per-token latency of one Mamba, one Mamba-2 and one attention block (d_model = d_inner / 2), batch 1,
+    decoding through the inference cache after `context` tokens. Mamba's states have a fixed size; attention
+    reads a cache that grows with the context."""
     from adamba.model.attention import AttentionBlock
     from adamba.model.cache import InferenceCache
     from adamba.model.mamba import MambaBlock
+    from adamba.model.mamba2 import Mamba2Block
 
     d_model = args.d_inner // 2
     contexts = [int(v) for v in args.decode_contexts.split(",")]
     capacity = max(contexts) + args.decode_steps + 1
     blocks = {"mamba": MambaBlock(d_model, args.d_state, 4, 2, "auto", None),
+              "mamba2": Mamba2Block(d_model, args.d_state, 4, 2, SSD_HEADDIM, 1, SSD_CHUNK, None),
               "attention": AttentionBlock(d_model, d_model // 64, d_model // 64, 4 * d_model, None)}
 
-    class OneBlock(torch.nn.Module):  # the cache protocol, for a single block
+    cos, sin = (torch.ones(1, 1, 32), torch.zeros(1, 1, 32))  # rotary angle 0: its cost, not its values
+
+    class OneBlock(torch.nn.Module):  # what InferenceCache reads from a model, for a single block
         def __init__(self, block):
             super().__init__()
             self.blocks = torch.nn.ModuleList([block])
-            self.config = type("C", (), {"sequence_len": capacity})()
-
-    cos, sin = (torch.ones(1, 1, 32), torch.zeros(1, 1, 32))  # rotary angle 0: its cost, not its values
+            self.config = type("C", (), {"sequence_len": capacity, "matryoshka_levels": [d_model]})()
+            self.cos, self.sin = cos, sin
     rows = []
     for context in contexts:
         row = {"context": context}
@@ -277,7 +314,7 @@ def main() -> None:
     if max(errors.values()) > 1e-4:
         raise SystemExit("the implementations do NOT compute the same function; comparison is void")
 
-    tiny_inputs, tiny_cotangents = make_inputs(2, 8, 16, 4, args.seed)
+    tiny_inputs, tiny_cotangents = make_inputs(2, 8, SSD_HEADDIM, 4, args.seed)  # one SSD head
     for method in METHODS:  # first-call costs in the process (autograd engine, thread pool) out of the way
         run_once(method, "fwd+bwd", tiny_inputs, tiny_cotangents)
 
@@ -324,20 +361,21 @@ def main() -> None:
                 print(f"peak RSS growth at L={args.memory_length}, {method} {mode}: {memory[f'{method} {mode}']} MB",
                       flush=True)
 
-    print("\n| L | mode | ours ms | ours-torch ms | loop ms | parallel ms | loop / ours | parallel / ours "
-          "| ours-torch / ours |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| L | mode | ours ms | ours-torch ms | loop ms | parallel ms | ssd ms | loop / ours | parallel / ours "
+          "| ours-torch / ours | ours-torch / ssd |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         def cell(m, r=r):
             if r[f"{m}_s"] is None:
                 return f"skipped (~{r['skipped_estimate_s'][m]:.0f} s est.)"
             return fmt_ms(r[f"{m}_s"]) + (" (1 run)" if r["runs"][m] == 1 else "")
 
-        def ratio(m, r=r):
-            return f"{r[f'{m}_s'] / r['ours_s']:.1f}x" if r[f"{m}_s"] is not None and r["ours_s"] else "n/a"
+        def ratio(m, base="ours", r=r):
+            return f"{r[f'{m}_s'] / r[f'{base}_s']:.1f}x" if r[f"{m}_s"] is not None and r[f"{base}_s"] else "n/a"
 
         print(f"| {r['L']} | {r['mode']} | {cell('ours')} | {cell('ours-torch')} | {cell('loop')} | "
-              f"{cell('parallel')} | {ratio('loop')} | {ratio('parallel')} | {ratio('ours-torch')} |")
+              f"{cell('parallel')} | {cell('ssd')} | {ratio('loop')} | {ratio('parallel')} | {ratio('ours-torch')} | "
+              f"{ratio('ours-torch', 'ssd')} |")
     if memory:
         print(f"\n| peak RSS growth at L={args.memory_length} (MB) | fwd | fwd+bwd |")
         print("|---|---:|---:|")
@@ -354,15 +392,26 @@ def main() -> None:
               f"parallel): {'holds' if holds else 'does NOT hold'} ({vs_loop:.1f}x, {vs_parallel:.1f}x)")
     else:
         print(f"\nTarget at L={TARGET_L} fwd+bwd: not measured")
+    ssd_vs_torch = ssd_holds = None
+    if target is not None and target["ssd_s"] and target["ours-torch_s"]:
+        ssd_vs_torch = target["ours-torch_s"] / target["ssd_s"]
+        ssd_holds = ssd_vs_torch >= TARGET_SSD_VS_TORCH
+        print(f"SSD target at L={TARGET_L} fwd+bwd, d_state {args.d_state} (>= {TARGET_SSD_VS_TORCH:g}x vs "
+              f"ours-torch): {'holds' if ssd_holds else 'does NOT hold'} ({ssd_vs_torch:.1f}x)")
+    else:
+        print(f"SSD target at L={TARGET_L} fwd+bwd: not measured")
     decode = decode_latency(args)
     print(f"\nDecode, one block at batch 1 (d_model {args.d_inner // 2}), median us per token over "
-          f"{args.decode_steps} steps:\n| context | Mamba block | attention block |\n|---:|---:|---:|")
+          f"{args.decode_steps} steps:\n| context | Mamba block | Mamba-2 block | attention block |\n"
+          "|---:|---:|---:|---:|")
     for r in decode:
-        print(f"| {r['context']} | {r['mamba_us']:.0f} | {r['attention_us']:.0f} |")
+        print(f"| {r['context']} | {r['mamba_us']:.0f} | {r['mamba2_us']:.0f} | {r['attention_us']:.0f} |")
     mamba_growth = decode[-1]["mamba_us"] / decode[0]["mamba_us"]
+    mamba2_growth = decode[-1]["mamba2_us"] / decode[0]["mamba2_us"]
     attention_growth = decode[-1]["attention_us"] / decode[0]["attention_us"]
     print(f"from context {decode[0]['context']} to {decode[-1]['context']}: Mamba x{mamba_growth:.2f} "
-          f"({'within' if mamba_growth <= 1.2 else 'NOT within'} 1.2x), attention x{attention_growth:.2f}")
+          f"({'within' if mamba_growth <= 1.2 else 'NOT within'} 1.2x), Mamba-2 x{mamba2_growth:.2f} "
+          f"({'within' if mamba2_growth <= 1.2 else 'NOT within'} 1.2x), attention x{attention_growth:.2f}")
     result = {
         "benchmark": "scan", "device": "cpu", "device_name": cpu_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "dtype": "float32", "batch": args.batch, "d_inner": args.d_inner,
@@ -371,8 +420,11 @@ def main() -> None:
         "target_L": TARGET_L, "target_vs_loop": TARGET_VS_LOOP, "target_vs_parallel": TARGET_VS_PARALLEL,
         "speedup_vs_loop": round(vs_loop, 2) if vs_loop else None,
         "speedup_vs_parallel": round(vs_parallel, 2) if vs_parallel else None, "target_holds": holds,
+        "ssd_headdim": SSD_HEADDIM, "ssd_chunk": SSD_CHUNK, "target_ssd_vs_torch": TARGET_SSD_VS_TORCH,
+        "ssd_speedup_vs_torch": round(ssd_vs_torch, 2) if ssd_vs_torch else None, "ssd_target_holds": ssd_holds,
         "memory_length": args.memory_length, "peak_rss_growth_mb": memory, "rows": rows,
         "decode": decode, "decode_mamba_growth": round(mamba_growth, 3),
+        "decode_mamba2_growth": round(mamba2_growth, 3),
         "decode_attention_growth": round(attention_growth, 3),
     }
     print(json.dumps(result))

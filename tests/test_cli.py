@@ -61,3 +61,33 @@ def test_bad_input_gives_clear_errors(corpus_dir, capsys):
     assert "no-such-run: no checkpoint found" in capsys.readouterr().err
     assert main(["train", "--config", "missing.toml"]) == 2
     assert "missing.toml does not exist" in capsys.readouterr().err
+
+
+def test_demo_trains_a_matryoshka_hybrid_and_shows_every_mode(corpus_dir, monkeypatch, capsys):
+    import dataclasses
+
+    from adamba import demo
+
+    real = demo.demo_configs
+
+    def tiny(run, minutes):  # the demo's own configs, shrunk to seconds on a small local corpus
+        model, config = real(run, minutes)
+        model = dataclasses.replace(model, depth=None, n_layer=2, block_pattern="TM", n_embd=64, n_head=4,
+                                    sequence_len=32,
+                                    matryoshka_levels=None, compute_modes=None)
+        config = dataclasses.replace(config, data=str(corpus_dir), tokenizer_vocab_size=512, device_batch_size=4,
+                                     total_batch_size=128, num_iterations=6, eval_every=3, eval_tokens=256,
+                                     time_budget_s=0, val_fraction=0.1)
+        return model, config
+
+    monkeypatch.setattr(demo, "demo_configs", tiny)
+    monkeypatch.setattr(demo, "MODE_EVAL_TOKENS", 256)
+    assert main(["demo", "--run", "tinydemo"]) == 0
+    out = capsys.readouterr().out
+    assert "energy penalty: widths are sampled by the sandwich rule" in out
+    assert [m for m in ("ghost", "whisper", "normal", "think") if f"[{m} (" in out] == ["ghost", "whisper", "normal",
+                                                                                        "think"]
+    table = re.findall(r"\| (\w+) \| 16 full \| [\d.e+]+ \| [\d.]+% \| ([\d.]+) \|", out)
+    assert [mode for mode, _ in table] == ["ghost", "whisper"] and "| think | 64 full |" in out
+    report = Path(re.search(r"report: (\S+)", out).group(1)).read_text()
+    assert "## Compute modes" in report and "Matryoshka, sandwich rule" in report and "think (64 wide):" in report

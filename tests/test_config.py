@@ -36,10 +36,9 @@ def test_pattern_tiles_and_derives_n_layer():
     assert ModelConfig(block_pattern="T*6", n_embd=64, n_head=4).n_layer == 6
 
 
-def test_mamba2_not_available_yet():
-    with pytest.raises(ValueError, match=r"block_pattern: block kind\(s\) \['M2'\] are not available yet"):
-        ModelConfig(block_pattern="TM2")
-    assert ModelConfig(block_pattern="TM", n_embd=64, n_head=4).block_pattern == ["T", "M"]
+def test_mamba2_blocks_are_available():
+    assert ModelConfig(block_pattern="TM2", n_embd=64, n_head=4).block_pattern == ["T", "M2"]
+    assert ModelConfig(block_pattern=["mamba2", "M"], n_embd=64, n_head=4).block_pattern == ["M2", "M"]
 
 
 @pytest.mark.parametrize("fields,name", [

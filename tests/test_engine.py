@@ -41,7 +41,10 @@ def test_cached_decode_equals_full_forward_for_every_prompt_length(overrides):
 ], ids=["attention-window", "hybrid"])
 @torch.no_grad()
 def test_batched_rows_of_different_lengths_match_their_own_full_forward(overrides):
-    model = random_model(sequence_len=64, **overrides)
+    # float64: rows batched together and rows run alone take different float32 rounding paths (kernels pick
+    # vector widths by shape), which puts single elements at the 1e-5 edge; in float64 the padding logic
+    # itself is checked to 1e-10. Float32 decode against a full forward is tested above and in test_mamba.
+    model = random_model(sequence_len=64, **overrides).double()
     lengths = [5, 17, 1, 30]
     seqs = [torch.randint(0, 512, (n + 12,)) for n in lengths]
     cache = InferenceCache(model, 4, 64)
@@ -51,13 +54,13 @@ def test_batched_rows_of_different_lengths_match_their_own_full_forward(override
     cache.valid = torch.tensor(lengths)
     prefill = model(padded, cache=cache)
     for b, n in enumerate(lengths):
-        torch.testing.assert_close(prefill[b, :n], model(seqs[b][None, :n])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prefill[b, :n], model(seqs[b][None, :n])[0], atol=1e-10, rtol=1e-10)
     for t in range(12):
         step = torch.stack([seqs[b][n + t] for b, n in enumerate(lengths)])[:, None]
         out = model(step, cache=cache)
         for b, n in enumerate(lengths):
             full = model(seqs[b][None, :n + t + 1])[0, -1]
-            torch.testing.assert_close(out[b, 0], full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[b, 0], full, atol=1e-10, rtol=1e-10)
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ from ..data.loader import DataLoader
 @torch.no_grad()
 def evaluate_bpb(model, data: TokenizedCorpus, *, batch_size: int, seq_len: int, max_tokens: int,
                  device: torch.device, rank: int = 0, world_size: int = 1,
-                 autocast=contextlib.nullcontext, width=None) -> float:
+                 autocast=contextlib.nullcontext, width=None, loops=None) -> float:
     """bpb on (the first `max_tokens` tokens of) the validation split, summed across ranks; `width` is a
-    Matryoshka compute choice (see AdambaLM.forward)."""
+    Matryoshka compute choice and `loops` a looped model's iterations (see AdambaLM.forward)."""
     loader = DataLoader(data, "val", batch_size, seq_len, rank=rank, world_size=world_size, shuffle=False,
                         device=device)
     per_epoch = sum(loader.batches_in(0, shard) for shard in range(len(data)))
@@ -37,7 +37,7 @@ def evaluate_bpb(model, data: TokenizedCorpus, *, batch_size: int, seq_len: int,
     for _ in range(steps):
         x, y = next(loader)
         with autocast():
-            loss = model(x, y, width=width, loss_reduction="none").view(-1)
+            loss = model(x, y, width=width, loops=loops, loss_reduction="none").view(-1)
         nbytes = token_bytes[y.reshape(-1)]
         counted = nbytes > 0
         nats += loss[counted].double().sum()

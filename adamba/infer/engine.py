@@ -41,12 +41,14 @@ class Engine:
     @torch.no_grad()
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
               *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
-              completions: list[Completion] | None = None, width=None) -> Iterator[list[tuple[int, int]]]:
+              completions: list[Completion] | None = None, width=None,
+              loops=None) -> Iterator[list[tuple[int, int]]]:
         """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
 
         Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
         its row and is not part of the completion. `width` is a Matryoshka compute choice (a mode name, a
-        width or a per-layer list; see AdambaLM.forward) used for every token."""
+        width or a per-layer list; see AdambaLM.forward) used for every token; `loops` (looped models) the
+        iterations per token, an int or a `looped.Loops` plan (adaptive exit, kv_budget, warm start)."""
         self._check_prompts(prompts)
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
@@ -56,7 +58,7 @@ class Engine:
         B = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         capacity = min(model.config.sequence_len, int(lengths.max()) + max_new_tokens)
-        cache = InferenceCache(model, B, capacity)
+        cache = InferenceCache(model, B, capacity, loops=loops)
         ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
@@ -65,11 +67,12 @@ class Engine:
         rows[:] = [Completion() for _ in range(B)]
         stops = set(stop_tokens)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        any_parked = False
         was_training = model.training
         model.eval()
         try:
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
-            logits = model(ids, cache=cache, width=width)[torch.arange(B, device=device), lengths - 1]
+            logits = model(ids, cache=cache, width=width, loops=loops)[torch.arange(B, device=device), lengths - 1]
             for _ in range(max_new_tokens):
                 tokens = sample(logits, params, generator).tolist()
                 produced = []
@@ -88,16 +91,17 @@ class Engine:
                         row.finish_reason = "length"  # no room left in the context for this token
                 for b, row in enumerate(rows):
                     if row.finish_reason and not finished[b]:
-                        finished[b] = True
+                        finished[b] = any_parked = True
                         cache.lengths[b] -= 1  # park the row on its last slot, which it rewrites from now on
                 if produced:
                     yield produced
                 if bool(finished.all()):
                     break
-                parked = cache.lengths.clone()
+                parked = cache.lengths.clone() if any_parked else None
                 step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-                logits = model(step, cache=cache, width=width)[:, -1]
-                cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
+                logits = model(step, cache=cache, width=width, loops=loops)[:, -1]
+                if parked is not None:
+                    cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:
             model.train(was_training)
 

@@ -26,9 +26,11 @@ def window_mask(t_q: int, t_k: int, window: int, device) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, window: int | None = None):
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, window: int | None = None,
+                 norm_width: int | None = None):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.norm_width = norm_width  # the block's input norm (norm.py), recomputed by fill_heads
         self.head_dim = n_embd // n_head
         self.window = window
         self.c_q = nn.Linear(n_embd, n_head * self.head_dim, bias=False)
@@ -50,6 +52,7 @@ class CausalSelfAttention(nn.Module):
         would hold had it run at that width (it ran narrower, so every head it did compute is unchanged)."""
         before = torch.arange(end, device=state.heads.device)[None, :] < cache.lengths[:, None]
         need = before & (state.heads[:, :end] < n_kv)
+        state.min_heads = n_kv  # true once this returns: later positions are written before they are read
         if not bool(need.any()):
             return
         cos, sin = (t[:end] for t in cache.rotary)
@@ -58,7 +61,7 @@ class CausalSelfAttention(nn.Module):
             last = min(self.heads_at(level)[1], n_kv)
             if last > first:  # heads [first, last) first appear at this level
                 missing = (need & (state.heads[:, :end] < last))[:, None, :, None]
-                h = rms_norm(state.inputs[:, :end, :level])
+                h = rms_norm(state.inputs[:, :end, :level], self.norm_width)
                 rows = slice(first * hd, last * hd)
                 k = rms_norm(apply_rotary(F.linear(h, self.c_k.weight[rows, :level]).unflatten(-1, (-1, hd)),
                                           cos, sin)).transpose(1, 2)
@@ -68,6 +71,16 @@ class CausalSelfAttention(nn.Module):
             first = max(first, last)
         state.heads[:, :end] = torch.where(need, n_kv, state.heads[:, :end])
 
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n_kv K/V heads (B, T, n_kv, head_dim) of the normalised layer input x (its first d coordinates):
+        what a token leaves in the cache for later queries, and all that early exit's state propagation runs."""
+        B, T, d = x.shape
+        hd = self.head_dim
+        k = F.linear(x, self.c_k.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+        v = F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+        return rms_norm(apply_rotary(k, cos, sin)), v
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: InferenceCache | None = None, state: KVState | None = None,
                 width: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,12 +88,11 @@ class CausalSelfAttention(nn.Module):
         n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
         hd = self.head_dim
         q = F.linear(x, self.c_q.weight[:n_q * hd, :d]).view(B, T, n_q, hd)
-        k = F.linear(x, self.c_k.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
-        v = F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
-        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        k, v = self.project_kv(x, cos, sin, n_kv)
+        q = rms_norm(apply_rotary(q, cos, sin))
         gqa = n_kv != n_q
         if state is not None:
-            if state.inputs is not None:  # some position was written narrower than this query needs
+            if n_kv > state.min_heads:  # some position may have been written narrower than this query needs
                 self.fill_heads(state, cache, n_kv, cache.end(T))
             k, v = state.update(k, v, cache, residual)
             mask, causal = cache.attention_mask(T, self.window)
@@ -101,9 +113,11 @@ class AttentionBlock(nn.Module):
 
     kind = "T"
 
-    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, mlp_hidden: int, window: int | None):
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, mlp_hidden: int, window: int | None,
+                 norm_width: int | None = None):
         super().__init__()
-        self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, window)
+        self.norm_width = norm_width  # ModelConfig.norm_width: the residual norms of a widened model (norm.py)
+        self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, window, norm_width)
         self.mlp = MLP(n_embd, mlp_hidden)
 
     def init_weights(self) -> None:
@@ -121,9 +135,9 @@ class AttentionBlock(nn.Module):
         """At a Matryoshka width w the block reads, normalises and writes only the first w coordinates of
         the residual stream; the others pass through unchanged."""
         if width is None:
-            x = x + self.attn(rms_norm(x), cos, sin, cache, state)
-            return x + self.mlp(rms_norm(x))
+            x = x + self.attn(rms_norm(x, self.norm_width), cos, sin, cache, state)
+            return x + self.mlp(rms_norm(x, self.norm_width))
         head, tail = x[..., :width], x[..., width:]
-        head = head + self.attn(rms_norm(head), cos, sin, cache, state, width, residual=x)
-        head = head + self.mlp(rms_norm(head), width)
+        head = head + self.attn(rms_norm(head, self.norm_width), cos, sin, cache, state, width, residual=x)
+        head = head + self.mlp(rms_norm(head, self.norm_width), width)
         return torch.cat([head, tail], dim=-1)

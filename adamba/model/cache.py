@@ -22,11 +22,18 @@ class KVState:
     the layer's input (the residual stream, n_embd floats per token and layer: as much again as full K/V
     when n_kv_head = n_head), from which the attention layer computes the missing heads when first needed."""
 
+    # Running a layer again on the same new tokens rewrites the same entries (nothing accumulates), so looped
+    # models (looped.py) may re-run it, e.g. for an exit probe, without saving the state first.
+    idempotent = True
+
     def __init__(self, batch: int, capacity: int, n_kv_head: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.heads = torch.full((batch, capacity), n_kv_head, dtype=torch.long, device=device)
         self.inputs: torch.Tensor | None = None  # (batch, capacity, n_embd), made at the first narrow write
+        # The fewest heads any written position holds (a Python int, so the common case -- every query at most
+        # as wide as every earlier token -- costs no tensor op to recognise).
+        self.min_heads = n_kv_head
 
     def update(self, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache,
                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,20 +49,44 @@ class KVState:
             self.k[:, :n].transpose(1, 2)[rows, cols] = k
             self.v[:, :n].transpose(1, 2)[rows, cols] = v
         if n < self.k.size(1) or self.inputs is not None:
-            rows, cols = cache.write_index(T)
-            self.heads[rows, cols] = n
-            if n < self.k.size(1):
-                if self.inputs is None:
-                    self.inputs = residual.new_zeros(self.k.size(0), self.k.size(2), residual.size(-1))
-                self.inputs[rows, cols] = residual
+            if self.inputs is None:
+                self.inputs = residual.new_zeros(self.k.size(0), self.k.size(2), residual.size(-1))
+            self.min_heads = min(self.min_heads, n)
+            if cache.uniform_start is not None:
+                start = cache.uniform_start
+                self.heads[:, start:start + T] = n
+                if n < self.k.size(1):
+                    self.inputs[:, start:start + T] = residual
+            else:
+                rows, cols = cache.write_index(T)
+                self.heads[rows, cols] = n
+                if n < self.k.size(1):
+                    self.inputs[rows, cols] = residual
         end = cache.end(T)
         return self.k[:, :n, :end], self.v[:, :n, :end]
+
+    def copy_new(self, source: KVState, cache: InferenceCache, T: int) -> None:
+        """Give the T new tokens of each row the entries `source` (another loop iteration's slot) holds for
+        them: K/V depend only on a token's layer input and position, so this is what running the layer on that
+        same input would write."""
+        rows, cols = cache.write_index(T)
+        for name in ("k", "v"):
+            getattr(self, name).transpose(1, 2)[rows, cols] = getattr(source, name).transpose(1, 2)[rows, cols]
+        self.heads[rows, cols] = source.heads[rows, cols]
+        if source.inputs is not None:
+            if self.inputs is None:
+                self.inputs = torch.zeros_like(source.inputs)
+            self.inputs[rows, cols] = source.inputs[rows, cols]
 
 
 class InferenceCache:
     """Per-layer states for `batch` rows of up to `capacity` tokens, plus how many tokens each row holds."""
 
-    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None):
+    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None, loops=None):
+        """`loops` (looped models): the most iterations a forward on this cache will run, an int or a
+        `looped.Loops` plan (which may share slots with kv_budget, or warm-start); None: the config's mean."""
+        from .looped import cache_slots  # looped.py builds on this module
+
         if capacity > model.config.sequence_len:
             raise ValueError(f"capacity: {capacity} tokens exceeds the model's context "
                              f"(sequence_len={model.config.sequence_len})")
@@ -65,7 +96,13 @@ class InferenceCache:
         self.levels = model.config.matryoshka_levels
         self.rotary = (model.cos, model.sin)  # for K/V heads computed later at earlier positions
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.states = [block.new_state(batch, capacity, device, dtype) for block in model.blocks]
+        # Looped models: each recurrent layer holds a list of states, one per slot (looped.py).
+        self.loop_slots, self.loop_shared, self.warm_start = cache_slots(model.config, loops)
+        recurrent = model.config.loop.recurrent_layers if model.config.loop is not None else range(0)
+        self.states = [[block.new_state(batch, capacity, device, dtype) for _ in range(self.loop_slots)]
+                       if i in recurrent else block.new_state(batch, capacity, device, dtype)
+                       for i, block in enumerate(model.blocks)]
+        self.loop_last: torch.Tensor | None = None  # (batch, n_embd): each row's last final loop state (warm start)
         self._masks: dict = {}
         self.uniform_start: int | None = 0
         # Set before a forward whose rows are right-padded: how many of the new tokens of each row are real.

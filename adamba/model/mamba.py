@@ -89,11 +89,19 @@ class Mamba(nn.Module):
         return MambaState(batch, self.d_inner, self.d_conv, self.d_state, device, dtype)
 
     def forward(self, u: torch.Tensor, state: MambaState | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, output: bool = True) -> torch.Tensor | None:
         """u (B, L, d_model) -> (B, L, d_model). With `state`, continue from it and update it in place;
-        `valid` (B,) says how many of the L tokens of each row are real (the rest is right padding)."""
+        `valid` (B,) says how many of the L tokens of each row are real (the rest is right padding).
+        `output=False` only advances the state (early exit's state propagation, model/exits.py): the gate half
+        of in_proj, the gate and out_proj are skipped, and None is returned."""
         batch, L, _ = u.shape
-        x, z = self.in_proj(u).chunk(2, dim=-1)
+        if state is not None and L == 1 and valid is None:
+            return self.step(u, state, output)
+        if output:
+            x, z = self.in_proj(u).chunk(2, dim=-1)
+        else:
+            bias = self.in_proj.bias
+            x = F.linear(u, self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
         x = x.transpose(1, 2)  # (B, d_inner, L) for the depthwise conv
         fused_conv = cuda_causal_conv1d() if x.is_cuda and state is None else None
         if fused_conv is not None:  # training on a GPU: the fused kernel (zero history, as below)
@@ -123,19 +131,47 @@ class Mamba(nn.Module):
                 ends = valid + self.d_conv - 1
                 idx = ends[:, None] - torch.arange(self.d_conv - 1, 0, -1, device=u.device)[None, :]
                 state.conv.copy_(window.gather(2, idx[:, None, :].expand(-1, self.d_inner, -1)))
+        if not output:
+            return None
         y = y.to(u.dtype) * F.silu(z)
         return self.out_proj(y)
 
 
-class MambaBlock(nn.Module):
-    """x + mamba(norm(x)), then optionally x + mlp(norm(x))."""
+    def step(self, u: torch.Tensor, state: MambaState, output: bool = True) -> torch.Tensor | None:
+        """One decoding step, u (B, 1, d_model): the same equations for a single token, written out.
 
-    kind = "M"
+        A decode step is a few small matrix-vector products, so per-op overhead dominates it; a conv1d call
+        and the scan machinery cost several times the arithmetic they do here."""
+        if output:
+            x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)  # (B, d_inner)
+        else:  # state propagation: the gate half is not needed
+            bias = self.in_proj.bias
+            x = F.linear(u[:, 0], self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
+        window = torch.cat([state.conv, x[:, :, None].to(state.conv.dtype)], dim=-1)  # the last d_conv inputs
+        state.conv.copy_(window[:, :, 1:])
+        x = torch.einsum("bdk,dk->bd", window.to(x.dtype), self.conv1d.weight[:, 0])
+        x = F.silu(x + self.conv1d.bias if self.conv1d.bias is not None else x)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        f = torch.promote_types(x.dtype, torch.float32)
+        x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
+        A = -torch.exp(self.A_log.to(f))
+        h = torch.exp(dt[..., None] * A) * state.ssm.to(f) + (dt * x)[..., None] * B[:, None, :]
+        state.ssm.copy_(h)
+        if not output:
+            return None
+        y = (h * C[:, None, :]).sum(-1) + self.D.to(f) * x  # twice as fast as a bmm with inner size d_state
+        return self.out_proj((y.to(u.dtype) * F.silu(z))[:, None])
 
-    def __init__(self, n_embd: int, d_state: int, d_conv: int, expand: int, dt_rank: int | str,
-                 mlp_hidden: int | None):
+
+class SSMBlock(nn.Module):
+    """x + mixer(norm(x)), then optionally x + mlp(norm(x)): the residual block around a state-space mixer
+    (Mamba-1 here, Mamba-2 in mamba2.py). The mixer owns its decoding state and its no-decay parameters."""
+
+    def __init__(self, mixer: nn.Module, n_embd: int, mlp_hidden: int | None, norm_width: int | None = None):
         super().__init__()
-        self.mixer = Mamba(n_embd, d_state, d_conv, expand, dt_rank)
+        self.norm_width = norm_width  # ModelConfig.norm_width: the residual norms of a widened model (norm.py)
+        self.mixer = mixer
         self.mlp = MLP(n_embd, mlp_hidden) if mlp_hidden else None
 
     def init_weights(self) -> None:
@@ -149,12 +185,20 @@ class MambaBlock(nn.Module):
     def no_decay_parameters(self) -> list[nn.Parameter]:
         return self.mixer.no_decay_parameters()
 
-    def new_state(self, batch: int, capacity: int, device, dtype) -> MambaState:
+    def new_state(self, batch: int, capacity: int, device, dtype):
         return self.mixer.new_state(batch, device, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: InferenceCache | None = None, state: MambaState | None = None) -> torch.Tensor:
-        x = x + self.mixer(rms_norm(x), state, cache.valid if cache is not None else None)
+                cache: InferenceCache | None = None, state=None) -> torch.Tensor:
+        x = x + self.mixer(rms_norm(x, self.norm_width), state, cache.valid if cache is not None else None)
         if self.mlp is not None:
-            x = x + self.mlp(rms_norm(x))
+            x = x + self.mlp(rms_norm(x, self.norm_width))
         return x
+
+
+class MambaBlock(SSMBlock):
+    kind = "M"
+
+    def __init__(self, n_embd: int, d_state: int, d_conv: int, expand: int, dt_rank: int | str,
+                 mlp_hidden: int | None, norm_width: int | None = None):
+        super().__init__(Mamba(n_embd, d_state, d_conv, expand, dt_rank), n_embd, mlp_hidden, norm_width)

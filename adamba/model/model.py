@@ -10,11 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ATTENTION, MAMBA, ModelConfig
+from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig
 from .attention import AttentionBlock
 from .cache import InferenceCache
+from .exits import AdaptiveHeads, run_adaptive
 from .flops import FlopCount, count_flops
+from .looped import Recurrence
 from .mamba import MambaBlock
+from .mamba2 import Mamba2Block
 from .norm import rms_norm
 from .rotary import rotary_tables
 
@@ -22,10 +25,15 @@ from .rotary import rotary_tables
 def build_block(kind: str, config: ModelConfig, window: int | None) -> nn.Module:
     if kind == ATTENTION:
         return AttentionBlock(config.n_embd, config.n_head, config.n_kv_head,
-                              config.mlp_ratio * config.n_embd, window)
+                              config.mlp_ratio * config.n_embd, window, config.norm_width)
     if kind == MAMBA:
         return MambaBlock(config.n_embd, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand,
-                          config.mamba_dt_rank, config.mlp_ratio * config.n_embd if config.mamba_use_mlp else None)
+                          config.mamba_dt_rank, config.mlp_ratio * config.n_embd if config.mamba_use_mlp else None,
+                          config.norm_width)
+    if kind == MAMBA2:
+        return Mamba2Block(config.n_embd, config.mamba2_d_state, config.mamba2_d_conv, config.mamba2_expand,
+                           config.mamba2_headdim, config.mamba2_ngroups, config.mamba2_chunk_size,
+                           config.mlp_ratio * config.n_embd if config.mamba_use_mlp else None, config.norm_width)
     raise ValueError(f"block_pattern: block kind {kind!r} is not available")
 
 
@@ -37,6 +45,11 @@ class AdambaLM(nn.Module):
         self.blocks = nn.ModuleList(
             build_block(kind, config, window)
             for kind, window in zip(config.block_pattern, config.attention_windows(), strict=True))
+        # Looped depth (config.loop): the recurrence's own weights; the looped layers are among `blocks`.
+        self.loop = Recurrence(config) if config.loop is not None else None
+        # Adaptive compute (exits.py): exit / expansion gates and the width predictor, where the config has them.
+        self.adaptive_heads = AdaptiveHeads(config) if AdaptiveHeads.wanted(config) else None
+        self.last_adaptive = None  # the ExitRecord of the latest forward with exits (exits.py)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = rotary_tables(config.sequence_len, config.model_head_dim, config.rope_base,
                                  device=self.wte.weight.device)
@@ -65,11 +78,16 @@ class AdambaLM(nn.Module):
           (`init.init_linear_`), Mamba mixers with the reference scheme; every projection that writes into
           the residual stream starts at zero, so each block starts as the identity.
         - Rotary tables are recomputed, since `to_empty` leaves buffers uninitialised.
+        - A loop's inject starts as [I | 0] (it reads only its input; see looped.py).
         """
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
         for block in self.blocks:
             block.init_weights()
+        if self.loop is not None:
+            self.loop.init_weights()
+        if self.adaptive_heads is not None:
+            self.adaptive_heads.init_weights()
         cos, sin = rotary_tables(self.config.sequence_len, self.config.model_head_dim,
                                  self.config.rope_base, device=self.cos.device)
         self.cos.copy_(cos)
@@ -82,26 +100,48 @@ class AdambaLM(nn.Module):
                                                  "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight]}
         no_decay = {id(p) for block in self.blocks if hasattr(block, "no_decay_parameters")
                     for p in block.no_decay_parameters()}
-        for p in self.blocks.parameters():
+        for p in [*self.blocks.parameters(), *(self.loop.parameters() if self.loop is not None else ())]:
             kind = "no_decay" if id(p) in no_decay else "matrix" if p.ndim == 2 else "scalar"
             groups[kind].append(p)
+        # gates and width predictor: small classifiers on detached inputs, trained by AdamW (train/losses.py)
+        groups["adaptive"] = list(self.adaptive_heads.parameters()) if self.adaptive_heads is not None else []
         return groups
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def count_flops(self, context: int | None = None, width=None) -> FlopCount:
-        return count_flops(self.config, context, self.config.layer_widths(width))
+    def count_flops(self, context: int | None = None, width=None, *, loops: int | None = None,
+                    probes: int = 0, exit_layer: int | None = None, gates: int = 0) -> FlopCount:
+        """Looped models: `loops` iterations (None: mean_recurrence) and `probes` extra coda + lm_head passes
+        per token (adaptive exit's "kl" criterion); `width` may then be a callable per iteration (looped.py).
+        `exit_layer` / `gates`: a token that exits after that block, having evaluated that many gates (exits.py)."""
+        if self.loop is not None:
+            return self.loop.count_flops(context, width, loops, probes)
+        if loops is not None or probes:
+            raise ValueError("loops: this model has no loop (config.loop is None)")
+        return count_flops(self.config, context, self.config.layer_widths(width), exit_layer=exit_layer,
+                           gates=gates)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: InferenceCache | None = None, width=None, loss_reduction: str = "mean") -> torch.Tensor:
+                cache: InferenceCache | None = None, width=None, loops=None,
+                loss_reduction: str = "mean", exit_layers: torch.Tensor | None = None,
+                adaptive=None) -> torch.Tensor:
         """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored).
 
         With a `cache`, idx holds the next T tokens of each row: they are appended to the rows' state
         (row b at positions cache.lengths[b] onwards) and only their logits are computed.
         `width` runs attention/MLP layers at a Matryoshka width: an int, a per-layer list, or a compute mode
-        name (config.compute_modes); None is the full model."""
-        widths = self.config.layer_widths(width)
+        name (config.compute_modes); None is the full model.
+        `loops` (looped models, see looped.py): iterations of the recurrent layers, an int, a `Loops` plan
+        (adaptive exit) or a (B, T) tensor of per-token counts; None is the config's mean_recurrence.
+        `exit_layers` (B, T): each token's early-exit layer (n_layer: none); `adaptive`: an `exits.Adaptive` policy
+        (gates decide exits and expansion per token), or a training objective of train/losses.py (see exits.py)."""
+        if self.loop is None:
+            widths = self.config.layer_widths(width)
+            if loops is not None:
+                raise ValueError("loops: this model has no loop (config.loop is None)")
+        elif exit_layers is not None or adaptive is not None:
+            raise ValueError("exit_layers: early exit is not defined for looped models (use loops=Loops(exit=...))")
         if idx.ndim != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         T = idx.size(1)
@@ -115,18 +155,31 @@ class AdambaLM(nn.Module):
                 raise ValueError(f"idx has {idx.size(0)} rows but the cache was made for {cache.batch}")
             positions = cache.begin(T)
             cos, sin = self.cos[positions], self.sin[positions]
-        x = rms_norm(self.wte(idx))
-        for i, block in enumerate(self.blocks):
-            state = cache.states[i] if cache is not None else None
-            x = block(x, cos, sin, cache, state) if widths[i] is None else block(x, cos, sin, cache, state, widths[i])
+        x = rms_norm(self.wte(idx), self.config.norm_width)
+        if self.loop is not None:
+            logits = self.loop(x, self.blocks, cos, sin, cache, width, loops, self.head)
+        elif exit_layers is not None or adaptive is not None:
+            logits = self.head(run_adaptive(self, x, cos, sin, cache, widths, exit_layers, adaptive))
+        else:
+            for i, block in enumerate(self.blocks):
+                state = cache.states[i] if cache is not None else None
+                x = block(x, cos, sin, cache, state) if widths[i] is None else \
+                    block(x, cos, sin, cache, state, widths[i])
+            logits = self.head(x)
         if cache is not None:
             cache.finish(T)
-        logits = self.lm_head(rms_norm(x))
+        if targets is None:
+            return logits
+        if hasattr(adaptive, "loss"):  # a training objective (train/losses.py) adds its own terms
+            return adaptive.loss(self, logits, targets, loss_reduction)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the last hidden state: lm_head(norm(x)) in at least float32, softcapped."""
+        logits = self.lm_head(rms_norm(x, self.config.norm_width))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         cap = self.config.logit_softcap
         if cap:
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+        return logits

@@ -18,7 +18,7 @@ from ..config import ModelConfig, TrainConfig
 def micro_step_widths(model: ModelConfig, config: TrainConfig, step: int, micro: int) -> list[list[int] | None]:
     """The compute choices (None = full, else a per-layer width list) to train on this micro-batch."""
     if not config.matryoshka:
-        return [None]
+        return [None if config.width is None else model.layer_widths(config.width)]
     levels = model.matryoshka_levels
     rng = random.Random(f"{config.seed}-{step}-{micro}")  # str seeds hash deterministically (sha512)
 

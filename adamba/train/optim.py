@@ -17,7 +17,8 @@ MUON_MOMENTUM_WARMUP_STEPS = 300
 
 
 def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    groups = model.param_groups()
+    # Frozen parameters (a training stage, train/stages.py) get no optimizer state at all
+    groups = {name: [p for p in params if p.requires_grad] for name, params in model.param_groups().items()}
     scale = (model.config.n_embd / 768) ** -0.5
     adam_groups = [
         {"params": groups["unembedding"], "lr": config.unembedding_lr * scale},
@@ -27,10 +28,13 @@ def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
         adam_groups.append({"params": groups["scalar"], "lr": config.scalar_lr})
     if groups["no_decay"]:
         adam_groups.append({"params": groups["no_decay"], "lr": config.scalar_lr, "weight_decay": 0.0})
+    if groups.get("adaptive"):  # exit / expansion gates and the width predictor (model/exits.py)
+        adam_groups.append({"params": groups["adaptive"], "lr": config.adaptive_lr, "weight_decay": 0.0})
+    adam_groups = [group for group in adam_groups if group["params"]]
     fused = next(model.parameters()).device.type == "cuda"
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=config.weight_decay,
-                              fused=fused)
-    optimizers: list[torch.optim.Optimizer] = [adamw]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=config.weight_decay, fused=fused)
+    ] if adam_groups else []
     if groups["matrix"]:
         optimizers.append(torch.optim.Muon(groups["matrix"], lr=config.matrix_lr, momentum=MUON_MOMENTUM,
                                            weight_decay=config.weight_decay, adjust_lr_fn="original"))

@@ -31,7 +31,8 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> Path:
 
 
 def write_report(run: str, *, summary: dict[str, str], metrics: list[dict], samples: list[tuple[str, str]],
-                 model_description: str) -> Path:
+                 model_description: str, sections: dict[str, str] | None = None) -> Path:
+    """`samples` are (heading, text) pairs; `sections` are extra (title, Markdown) parts before the samples."""
     out = adamba_home() / "reports" / run
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves(metrics, out / "loss.png", f"adamba run '{run}'")
@@ -40,9 +41,12 @@ def write_report(run: str, *, summary: dict[str, str], metrics: list[dict], samp
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
     lines += ["", "## Held-out validation", "", "| step | val bpb |", "|---:|---:|"]
     lines += [f"| {m['step']} | {m['val_bpb']:.4f} |" for m in val]
-    lines += ["", f"![loss curves]({plot.name})", "", "## Samples", ""]
-    for prompt, text in samples:
-        lines += ["```", f"{prompt}{text}", "```", ""]
+    lines += ["", f"![loss curves]({plot.name})", ""]
+    for title, body in (sections or {}).items():
+        lines += [f"## {title}", "", body, ""]
+    lines += ["## Samples", ""]
+    for heading, text in samples:
+        lines += [f"{heading}:", "", "```", text, "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -28,6 +28,7 @@ from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
+from .loops import sample_loops
 from .matryoshka import micro_step_widths
 from .optim import build_optimizers, lr_multiplier, set_schedule
 
@@ -47,6 +48,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     initial_val_bpb: float | None = None
     final_val_bpb: float | None = None
+    mean_loops: float | None = None  # looped models: the mean loop count actually sampled over the run
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -149,11 +151,19 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         print0("Mamba on the CPU: loading the compiled selective scan (the first build takes about a minute)")
         if not scan_cpu.available():
             print0(f"  unavailable ({scan_cpu.unavailable_reason()}); using the much slower PyTorch scan")
+    model_config.layer_widths(config.width)  # a bad fixed width fails here, not at the first step
+    if config.fixed_loops and model_config.loop is None:
+        raise ValueError(f"fixed_loops: {config.fixed_loops} given, but the model has no loop (config.loop is None)")
     flops = model.count_flops()
     accum = grad_accum_steps(config, model_config.sequence_len, info.world_size)
     print0(f"batch: {config.total_batch_size:,} tokens/step = {config.device_batch_size} rows x "
            f"{model_config.sequence_len} tokens x {info.world_size} rank(s) x {accum} micro-steps; "
            f"{flops.train:.3g} training FLOPs/token; compute dtype {dtype}")
+    if config.matryoshka or config.energy_weight:
+        chooser = f"sampled by the {config.matryoshka_rule} rule" if config.matryoshka else "fixed"
+        ignored = " (so energy_weight is ignored)" if config.energy_weight else ""
+        print0(f"energy penalty: widths are {chooser}, not chosen by a trained predictor, so expected FLOPs has "
+               f"no gradient here; it is logged as energy_flops and not added to the loss{ignored}")
 
     optimizers = build_optimizers(model, config)
     loader = DataLoader(data, "train", config.device_batch_size, model_config.sequence_len, rank=info.rank,
@@ -189,6 +199,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
                disable=not (progress and info.is_master), dynamic_ncols=True)
     started = time.perf_counter()
     step, max_iterations = start_step, config.num_iterations
+    all_loops: list[int] = []  # looped models: every loop count sampled in this run
 
     def save() -> Path:
         if info.is_master:
@@ -236,14 +247,25 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
             bar.total = config.num_iterations
         lr_mult = set_schedule(optimizers, step, config)
         loss_sum = torch.zeros((), device=device)
+        step_flops = energy = 0.0  # training FLOPs actually spent; expected forward FLOPs/token of the widths
+        step_loops: list[int] = []
         for micro in range(accum):
             x, y = next(loader)
             widths = micro_step_widths(model_config, config, step, micro)
+            # None unless the model loops
+            loops = config.fixed_loops or sample_loops(model_config, config.seed, step, micro)
+            if loops is not None:
+                step_loops.append(loops)
+            for width in widths:  # a fixed choice's expected FLOPs (train/energy.py) is its FLOP count
+                cost = model.count_flops(width=width, loops=loops)
+                step_flops += cost.train * x.numel() * info.world_size
+                energy += cost.forward / len(widths)
             for j, width in enumerate(widths):
                 # DDP averages gradients on the step's last backward only
                 sync = not info.enabled or (micro == accum - 1 and j == len(widths) - 1)
                 with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss = train_model(x, y) if width is None else train_model(x, y, width=width)
+                    choice = ({} if width is None else {"width": width}) | ({} if loops is None else {"loops": loops})
+                    loss = train_model(x, y, **choice)
                     (loss / (accum * len(widths))).backward()
                 if j == 0:
                     loss_sum += loss.detach()  # the logged loss is the first choice's: full width, or the sample
@@ -261,9 +283,14 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         step += 1
         tok_per_s = tokens_per_step / dt
         record = {"step": step, "loss": loss_value, "lr_mult": lr_mult, "tokens": step * tokens_per_step,
-                  "dt": dt, "tok_per_s": tok_per_s}
+                  "dt": dt, "tok_per_s": tok_per_s, "train_flops": step_flops}
+        if config.matryoshka or config.width is not None:
+            record["energy_flops"] = energy / accum
+        if step_loops:  # the loop counts this step sampled (their mean over micro-steps)
+            record["loops"] = sum(step_loops) / len(step_loops)
+            all_loops.extend(step_loops)
         if peak:
-            record["mfu"] = flops.train * tok_per_s / (peak * info.world_size)
+            record["mfu"] = step_flops / dt / (peak * info.world_size)
         metrics.log(record)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_s:,.0f}",
                         **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
@@ -271,6 +298,10 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if config.save_every and step % config.save_every == 0 and step < config.num_iterations:
             save()
     bar.close()
+    if all_loops:
+        result.mean_loops = sum(all_loops) / len(all_loops)
+        print0(f"loops: mean r sampled {result.mean_loops:.2f} over {len(all_loops)} micro-steps (mean_recurrence "
+               f"{model_config.loop.mean_recurrence}, clamped to [1, {model_config.loop.r_max}])")
     result.step = step
     save()
     result.metrics = metrics.records

@@ -1,0 +1,109 @@
+"""Quality against compute for the loop counts of one looped checkpoint: the table and the Markdown + PNG report of
+`adamba eval loops CKPT`.
+
+Rows: a fixed number of iterations r for every token; adaptive exit (looped.py) at several thresholds of each of
+Huginn's criteria (Geiping et al. 2025), capped at the largest r; and one per-iteration width schedule (the first
+half of mean_recurrence's iterations at half width, the rest at full width). bpb is measured on held-out data in
+full forward passes; FLOPs/token come from the one FLOP counter: for adaptive exit, the mean over the scored
+tokens of each token's own count, including the "kl" criterion's extra coda + lm_head probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..common import adamba_home  # noqa: E402
+from ..model.looped import Loops  # noqa: E402
+from .bpb import evaluate_bpb  # noqa: E402
+
+LOOP_COUNTS = (1, 2, 4, 8, 16, 32)
+# Around Huginn's defaults (looped.KL_EXIT_THRESHOLD, LATENT_EXIT_THRESHOLD): ten times looser and tighter.
+EXIT_SWEEP = {"latent": (0.3, 0.1, 0.03, 0.01), "kl": (5e-3, 5e-4, 5e-5)}
+
+
+@dataclass
+class LoopRow:
+    kind: str  # "fixed", "exit" or "width"
+    label: str
+    loops: float  # mean iterations per token
+    flops: float  # forward FLOPs per token
+    bpb: float | None
+
+
+def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, batch_size: int = 8,
+              counts=LOOP_COUNTS, sweep: dict | None = None) -> list[LoopRow]:
+    config = model.config
+    if config.loop is None:
+        raise ValueError("the checkpoint's model has no loop (config.loop is None); `eval loops` needs a looped model")
+    device = next(model.parameters()).device
+    sweep = EXIT_SWEEP if sweep is None else sweep
+
+    def bpb(**choice) -> float | None:
+        if data is None or not tokens:
+            return None
+        return evaluate_bpb(model, data, batch_size=batch_size, seq_len=config.sequence_len, max_tokens=tokens,
+                            device=device, **choice)
+
+    rows = [LoopRow("fixed", f"r = {r}", r, model.count_flops(context, loops=r).forward, bpb(loops=r))
+            for r in counts]
+    for criterion, thresholds in sweep.items():
+        for threshold in thresholds:
+            model.loop.histogram.clear()
+            value = bpb(loops=Loops(max(counts), exit=criterion, threshold=threshold))
+            histogram = dict(model.loop.histogram) or {max(counts): 1}  # unmeasured: count the cap
+            n = sum(histogram.values())
+            flops = sum(c * model.count_flops(context, loops=r, probes=r - 1 if criterion == "kl" else 0).forward
+                        for r, c in histogram.items()) / n
+            rows.append(LoopRow("exit", f"exit {criterion} < {threshold:g} (r <= {max(counts)})",
+                                sum(r * c for r, c in histogram.items()) / n, flops, value))
+    r_bar = config.loop.mean_recurrence
+    half = next(w for w in config.matryoshka_levels if w >= config.n_embd // 2)
+    if r_bar > 1 and half < config.n_embd:
+        def width(i: int) -> int | None:
+            return half if i < r_bar // 2 else None
+        rows.append(LoopRow("width", f"r = {r_bar}, iterations 0-{r_bar // 2 - 1} at width {half}", r_bar,
+                            model.count_flops(context, width, loops=r_bar).forward, bpb(loops=r_bar, width=width)))
+    return rows
+
+
+def markdown_table(rows: list[LoopRow], reference_flops: float) -> str:
+    lines = ["| compute | mean loops | FLOPs/token | of mean_recurrence | val bpb |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.label} | {r.loops:.2f} | {r.flops:.3g} | {100 * r.flops / reference_flops:.1f}% | "
+              f"{'-' if r.bpb is None else f'{r.bpb:.4f}'} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_loops_report(name: str, rows: list[LoopRow], reference_flops: float, context: int, source: str) -> Path:
+    out = adamba_home() / "reports" / name
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, style in (("fixed", dict(marker="o")), ("exit", dict(marker="s", linestyle="none")),
+                        ("width", dict(marker="^", linestyle="none"))):
+        measured = [r for r in rows if r.kind == kind and r.bpb is not None]
+        if measured:
+            ax.plot([r.flops for r in measured], [r.bpb for r in measured], label=kind, **style)
+            for r in measured:
+                ax.annotate(r.label.split(" (")[0], (r.flops, r.bpb), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set(xscale="log", xlabel=f"forward FLOPs per token (context {context})", ylabel="held-out val bpb",
+           title=f"loop counts of {name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loops.png", dpi=110)
+    plt.close(fig)
+    path = out / "loops.md"
+    path.write_text(
+        f"# Loop counts: {name}\n\nCheckpoint: `{source}`. FLOPs/token of a forward at context {context}, everything "
+        "counted (prelude, every iteration of the recurrent layers and inject, coda, lm_head; adaptive exit: each "
+        "token's own count, plus the coda + lm_head probes of the kl criterion). Adaptive exit is measured in full "
+        "forward passes: with kl, a token's probes see earlier tokens of the pass while they still iterate, so its "
+        "exits can differ slightly from token-by-token decoding (latent exits are the same).\n\n"
+        f"{markdown_table(rows, reference_flops)}\n\n![bpb against FLOPs](loops.png)\n")
+    return path

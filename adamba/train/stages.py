@@ -1,0 +1,86 @@
+"""Training stages after a surgery (adamba/surgery): what trains, read from the checkpoint's growth record.
+
+- "mamba-only": only the Mamba blocks the latest surgery inserted train; every other parameter is frozen
+  (requires_grad False) and so gets no optimizer state (optim.build_optimizers skips it). The seeds' stage 1: the
+  new blocks learn to use a frozen trained stack, with the optimizer memory of the frozen part saved.
+- "new-dims": after `widen`, only the new dimensions train. The old entries (the old model, its D-wide slice) are
+  masked two ways: their gradient is zeroed by a hook, so the update is computed from the new entries alone, and
+  they are written back after every optimizer step, because Muon's orthogonalisation (and weight decay) spreads an
+  update over the whole matrix, masked entries included. So they stay bitwise what they were. Costs one bool per
+  entry and a copy of the old entries.
+- "all": everything trains (with --matryoshka, every width too); it only checks that there is a growth record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import MAMBA, MAMBA2, ModelConfig
+from ..surgery.widen import old_entry_masks
+
+
+def optimizer_state_bytes(model, params) -> int:
+    """Bytes of optimizer state for `params` as optim.build_optimizers would hold it: Muon keeps one momentum
+    buffer per block matrix, AdamW two moments for every other parameter."""
+    wanted = {id(p) for p in params}
+    return sum((1 if family == "matrix" else 2) * p.numel() * p.element_size()
+               for family, group in model.param_groups().items() for p in group if id(p) in wanted)
+
+
+@dataclass
+class Stage:
+    name: str
+    trainable: int  # parameters (entries) that train
+    total: int
+    state_bytes: int  # optimizer state of what trains
+    full_state_bytes: int  # optimizer state had everything trained
+    masked: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Write the masked (old) entries back: exactly the values they had when the stage began."""
+        for p, mask, values in self.masked:
+            p.masked_scatter_(mask, values)
+
+    def describe(self) -> str:
+        saved = (self.full_state_bytes - self.state_bytes) / 2**20
+        return (f"stage {self.name}: training {self.trainable:,} of {self.total:,} parameters; optimizer state "
+                f"{self.state_bytes / 2**20:,.1f} MiB instead of {self.full_state_bytes / 2**20:,.1f} MiB "
+                f"({saved:,.1f} MiB saved)")
+
+
+def apply_stage(model, stage: str | None, growth: dict | None) -> Stage | None:
+    """Freeze or mask `model` for `stage` (None: nothing to do); `growth` is the checkpoint's growth record."""
+    if stage is None:
+        return None
+    if growth is None:
+        raise ValueError(f"stage: {stage!r} needs a grown model, but the checkpoint has no growth record; start "
+                         "from a surgery's output with --init-from (adamba surgery add-mamba|widen|deepen)")
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    full = optimizer_state_bytes(model, params)
+    if stage == "all":
+        return Stage(stage, total, total, full, full)
+    if stage == "mamba-only":
+        blocks = [i for i in growth["new_blocks"] if model.config.block_pattern[i] in (MAMBA, MAMBA2)]
+        if not blocks:
+            raise ValueError(f"stage: 'mamba-only' trains the Mamba blocks a surgery inserted, but the latest surgery "
+                             f"({growth['op']}) inserted none; run `adamba surgery add-mamba` first, or use --stage all")
+        trained = {id(p) for i in blocks for p in model.blocks[i].parameters()}
+        for p in params:
+            p.requires_grad_(id(p) in trained)
+        kept = [p for p in params if p.requires_grad]
+        return Stage(stage, sum(p.numel() for p in kept), total, optimizer_state_bytes(model, kept), full)
+    if growth["op"] != "widen":
+        raise ValueError(f"stage: 'new-dims' trains the dimensions `adamba surgery widen` added, but the latest "
+                         f"surgery was {growth['op']}; widen first, or use --stage all")
+    masks = old_entry_masks(ModelConfig.from_dict(growth["from"]), model)
+    masked = []
+    for name, p in model.named_parameters():
+        mask = masks[name]
+        p.register_hook(lambda grad, mask=mask: grad.masked_fill(mask, 0))
+        masked.append((p, mask, p.detach()[mask].clone()))
+    old = sum(int(m.sum()) for m in masks.values())
+    return Stage(stage, total - old, total, full, full, masked)
