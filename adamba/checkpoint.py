@@ -5,6 +5,8 @@
         optimizer.pt        optimizer states, RNG states (absent in weights-only checkpoints)
         tokenizer.pkl       the tokenizer the model was trained with
         meta.json           format, step, model and train config, loader state, and each file's sha256
+        calibration.json    optional: early-exit thresholds from `adamba calibrate` (eval/calibrate.py), a sidecar
+                            bound to the weights' sha256 and carrying its own, written atomically
 
 Everything is written into a temporary sibling folder which is renamed into place only when complete,
 so a crash leaves either the previous checkpoint or the new one, never half of one. The hashes in
@@ -36,6 +38,7 @@ from .model import AdambaLM
 FORMAT = "adamba-checkpoint"
 VERSION = 1
 WEIGHTS, OPTIMIZER, TOKENIZER, META = "model.safetensors", "optimizer.pt", "tokenizer.pkl", "meta.json"
+CALIBRATION, CALIBRATION_FORMAT = "calibration.json", "adamba-calibration"
 
 
 class CheckpointError(ValueError):
@@ -128,6 +131,7 @@ class Checkpoint:
     model: AdambaLM
     tokenizer: Tokenizer | None
     optimizer_state: dict | None = field(default=None, repr=False)
+    calibration: dict | None = None  # calibration.json's contents (eval/calibrate.py), if the checkpoint has one
 
     @property
     def step(self) -> int:
@@ -198,6 +202,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,
         raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
     model = AdambaLM.build(config, device)
     load_weights_into(model, state, str(weights))
+    calibration = _load_calibration(found, meta, model)
     tokenizer = Tokenizer.load(_verify(found, meta, TOKENIZER)) if TOKENIZER in meta["files"] else None
     optimizer_state = None
     if with_optimizer:
@@ -209,4 +214,51 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,
                                          weights_only=False)
         except Exception as err:
             raise CheckpointError(f"{opt_file}: unreadable optimizer state ({err})") from None
-    return Checkpoint(found, meta, model, tokenizer, optimizer_state)
+    return Checkpoint(found, meta, model, tokenizer, optimizer_state, calibration)
+
+
+def _payload_sha256(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def save_calibration(path: Path, meta: dict, calibration: dict) -> Path:
+    """Write `calibration` (JSON-able; `thresholds` maps exit layer -> threshold or None = never exit) beside the
+    checkpoint in `path`, atomically (a temporary file renamed into place), bound to the checkpoint's weights."""
+    data = {"format": CALIBRATION_FORMAT, "weights_sha256": meta["files"][WEIGHTS], **calibration}
+    data["sha256"] = _payload_sha256(data)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CALIBRATION}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / CALIBRATION)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path / CALIBRATION
+
+
+def _load_calibration(path: Path, meta: dict, model: AdambaLM) -> dict | None:
+    """Read calibration.json if there is one, verify it, and give the model its exit thresholds."""
+    file = path / CALIBRATION
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        raise CheckpointError(f"{file}: not an adamba calibration file")
+    if data.get("sha256") != _payload_sha256({k: v for k, v in data.items() if k != "sha256"}):
+        raise CheckpointError(f"{file}: contents do not match their checksum (corrupted after saving)")
+    if data.get("weights_sha256") != meta["files"].get(WEIGHTS):
+        raise CheckpointError(f"{file}: calibrated for other weights than {path / WEIGHTS}; run `adamba calibrate` "
+                              "again")
+    heads = model.adaptive_heads
+    layers = {int(k): v for k, v in data.get("thresholds", {}).items()}
+    if heads is None or sorted(layers) != model.config.exit_layers:
+        raise CheckpointError(f"{file}: thresholds for layers {sorted(layers)}, but the model's exit layers are "
+                              f"{model.config.exit_layers}")
+    heads.thresholds = {k: float("inf") if v is None else float(v) for k, v in layers.items()}
+    return data

@@ -5,9 +5,13 @@
     adamba eval bpb CKPT            bits per byte on held-out data
     adamba eval elastic CKPT        every compute mode: val bpb and FLOPs/token, Markdown + PNG
     adamba eval loops CKPT          a looped model at r = 1..32 and adaptive exit: val bpb, FLOPs/token, Markdown + PNG
+    adamba eval adaptive CKPT       early exit, width predictor, expansion vs fixed widths and depths: Markdown + PNG
+    adamba calibrate CKPT           early-exit thresholds by Learn-then-Test (--delta, --epsilon), stored beside it
     adamba sample CKPT              prompt -> text
     adamba modes CKPT               compute modes: width per layer, FLOPs/token, val bpb
     adamba import nanochat PATH     a nanochat checkpoint folder -> an adamba checkpoint
+    adamba surgery add-mamba|widen|deepen CKPT   grow a checkpoint, logits unchanged (--dry-run: counts only)
+    adamba progressive PLAN.toml    surgeries and training stages in order, val bpb and FLOPs after each
     adamba demo                     the main job: tokenizer, tiny pretraining run, report, samples
 """
 
@@ -179,6 +183,68 @@ def cmd_eval_loops(args) -> None:
     print(f"report: {write_loops_report(ckpt.path.parent.name, rows, reference, context, str(ckpt.path))}")
 
 
+def _adaptive_choice(spec: str | None, model) -> dict:
+    """--adaptive: off (default), calibrated (the checkpoint's thresholds, else 0.95), seeds (exit >= 0.95, and
+    expand < 0.5 where the model has ExpansionGates), predictor (per-row widths, calibrated exits), or an exit
+    threshold."""
+    from .model.exits import SEED_EXIT_THRESHOLD, SEED_EXPAND_THRESHOLD, Adaptive
+
+    if spec is None or spec == "off":
+        return {}
+    seeds = Adaptive(threshold=SEED_EXIT_THRESHOLD,
+                     expand=SEED_EXPAND_THRESHOLD if model.config.expansion_gates else None)
+    choices = {"calibrated": Adaptive(), "seeds": seeds, "predictor": Adaptive(predictor=True)}
+    if spec in choices:
+        return {"adaptive": choices[spec]}
+    try:
+        return {"adaptive": Adaptive(threshold=float(spec))}
+    except ValueError:
+        raise ValueError(f"--adaptive: {spec!r} is not off, calibrated, seeds, predictor or a threshold") from None
+
+
+def cmd_calibrate(args) -> None:
+    from .checkpoint import save_calibration
+    from .eval.calibrate import calibrate, held_out_batches, sweep
+
+    ckpt = _load(args)
+    model = ckpt.model
+    if not model.config.exit_layers:
+        raise ValueError(f"{ckpt.path}: the model has no exit layers (min_exit_layer is None); nothing to calibrate")
+    data = _validation_data(ckpt, args.data)
+    device = next(model.parameters()).device
+    width = int(args.width) if args.width and args.width.isdigit() else args.width
+    batches = held_out_batches(data, batch_size=args.batch_size, seq_len=model.config.sequence_len,
+                               max_tokens=args.tokens, device=device)
+    result = calibrate(sweep(model, batches, width=width, token_bytes=data.tokenizer.token_bytes.to(device)),
+                       args.delta, args.epsilon)
+    path = save_calibration(ckpt.path, ckpt.meta, result.to_dict(model.config, width))
+    if result.threshold is None:
+        print(f"{ckpt.path}: no threshold keeps disagreement <= {args.delta} with probability >= "
+              f"{1 - args.epsilon} on {result.tokens:,} tokens; exits stay off. Saved {path}")
+        return
+    print(f"{ckpt.path}: exit threshold {result.threshold} (Learn-then-Test, delta={args.delta}, "
+          f"epsilon={args.epsilon}, {result.tokens:,} held-out tokens)\n"
+          f"  disagreement with the full model {100 * result.risk:.2f}%, exit rate {100 * result.exit_rate:.1f}%, "
+          f"mean exit layer {result.mean_exit:.2f} of {model.config.n_layer}, FLOPs saved "
+          f"{100 * result.flops_saved:.1f}%\n  saved {path}")
+
+
+def cmd_eval_adaptive(args) -> None:
+    from .eval.adaptive_report import adaptive_points, markdown, write_adaptive_report
+    from .eval.calibrate import held_out_batches
+
+    ckpt = _load(args)
+    model = ckpt.model
+    data = _validation_data(ckpt, args.data)
+    device = next(model.parameters()).device
+    batches = held_out_batches(data, batch_size=args.batch_size, seq_len=model.config.sequence_len,
+                               max_tokens=args.tokens, device=device)
+    points, tokens = adaptive_points(model, batches, data.tokenizer.token_bytes.to(device), start=args.start)
+    print(markdown(points, model.config.matryoshka_levels))
+    report = write_adaptive_report(ckpt.path.parent.name, points, model, tokens, str(ckpt.path), ckpt.calibration)
+    print(f"report: {report}")
+
+
 def cmd_sample(args) -> None:
     from .infer.engine import Engine
     from .infer.sampling import SamplingParams
@@ -195,7 +261,7 @@ def cmd_sample(args) -> None:
         print(args.prompt, end="", flush=True)
         tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
                                width=int(args.mode) if args.mode and args.mode.isdigit() else args.mode,
-                               loops=args.loops)
+                               loops=args.loops, **_adaptive_choice(args.adaptive, ckpt.model))
         for piece in tokenizer.decode_stream(tokens):
             print(piece, end="", flush=True)
         print()
@@ -267,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--batch-size", type=int, default=8)
     el.add_argument("--device", default="auto")
     el.set_defaults(func=cmd_eval_elastic)
+    ad = ev_commands.add_parser("adaptive", help="early exit, width predictor and expansion against fixed widths "
+                                "and depths: val bpb, agreement, FLOPs/token; Markdown + PNG")
+    ad.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    ad.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    ad.add_argument("--tokens", type=int, default=1 << 16, help="held-out tokens per point")
+    ad.add_argument("--start", type=int, default=None,
+                    help="score tokens from this position of each row (default: the predictor's prompt, or 0)")
+    ad.add_argument("--batch-size", type=int, default=8)
+    ad.add_argument("--device", default="auto")
+    ad.set_defaults(func=cmd_eval_adaptive)
     lo = ev_commands.add_parser("loops", help="a looped model at several loop counts and adaptive exit thresholds: "
                                 "val bpb and FLOPs/token; Markdown + PNG")
     lo.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
@@ -289,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None)
     sa.add_argument("--num-samples", type=int, default=1)
     sa.add_argument("--mode", default=None, help="compute mode (ghost, whisper, normal, think) or a width")
+    sa.add_argument("--adaptive", default=None,
+                    help="early exit / expansion per token: off, calibrated, seeds (0.95 / 0.5), predictor, or an "
+                         "exit threshold")
     sa.add_argument("--loops", type=int, default=None, help="looped models: iterations per token (default: the "
                     "config's mean_recurrence)")
     sa.add_argument("--device", default="auto")
@@ -301,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--tag", required=True, help="run name to save under $ADAMBA_HOME/checkpoints")
     nc.add_argument("--step", type=int, default=None, help="which step to import (default: the latest)")
     nc.set_defaults(func=cmd_import_nanochat)
+
+    ca = commands.add_parser("calibrate", help="early-exit thresholds by Learn-then-Test on held-out data")
+    ca.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    ca.add_argument("--delta", type=float, default=0.01, help="tolerated disagreement with the full model")
+    ca.add_argument("--epsilon", type=float, default=0.1, help="allowed probability that the guarantee fails")
+    ca.add_argument("--tokens", type=int, default=1 << 16, help="held-out calibration tokens")
+    ca.add_argument("--width", default=None, help="compute mode or width to calibrate at (default: full)")
+    ca.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    ca.add_argument("--batch-size", type=int, default=8)
+    ca.add_argument("--device", default="auto")
+    ca.set_defaults(func=cmd_calibrate)
 
     mo = commands.add_parser("modes", help="compute modes of a checkpoint: widths, FLOPs/token, val bpb")
     mo.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
@@ -315,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--minutes", type=float, default=8.0, help="training time budget")
     de.add_argument("--run", default="demo")
     de.set_defaults(func=cmd_demo)
+
+    from .surgery.commands import add_commands
+
+    add_commands(commands)  # surgery, progressive
     return parser
 
 

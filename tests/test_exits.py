@@ -212,7 +212,8 @@ def test_adaptive_inputs_fail_with_clear_errors():
     with pytest.raises(ValueError, match="^adaptive: this model has no gates"):
         AdambaLM(tiny_config())(idx, adaptive=Adaptive())
     with pytest.raises(ValueError, match="^adaptive.threshold: this model has no exit gates"):
-        random_model(block_pattern="MMMT", min_exit_layer=None, expansion_gates=True)(idx, adaptive=Adaptive(threshold=0.5))
+        expanding_only = random_model(block_pattern="MMMT", min_exit_layer=None, expansion_gates=True)
+        expanding_only(idx, adaptive=Adaptive(threshold=0.5))
 
 
 def test_calibrated_thresholds_are_the_default_and_the_seeds_stay_selectable():
@@ -254,3 +255,28 @@ def test_expansion_gives_each_token_the_width_the_per_token_reference_computes()
                                model(idx, width="ghost"))
     torch.testing.assert_close(model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=1.0)),
                                model(idx, width=32))
+
+
+@torch.no_grad()
+def test_engine_decodes_with_exits_and_predicted_widths_as_each_row_alone_would():
+    from adamba.infer.engine import Engine
+    from adamba.infer.sampling import SamplingParams
+    from adamba.model.predictor import predict_widths
+
+    model = random_model(block_pattern="TMTT", n_layer=4, predictor_layers=1, sequence_len=40)
+    for gate in model.adaptive_heads.exit_gates.values():  # unsaturated confidences: tokens exit at every layer
+        gate.out.weight.mul_(0.05)
+    policy = Adaptive(threshold=0.6, predictor=True)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 9, 6, 12)]
+    plans = [predict_widths(model, torch.tensor([p]))[0] for p in prompts]
+    assert len({tuple(p) for p in plans}) > 1  # rows run at different widths in one batch
+    rows = Engine(model).generate(prompts, 10, SamplingParams(temperature=0), adaptive=policy)
+    exits = set()
+    for prompt, plan, row in zip(prompts, plans, rows, strict=True):
+        ids = list(prompt)
+        for _ in range(10):  # greedy, one full forward per token, the row alone
+            logits = model(torch.tensor([ids]), adaptive=Adaptive(threshold=0.6, row_widths=(tuple(plan),)))
+            exits |= set(model.last_adaptive.exit_layer[0, len(prompt):].tolist())
+            ids.append(int(logits[0, -1].argmax()))
+        assert row.tokens == ids[len(prompt):]
+    assert len(exits) > 1  # generated tokens exited at different layers

@@ -42,13 +42,16 @@ class Engine:
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
               *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
               completions: list[Completion] | None = None, width=None,
-              loops=None) -> Iterator[list[tuple[int, int]]]:
+              loops=None, adaptive=None) -> Iterator[list[tuple[int, int]]]:
         """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
 
         Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
         its row and is not part of the completion. `width` is a Matryoshka compute choice (a mode name, a
         width or a per-layer list; see AdambaLM.forward) used for every token; `loops` (looped models) the
-        iterations per token, an int or a `looped.Loops` plan (adaptive exit, kv_budget, warm start)."""
+        iterations per token, an int or a `looped.Loops` plan (adaptive exit, kv_budget, warm start).
+        `adaptive` (an `exits.Adaptive` policy): gates decide per token whether to exit early (exited tokens still
+        leave their state in every later layer) or expand; with `predictor`, each row's widths are chosen from its
+        prompt before prefill, within `width` as a budget. Rows may exit or run at different widths in one step."""
         self._check_prompts(prompts)
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
@@ -68,11 +71,13 @@ class Engine:
         stops = set(stop_tokens)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         any_parked = False
+        extra = {} if adaptive is None else {"adaptive": adaptive.for_prompts(model, ids, lengths, width)}
         was_training = model.training
         model.eval()
         try:
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
-            logits = model(ids, cache=cache, width=width, loops=loops)[torch.arange(B, device=device), lengths - 1]
+            logits = model(ids, cache=cache, width=width, loops=loops, **extra)[torch.arange(B, device=device),
+                                                                                 lengths - 1]
             for _ in range(max_new_tokens):
                 tokens = sample(logits, params, generator).tolist()
                 produced = []
@@ -99,7 +104,7 @@ class Engine:
                     break
                 parked = cache.lengths.clone() if any_parked else None
                 step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-                logits = model(step, cache=cache, width=width, loops=loops)[:, -1]
+                logits = model(step, cache=cache, width=width, loops=loops, **extra)[:, -1]
                 if parked is not None:
                     cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:

@@ -32,7 +32,7 @@ tokens, only the state update for exited ones -- which is what a decode step doe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ from .attention import window_mask
 from .flops import count_flops
 from .init import init_linear_
 from .norm import rms_norm
-from .predictor import LayerDimPredictor
+from .predictor import LayerDimPredictor, predict_widths
 from .rotary import apply_rotary
 
 SEED_EXIT_THRESHOLD = 0.95  # the seeds' fixed ConfidenceGate threshold
@@ -111,14 +111,20 @@ class Adaptive:
     threshold: exit where the gate's confidence >= threshold: a float for every exit layer, a {layer: float}
         table, or None: the checkpoint's calibrated thresholds if any, else the seeds' fixed 0.95.
     expand: ExpansionGate threshold (the seeds used 0.5); None: no expansion.
-    predictor: choose per-row widths with the LayerDimPredictor (the engine and the reports do this before the
-        forward, `predictor.predict_widths`); `budget` caps its choice (a compute mode name or a width)."""
+    predictor: choose per-row widths with the LayerDimPredictor from the prompt (`Engine.steps` does, through
+        `predictor.predict_widths`); `budget` caps its choice (a compute mode name or a width), `price` moves it
+        toward cheaper (> 0) or wider (< 0) levels.
+    row_widths: per row, per-layer widths (the predictor's choice, fixed for the whole generation); they replace
+        the forward's `width`. Rows at different widths run together: attention treats each token at its own width
+        (`mixed_width_block`), which is exact since rows never attend to each other."""
 
     exit: bool = True
     threshold: float | dict | None = None
     expand: float | None = None
     predictor: bool = False
     budget: Any = None
+    price: float = 0.0
+    row_widths: tuple | None = None
 
     def __post_init__(self) -> None:
         values = self.threshold.values() if isinstance(self.threshold, dict) else \
@@ -126,8 +132,18 @@ class Adaptive:
         for v in values:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
                 raise ValueError(f"adaptive.threshold: thresholds must be numbers, got {v!r}")
+        if not isinstance(self.exit, bool) or not isinstance(self.predictor, bool):
+            raise ValueError("adaptive.exit, adaptive.predictor: must be true or false")
         if self.expand is not None and (not isinstance(self.expand, (int, float)) or not 0 <= self.expand <= 1):
             raise ValueError(f"adaptive.expand: must be a threshold in [0, 1] or None, got {self.expand!r}")
+
+    def for_prompts(self, model, ids: torch.Tensor, lengths: torch.Tensor, width=None) -> Adaptive:
+        """This policy for a batch of right-padded prompts ids (B, T) with `lengths` real tokens: with `predictor`,
+        each row's widths chosen from its own prompt (within `budget`, else `width`, as the cap)."""
+        if not self.predictor or self.row_widths is not None:
+            return self
+        plans = predict_widths(model, ids, lengths, self.budget if self.budget is not None else width, self.price)
+        return replace(self, row_widths=tuple(tuple(plan) for plan in plans))
 
     @classmethod
     def seeds(cls) -> Adaptive:
@@ -164,20 +180,18 @@ class ExitRecord:
     widths: torch.Tensor  # (B, T, n_layer) long
     confidence: dict[int, torch.Tensor] = field(default_factory=dict)  # exit layer -> (B, T) gate confidences
 
-    def flops(self, config: ModelConfig, context: int | None = None, mask: torch.Tensor | None = None) -> float:
-        """Mean forward FLOPs per token (over `mask`, default every token) that these decisions cost, from the
-        one FLOP counter: each distinct (exit layer, gates, widths) is counted once and weighted by its tokens."""
-        rows = torch.cat([self.exit_layer[..., None], self.gates[..., None], self.widths], dim=-1).flatten(0, 1)
-        if mask is not None:
-            rows = rows[mask.flatten()]
-        if rows.numel() == 0:
-            raise ValueError("mask: no token selected")
-        unique, counts = rows.cpu().unique(dim=0, return_counts=True)
-        total = 0.0
-        for row, n in zip(unique.tolist(), counts.tolist(), strict=True):
-            widths = config.layer_widths(row[2:])
-            total += n * count_flops(config, context, widths, exit_layer=row[0], gates=row[1]).forward
-        return total / int(counts.sum())
+    def token_flops(self, config: ModelConfig, context: int | None = None) -> torch.Tensor:
+        """(B, T) float64: the forward FLOPs each token's decisions cost, from the one FLOP counter (each distinct
+        (exit layer, gates, widths) is counted once)."""
+        rows = torch.cat([self.exit_layer[..., None], self.gates[..., None], self.widths], dim=-1).cpu()
+        unique, inverse = rows.flatten(0, 1).unique(dim=0, return_inverse=True)
+        costs = torch.tensor([count_flops(config, context, config.layer_widths(row[2:]), exit_layer=row[0],
+                                          gates=row[1]).forward for row in unique.tolist()], dtype=torch.float64)
+        return costs[inverse].view(rows.shape[:2])
+
+    def flops(self, config: ModelConfig, context: int | None = None) -> float:
+        """Mean forward FLOPs per token these decisions cost."""
+        return float(self.token_flops(config, context).mean())
 
 
 def propagate(block: nn.Module, x: torch.Tensor, cos, sin, cache, state, width: int | None) -> None:
@@ -306,10 +320,18 @@ def run_adaptive(model, x: torch.Tensor, cos, sin, cache, widths: list[int | Non
     states = cache.states if cache is not None else [None] * L
     exit_at = exit_layers if exit_layers is not None else torch.full((B, T), L, dtype=torch.long, device=x.device)
     gates = torch.zeros(B, T, dtype=torch.long, device=x.device)
-    token_widths = torch.tensor([w or d for w in widths], device=x.device).expand(B, T, L).clone()
+    if adaptive is not None and adaptive.row_widths is not None:
+        rows = [[w or d for w in config.layer_widths(list(plan))] for plan in adaptive.row_widths]
+        if len(rows) != B:
+            raise ValueError(f"adaptive.row_widths: {len(rows)} rows of widths for a batch of {B}")
+        token_widths = torch.tensor(rows, device=x.device)[:, None, :].expand(B, T, L).clone()
+    else:
+        token_widths = torch.tensor([w or d for w in widths], device=x.device).expand(B, T, L).clone()
     record = ExitRecord(exit_at, gates, token_widths)
     active = None  # (B, T) bool once a token may have exited; None: every token is active
-    expanded = False
+    # tokens may run attention at different widths (expansion, per-row plans): then mixed_width_block runs it
+    mixed = bool((token_widths != token_widths[:1, :1]).any())
+    doubled = torch.tensor([_level_above(config, 2 * w) for w in range(d + 1)], device=x.device)
     for i, block in enumerate(model.blocks):
         if exit_layers is not None:
             active = exit_layers > i
@@ -327,23 +349,22 @@ def run_adaptive(model, x: torch.Tensor, cos, sin, cache, widths: list[int | Non
             record.gates += live
             unsure = live & (torch.sigmoid(heads.expansion_gates[str(i)](x).float()) < expand)
             if bool(unsure.any()):
-                expanded = True
-                wider = torch.tensor([_level_above(config, 2 * (w or d)) for w in widths], device=x.device)
+                mixed = True
                 rest = torch.arange(L, device=x.device) >= i
-                record.widths = torch.where(unsure[..., None] & rest, torch.maximum(record.widths, wider),
-                                            record.widths)
+                record.widths = torch.where(unsure[..., None] & rest, doubled[record.widths], record.widths)
         state = states[i]
-        width = widths[i]
+        # one width for every token unless mixed: the forward's, or the rows' shared plan
+        width = None if mixed or record.widths[0, 0, i] == d else int(record.widths[0, 0, i])
         if active is not None and not bool(active.any()):
             if state is None:  # nothing to compute, and no state to leave for later tokens
                 continue
-            if expanded and block.kind == ATTENTION:  # the K/V of tokens at their own widths
+            if mixed and block.kind == ATTENTION:  # the K/V of tokens at their own widths
                 k, v = mixed_kv(block.attn, x, cos, sin, record.widths[..., i], config.matryoshka_levels)
                 state.update(k, v, cache, residual=x)
             else:
                 propagate(block, x, cos, sin, cache, state, width)
             continue
-        if expanded and block.kind == ATTENTION:
+        if mixed and block.kind == ATTENTION:
             out = mixed_width_block(block, x, cos, sin, cache, state, record.widths[..., i],
                                     config.matryoshka_levels)
         else:

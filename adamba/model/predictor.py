@@ -35,6 +35,12 @@ def allowed_levels(config: ModelConfig, budget=None, device=None) -> torch.Tenso
     return allowed
 
 
+def predictor_flops(config: ModelConfig) -> float:
+    """FLOPs of one prediction (once per row): the MLP's two matrices (pooling and norm are O(T d), not counted)."""
+    h = config.predictor_hidden
+    return 2 * (config.n_embd * h + h * config.n_layer * len(config.matryoshka_levels))
+
+
 class LayerDimPredictor(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -65,9 +71,12 @@ class LayerDimPredictor(nn.Module):
 
 
 @torch.no_grad()
-def predict_widths(model, idx: torch.Tensor, valid: torch.Tensor | None = None, budget=None) -> list[list[int]]:
+def predict_widths(model, idx: torch.Tensor, valid: torch.Tensor | None = None, budget=None,
+                   price: float = 0.0) -> list[list[int]]:
     """Per row, the per-layer widths the predictor picks (argmax) from the prompt idx (B, T), whose first valid[b]
-    tokens are real. Runs the embedding and the first predictor_layers blocks at full width, without a cache."""
+    tokens are real. Runs the embedding and the first predictor_layers blocks at full width, without a cache.
+    `price` > 0 shifts the choice toward cheaper levels (< 0: toward wider ones): each level's score drops by
+    price x its FLOPs/token as a fraction of the full model's -- the energy penalty's lambda, moved at test time."""
     config = model.config
     if model.adaptive_heads is None or model.adaptive_heads.predictor is None:
         raise ValueError("adaptive.predictor: this model has no LayerDimPredictor (config.predictor_layers is 0)")
@@ -75,5 +84,11 @@ def predict_widths(model, idx: torch.Tensor, valid: torch.Tensor | None = None, 
     x = rms_norm(model.wte(idx), config.norm_width)
     for block in model.blocks[:config.predictor_layers]:
         x = block(x, model.cos[:T], model.sin[:T])
-    choice = model.adaptive_heads.predictor(x, valid, budget).argmax(-1)
+    scores = model.adaptive_heads.predictor(x, valid, budget)
+    if price:
+        from ..train.energy import level_costs  # the FLOP counter's per-layer, per-level prices
+
+        full, savings = level_costs(config, idx.size(1))
+        scores = scores - price * (savings / full).to(scores)
+    choice = scores.argmax(-1)
     return [[config.matryoshka_levels[j] for j in row] for row in choice.tolist()]

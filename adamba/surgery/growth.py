@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_meta, run_dir, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_checkpoint, read_meta, run_dir, save_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import Tokenizer
 from ..model import AdambaLM
+from ..nanochat import find_nanochat_step, load_nanochat, nanochat_config
 
 GROWTH = "growth"  # the key in a checkpoint's meta["extra"]
 
@@ -49,9 +50,6 @@ def resolve(name: str | Path) -> Path:
 
 def load_source(checkpoint: str | None = None, nanochat: str | None = None) -> Source:
     """Load an adamba checkpoint or a nanochat folder (exactly one of them) on the CPU, in float32."""
-    from ..checkpoint import load_checkpoint
-    from ..nanochat import load_nanochat
-
     if (checkpoint is None) == (nanochat is None):
         raise ValueError("checkpoint: give either an adamba checkpoint (CKPT) or --from-nanochat PATH, not both")
     if nanochat is not None:
@@ -63,9 +61,6 @@ def load_source(checkpoint: str | None = None, nanochat: str | None = None) -> S
 
 def source_config(checkpoint: str | None = None, nanochat: str | None = None) -> ModelConfig:
     """The config of a surgery's source from its metadata alone (a dry run reads no weights)."""
-    from ..checkpoint import latest_checkpoint
-    from ..nanochat import find_nanochat_step, nanochat_config
-
     if (checkpoint is None) == (nanochat is None):
         raise ValueError("checkpoint: give either an adamba checkpoint (CKPT) or --from-nanochat PATH, not both")
     if nanochat is not None:
@@ -75,6 +70,15 @@ def source_config(checkpoint: str | None = None, nanochat: str | None = None) ->
     if found is None:
         raise ValueError(f"checkpoint: no checkpoint found at {checkpoint}")
     return ModelConfig.from_dict(read_meta(found)["model_config"])
+
+
+def supported(config: ModelConfig) -> None:
+    """Surgery grows blocks and widths; the adaptive heads (exit and expansion gates, the width predictor) are
+    sized and indexed by both, so a model with them is refused rather than grown into a mismatched one."""
+    adaptive = [name for name in ("min_exit_layer", "expansion_gates", "predictor_layers") if getattr(config, name)]
+    if adaptive:
+        raise ValueError(f"{adaptive[0]}: surgery does not grow early-exit gates or the width predictor yet; grow a "
+                         f"model without them ({', '.join(adaptive)} unset) and add them when training the result")
 
 
 def count_params(config: ModelConfig) -> int:

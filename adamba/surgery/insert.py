@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import load_weights_into
 from ..config import ATTENTION, ModelConfig, parse_block_pattern
 from ..model import AdambaLM
+from .growth import supported
 
 
 def old_positions(old: list[str], new: list[str]) -> list[int]:
@@ -76,6 +77,7 @@ def inserted_config(config: ModelConfig, pattern, positions: list[int] | None = 
         -> tuple[ModelConfig, list[int]]:
     """(the config of the deeper stack, the new position of each old block). `pattern`: the whole new stack;
     `positions`: where the old blocks go, when the caller knows (default: the earliest positions that fit)."""
+    supported(config)
     new_pattern = parse_block_pattern(pattern)
     positions = positions or old_positions(config.block_pattern, new_pattern)
     fields = config.to_dict() | {"block_pattern": new_pattern, "n_layer": len(new_pattern),
@@ -93,8 +95,7 @@ def insert_blocks(model: AdambaLM, pattern, positions: list[int] | None = None) 
     """The model with blocks inserted to make `pattern` (old blocks at `positions`, see inserted_config), and
     the indices of the new blocks."""
     config, positions = inserted_config(model.config, pattern, positions)
-    device = model.wte.weight.device
-    grown = AdambaLM.build(config, device)
+    grown = AdambaLM.build(config, model.wte.weight.device).to(model.wte.weight.dtype)
     state = grown.state_dict()
     moved = {i: positions[i] for i in range(len(positions))}
     for key, value in model.state_dict().items():

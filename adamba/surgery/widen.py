@@ -56,6 +56,7 @@ import torch.nn as nn
 from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig
 from ..model import AdambaLM
 from ..model.mamba import dt_rank_for
+from .growth import supported
 
 INITS = {"zero": True, "lora": True, "copy-scale": True, "svd": True}  # method -> preserves the function
 LORA_RANK = 8  # lora's rank when none is given
@@ -194,6 +195,7 @@ def widened_config(config: ModelConfig, width: int) -> ModelConfig:
     """The config of the model widened to `width`: heads at the same size and K/V grouping, d_inner per expand,
     dt_rank per its rule, norm_width set (norm.py), Matryoshka levels: the old ones and the new width's defaults
     (so the old width stays a slice); compute modes re-derived for the new width."""
+    supported(config)
     D, hd = config.n_embd, config.model_head_dim
     if not isinstance(width, int) or isinstance(width, bool) or width <= D:
         raise ValueError(f"width: must be an integer above the model's n_embd={D}, got {width!r}")
@@ -224,9 +226,9 @@ def _randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
 
 
-def _free_matrix(init: str, fresh: torch.Tensor, old: torch.Tensor, axes, layout: Layout, name: str,
+def _free_matrix(init: str, fresh: torch.Tensor, old: torch.Tensor, layout: Layout, name: str,
                  gen: torch.Generator, rank: int | None, scale: float) -> torch.Tensor:
-    """Values for a grown matrix's free entries (the caller writes only those)."""
+    """Values for a grown matrix's free entries (the caller writes only those); `fresh` is the fresh model's."""
     base = fresh if bool(fresh.any()) else _randn(fresh.shape, gen, fresh) * _init_linear_std(fresh.shape)
     if init == "zero":
         return base
@@ -239,7 +241,8 @@ def _free_matrix(init: str, fresh: torch.Tensor, old: torch.Tensor, axes, layout
     U, S, Vh = torch.linalg.svd(old.float(), full_matrices=False)
     k = min(rank or len(S), len(S))
     sides = []
-    for basis, axis, n_new in ((U[:, :k], axes[0], fresh.size(0)), (Vh[:k].T, axes[1], fresh.size(1))):
+    for basis, axis, n_new in ((U[:, :k], layout.axes[name][0], fresh.size(0)),
+                               (Vh[:k].T, layout.axes[name][1], fresh.size(1))):
         if axis is None:
             sides.append(basis)
             continue
@@ -261,7 +264,7 @@ def widen(model: AdambaLM, width: int, init: str = "zero", *, rank: int | None =
     layout = Layout(model.config, config)
     with torch.random.fork_rng(devices=[]):  # the fresh init draws from the global generator
         torch.manual_seed(seed)
-        grown = AdambaLM.build(config, model.wte.weight.device)
+        grown = AdambaLM.build(config, model.wte.weight.device).to(model.wte.weight.dtype)
     names = {name for name, _ in grown.named_parameters()}
     if names != set(layout.axes):  # a parameter this layout does not know would silently keep a fresh init
         raise RuntimeError(f"widen: no layout for {sorted(names - set(layout.axes))}, "
@@ -271,13 +274,14 @@ def widen(model: AdambaLM, width: int, init: str = "zero", *, rank: int | None =
     old_state = model.state_dict()
     for name, p in grown.named_parameters():
         old = old_state[name].to(p.dtype)
-        free = ~(layout.old_mask(name, p.shape) | layout.zero_mask(name, p.shape)).to(p.device)
+        zero = layout.zero_mask(name, p.shape).to(p.device)
+        free = ~(layout.old_mask(name, p.shape).to(p.device) | zero)
         if name in matrices:
-            p.copy_(torch.where(free, _free_matrix(init, p, old, layout.axes[name], layout, name, gen, rank, scale), p))
+            p.copy_(torch.where(free, _free_matrix(init, p, old, layout, name, gen, rank, scale), p))
         elif init == "copy-scale":
             p.copy_(torch.where(free, old[layout.source_index(name, p.shape)], p))
         p[layout.old_index(name, p.shape)] = old * layout.gains.get(name, 1.0)
-        p.masked_fill_(layout.zero_mask(name, p.shape).to(p.device), 0.0)
+        p.masked_fill_(zero, 0.0)
     grown.train(model.training)
     return grown
 

@@ -45,10 +45,14 @@ class Stage:
             p.masked_scatter_(mask, values)
 
     def describe(self) -> str:
-        saved = (self.full_state_bytes - self.state_bytes) / 2**20
-        return (f"stage {self.name}: training {self.trainable:,} of {self.total:,} parameters; optimizer state "
-                f"{self.state_bytes / 2**20:,.1f} MiB instead of {self.full_state_bytes / 2**20:,.1f} MiB "
-                f"({saved:,.1f} MiB saved)")
+        mib = self.state_bytes / 2**20
+        text = f"stage {self.name}: training {self.trainable:,} of {self.total:,} parameters"
+        if self.masked:
+            text += " (the old entries are masked, and keep optimizer state)"
+        if self.state_bytes == self.full_state_bytes:
+            return f"{text}; optimizer state {mib:,.1f} MiB"
+        return (f"{text}; optimizer state {mib:,.1f} MiB instead of {self.full_state_bytes / 2**20:,.1f} MiB "
+                f"({(self.full_state_bytes - self.state_bytes) / 2**20:,.1f} MiB saved)")
 
 
 def apply_stage(model, stage: str | None, growth: dict | None) -> Stage | None:
@@ -66,8 +70,9 @@ def apply_stage(model, stage: str | None, growth: dict | None) -> Stage | None:
     if stage == "mamba-only":
         blocks = [i for i in growth["new_blocks"] if model.config.block_pattern[i] in (MAMBA, MAMBA2)]
         if not blocks:
-            raise ValueError(f"stage: 'mamba-only' trains the Mamba blocks a surgery inserted, but the latest surgery "
-                             f"({growth['op']}) inserted none; run `adamba surgery add-mamba` first, or use --stage all")
+            raise ValueError(f"stage: 'mamba-only' trains the Mamba blocks a surgery inserted, but the latest "
+                             f"surgery ({growth['op']}) inserted none; run `adamba surgery add-mamba` first, or use "
+                             "--stage all")
         trained = {id(p) for i in blocks for p in model.blocks[i].parameters()}
         for p in params:
             p.requires_grad_(id(p) in trained)

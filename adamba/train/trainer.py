@@ -28,9 +28,12 @@ from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
+from ..surgery.growth import GROWTH, resolve
 from .loops import sample_loops
+from .losses import AdaptiveStep, PredictorTraining, check_adaptive_training, mixture_train_flops
 from .matryoshka import micro_step_widths
 from .optim import build_optimizers, lr_multiplier, set_schedule
+from .stages import apply_stage
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -49,6 +52,7 @@ class TrainResult:
     initial_val_bpb: float | None = None
     final_val_bpb: float | None = None
     mean_loops: float | None = None  # looped models: the mean loop count actually sampled over the run
+    stage: str | None = None  # what a training stage froze or masked, and the optimizer memory saved (stages.py)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -125,7 +129,10 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     info: DistInfo = init_distributed(device)
     dtype = pick_dtype(config.dtype, device)
     seed_everything(config.seed + info.rank)
-    data = prepare_data(config.data, config.tokenizer, config.tokenizer_vocab_size, config.val_fraction, info.rank,
+    # A checkpoint to start from (e.g. a surgery's output): its weights and tokenizer, a fresh optimizer and schedule
+    init = load_checkpoint(resolve(config.init_from), device) if config.init_from and not resume else None
+    tokenizer_name = config.tokenizer or (str(init.path) if init is not None and init.tokenizer is not None else None)
+    data = prepare_data(config.data, tokenizer_name, config.tokenizer_vocab_size, config.val_fraction, info.rank,
                         progress)
     tokenizer = data.tokenizer
     out_dir = run_dir(config.run_name)
@@ -141,6 +148,12 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if changed:
             print0(f"warning: resuming with different {changed} than the checkpoint was trained with; "
                    "the run will not continue exactly as it would have")
+    elif init is not None:
+        model, model_config = init.model, init.model.config
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"init_from: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                             f"vocab_size={model_config.vocab_size}; train with the checkpoint's own tokenizer")
+        print0(f"starting from {init.path}: its weights, with a fresh optimizer and schedule")
     else:
         if model_config.vocab_size != tokenizer.vocab_size:
             print0(f"vocab_size: {model_config.vocab_size} -> {tokenizer.vocab_size}, the tokenizer's size")
@@ -152,6 +165,13 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if not scan_cpu.available():
             print0(f"  unavailable ({scan_cpu.unavailable_reason()}); using the much slower PyTorch scan")
     model_config.layer_widths(config.width)  # a bad fixed width fails here, not at the first step
+    check_adaptive_training(model_config, config)
+    if info.enabled and (config.exit_loss_weight or config.exit_kl_weight or config.gate_loss_weight
+                         or config.predictor_weight):
+        # gates and predictor take part in some passes of a step only; DDP's gradient averaging would need
+        # find_unused_parameters and a test that ranks stay in step, which does not exist yet
+        raise ValueError("exit_loss_weight: adaptive-compute training terms do not run under torchrun yet; train "
+                         "them in one process")
     if config.fixed_loops and model_config.loop is None:
         raise ValueError(f"fixed_loops: {config.fixed_loops} given, but the model has no loop (config.loop is None)")
     flops = model.count_flops()
@@ -159,12 +179,22 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     print0(f"batch: {config.total_batch_size:,} tokens/step = {config.device_batch_size} rows x "
            f"{model_config.sequence_len} tokens x {info.world_size} rank(s) x {accum} micro-steps; "
            f"{flops.train:.3g} training FLOPs/token; compute dtype {dtype}")
-    if config.matryoshka or config.energy_weight:
+    if config.predictor_weight:
+        print0(f"energy penalty: the width predictor is trained on its CE + energy_weight={config.energy_weight} x "
+               "E[FLOPs]/FLOPs(full) (train/losses.py), so expected FLOPs has a gradient; logged as "
+               "predictor_flops_frac")
+    elif config.matryoshka or config.energy_weight:
         chooser = f"sampled by the {config.matryoshka_rule} rule" if config.matryoshka else "fixed"
         ignored = " (so energy_weight is ignored)" if config.energy_weight else ""
         print0(f"energy penalty: widths are {chooser}, not chosen by a trained predictor, so expected FLOPs has "
                f"no gradient here; it is logged as energy_flops and not added to the loss{ignored}")
 
+    source = checkpoint or init
+    growth = source.meta.get("extra", {}).get(GROWTH) if source is not None else None
+    stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
+    stage_summary = stage.describe() if stage is not None else None
+    if stage_summary:
+        print0(stage_summary)
     optimizers = build_optimizers(model, config)
     loader = DataLoader(data, "train", config.device_batch_size, model_config.sequence_len, rank=info.rank,
                         world_size=info.world_size, seed=config.seed, device=device)
@@ -192,7 +222,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     metrics = MetricsLog(Path(config.metrics_file) if config.metrics_file else out_dir / "metrics.jsonl",
                          start_step if resume else None, info.is_master,
                          _wandb_run(config, model_config, info.is_master))
-    result = TrainResult(step=start_step, checkpoint=out_dir)
+    result = TrainResult(step=start_step, checkpoint=out_dir, stage=stage_summary)
     peak = peak_flops(device)
     tokens_per_step = config.total_batch_size
     bar = tqdm(total=config.num_iterations, initial=start_step, desc=f"train {config.run_name}", unit="step",
@@ -205,7 +235,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         if info.is_master:
             result.checkpoint = save_checkpoint(
                 out_dir, model, step=step, train_config=config.to_dict(), optimizers=optimizers,
-                loader_state=loader.state_dict(), tokenizer=tokenizer)
+                loader_state=loader.state_dict(), tokenizer=tokenizer, extra={GROWTH: growth} if growth else None)
         if info.enabled:
             dist.barrier()
         return result.checkpoint
@@ -249,8 +279,10 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         loss_sum = torch.zeros((), device=device)
         step_flops = energy = 0.0  # training FLOPs actually spent; expected forward FLOPs/token of the widths
         step_loops: list[int] = []
+        adaptive = AdaptiveStep(model_config, config, step)  # exit/gate/predictor terms (train/losses.py)
         for micro in range(accum):
             x, y = next(loader)
+            adaptive.next_micro_batch()
             widths = micro_step_widths(model_config, config, step, micro)
             # None unless the model loops
             loops = config.fixed_loops or sample_loops(model_config, config.seed, step, micro)
@@ -262,17 +294,29 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
                 energy += cost.forward / len(widths)
             for j, width in enumerate(widths):
                 # DDP averages gradients on the step's last backward only
-                sync = not info.enabled or (micro == accum - 1 and j == len(widths) - 1)
+                sync = not info.enabled or (micro == accum - 1 and j == len(widths) - 1 and not config.predictor_weight)
                 with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
                     choice = ({} if width is None else {"width": width}) | ({} if loops is None else {"loops": loops})
-                    loss = train_model(x, y, **choice)
+                    objective = adaptive.objective(model, x, width)
+                    loss = train_model(x, y, **choice, **({} if objective is None else {"adaptive": objective}))
                     (loss / (accum * len(widths))).backward()
-                if j == 0:
-                    loss_sum += loss.detach()  # the logged loss is the first choice's: full width, or the sample
+                adaptive.finished(objective, width)
+                step_flops += adaptive.train_flops(objective) * x.numel() * info.world_size
+                if j == 0:  # the logged loss is the first choice's CE: full width, or the sample
+                    loss_sum += loss.detach() if objective is None else objective.ce
+            if config.predictor_weight:  # the width predictor's pass: a mixture of widths + the energy penalty
+                sync = not info.enabled or micro == accum - 1
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                    objective = PredictorTraining(model_config, config)
+                    (config.predictor_weight * train_model(x, y, adaptive=objective) / accum).backward()
+                adaptive.finished(objective, None)
+                step_flops += mixture_train_flops(model_config) * x.numel() * info.world_size
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         for opt in optimizers:
             opt.step()
+        if stage is not None:
+            stage.after_step()
         model.zero_grad(set_to_none=True)
         loss_value = (loss_sum / accum).item()
         if info.enabled:  # gloo has no AVG: sum, then divide
@@ -286,6 +330,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
                   "dt": dt, "tok_per_s": tok_per_s, "train_flops": step_flops}
         if config.matryoshka or config.width is not None:
             record["energy_flops"] = energy / accum
+        record |= adaptive.record()
         if step_loops:  # the loop counts this step sampled (their mean over micro-steps)
             record["loops"] = sum(step_loops) / len(step_loops)
             all_loops.extend(step_loops)

@@ -1,0 +1,165 @@
+"""`adamba eval adaptive CKPT`: quality against compute for every adaptive choice of one checkpoint, on held-out data.
+
+Curves, all measured on the same held-out tokens and priced by the one FLOP counter:
+- exit: the ConfidenceGates at a sweep of thresholds (and the calibrated one, if any);
+- depth: every token exits after block k (the truncated model; no later layer runs, so no propagation);
+- width: each Matryoshka compute mode;
+- predictor: the LayerDimPredictor under each mode's width as a budget, and at a sweep of prices;
+- expand: the ExpansionGates at a sweep of thresholds from each narrower mode.
+Quality is held-out bits per byte and next-token (argmax) agreement with the full model. When the model has a
+predictor, every curve is scored on the tokens after the first `start` of each row (the prompt it reads), so all
+points see the same tokens. Writes Markdown and a PNG (bpb and agreement against FLOPs/token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..common import adamba_home  # noqa: E402
+from ..model.exits import Adaptive  # noqa: E402
+from ..model.flops import count_flops  # noqa: E402
+from ..model.predictor import predict_widths, predictor_flops  # noqa: E402
+from .calibrate import Run, Sweep, measure  # noqa: E402
+
+REPORT_GRID = (0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+PRICES = (-16.0, -4.0, -1.0, 0.0, 1.0, 4.0, 16.0, 64.0)  # logits per unit of FLOPs fraction
+
+
+@dataclass
+class Point:
+    curve: str
+    label: str
+    flops: float  # forward FLOPs per token, from the counter
+    fraction: float  # of the full model's
+    bpb: float
+    agreement: float  # next-token argmax agreement with the full model
+    mean_exit: float
+    exits: list[int]  # tokens per exit layer 0..n_layer (n_layer: no exit)
+    widths: list[int]  # (token, attention layer) pairs per Matryoshka level
+
+
+def predictor_runs(model, start: int, context: int) -> list[Run]:
+    """The predictor under every mode's width as a budget, and at each price with no budget. Its MLP runs once
+    per row; its FLOPs are spread over the row's scored tokens."""
+    config = model.config
+    per_token = predictor_flops(config) / (context - start)
+
+    def plan(budget=None, price: float = 0.0):
+        def kwargs(x: torch.Tensor) -> dict:
+            plans = predict_widths(model, x[:, :start], budget=budget, price=price)
+            return {"adaptive": Adaptive(exit=False, row_widths=tuple(tuple(p) for p in plans))}
+        return kwargs
+
+    runs = [Run(f"budget {mode}", plan(budget=mode), extra=per_token) for mode in config.compute_modes]
+    return runs + [Run(f"price {p:g}", plan(price=p), extra=per_token) for p in PRICES]
+
+
+def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -> dict[str, list[Run]]:
+    """Every curve's runs for `model` (see the module doc)."""
+    config = model.config
+    heads = model.adaptive_heads
+    windows = config.attention_windows()
+    curves: dict[str, list[Run]] = {"width": [Run(mode, {"width": mode}) for mode in config.compute_modes]}
+    if config.exit_layers:
+        exit_runs = [Run(f">= {t:g}", {"adaptive": Adaptive(threshold=t)}) for t in thresholds]
+        if heads.thresholds is not None:
+            exit_runs.append(Run("calibrated", {"adaptive": Adaptive()}))
+        curves["exit"] = exit_runs
+        depth = []
+        for k in [*config.exit_layers, config.n_layer]:
+            truncated = count_flops(config, context, layers=[(config.block_pattern[i], windows[i], None)
+                                                             for i in range(k)]).forward
+            depth.append(Run(f"k={k}", lambda x, k=k: {"exit_layers": torch.full(x.shape, k, device=x.device)},
+                             flops=truncated))
+        curves["depth"] = depth
+    if heads is not None and heads.predictor is not None:
+        curves["predictor"] = predictor_runs(model, start, context)
+    if heads is not None and heads.expansion_gates:
+        curves["expand"] = [Run(f"{mode} < {t:g}", {"width": mode, "adaptive": Adaptive(exit=False, expand=t)})
+                            for mode, w in config.compute_modes.items() if w < config.n_embd
+                            for t in (0.3, 0.5, 0.7, 0.9)]
+    return curves
+
+
+def adaptive_points(model, batches, token_bytes, *, thresholds=REPORT_GRID,
+                    start: int | None = None) -> tuple[list[Point], int]:
+    """Measure every curve; returns the points and the number of tokens scored per point."""
+    config = model.config
+    context = batches[0][0].size(1)
+    if start is None:
+        start = min(64, context // 4) if config.predictor_layers else 0
+    curves = adaptive_runs(model, context, thresholds, start)
+    runs = [run for group in curves.values() for run in group]
+    result: Sweep = measure(model, batches, runs, token_bytes, start=start)
+    rows = result.rows()
+    names = [curve for curve, group in curves.items() for _ in group]
+    points = [Point(curve, label, float(rows["flops"][r]), float(rows["flops"][r]) / result.full_flops,
+                    float(rows["bpb"][r]), 1 - float(rows["risk"][r]), float(rows["mean_exit"][r]),
+                    result.exit_hist[r].astype(int).tolist(), result.width_hist[r].astype(int).tolist())
+              for r, (curve, label) in enumerate(zip(names, result.labels, strict=True))]
+    return points, int(rows["tokens"])
+
+
+def markdown(points: list[Point], levels: list[int]) -> str:
+    lines = ["| curve | choice | FLOPs/token | of full | val bpb | agreement | mean exit | exits per layer | "
+             f"widths ({'/'.join(map(str, levels))}) |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    lines += [f"| {p.curve} | {p.label} | {p.flops:.4g} | {100 * p.fraction:.1f}% | {p.bpb:.4f} | "
+              f"{100 * p.agreement:.2f}% | {p.mean_exit:.2f} | {' '.join(map(str, p.exits))} | "
+              f"{' '.join(map(str, p.widths))} |" for p in points]
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: Path, title: str) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for curve in dict.fromkeys(p.curve for p in points):
+        group = sorted((p for p in points if p.curve == curve), key=lambda p: p.flops)
+        style = {"marker": "o", "ls": "-"} if curve in ("width", "depth") else {"marker": ".", "ls": "--"}
+        for ax, value in zip(axes, ("bpb", "agreement"), strict=True):
+            ax.plot([p.flops for p in group], [getattr(p, value) for p in group], label=curve, **style)
+    axes[0].set(xlabel="forward FLOPs per token", ylabel="held-out val bpb", title="quality against compute")
+    axes[1].set(xlabel="forward FLOPs per token", ylabel="next-token agreement with the full model",
+                title="agreement against compute")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_adaptive_report(name: str, points: list[Point], model, tokens: int, source: str,
+                          calibration: dict | None) -> Path:
+    out = adamba_home() / "reports" / name
+    out.mkdir(parents=True, exist_ok=True)
+    plot(points, out / "adaptive.png", f"adaptive compute of {name}")
+    config = model.config
+    cal = "none (the seeds' fixed 0.95 is the default threshold)" if calibration is None else \
+        (f"threshold {calibration['threshold']} for delta={calibration['delta']}, epsilon={calibration['epsilon']} "
+         f"on {calibration['tokens']:,} tokens")
+    path = out / "adaptive.md"
+    path.write_text(
+        f"# Adaptive compute: {name}\n\nCheckpoint: `{source}` ({config.describe()}). {tokens:,} held-out tokens "
+        f"per point; FLOPs/token from the FLOP counter (exited tokens pay their state propagation, gates and the "
+        f"predictor's MLP count). Calibration: {cal}.\n\n{markdown(points, config.matryoshka_levels)}\n\n"
+        "![quality against FLOPs](adaptive.png)\n")
+    return path
+
+
+def margin_at_equal_flops(points: list[Point], curve: str, baseline: str = "width") -> list[tuple[str, float, float]]:
+    """For each point of `curve`: (label, its bpb, the baseline's bpb interpolated at the same FLOPs); points
+    outside the baseline's FLOPs range are left out."""
+    base = sorted((p for p in points if p.curve == baseline), key=lambda p: p.flops)
+    xs, ys = np.array([p.flops for p in base]), np.array([p.bpb for p in base])
+    return [(p.label, p.bpb, float(np.interp(p.flops, xs, ys))) for p in points
+            if p.curve == curve and xs[0] <= p.flops <= xs[-1]]
+
