@@ -12,7 +12,7 @@ def random_model(**overrides) -> AdambaLM:
     torch.manual_seed(0)
     model = AdambaLM(tiny_config(**overrides)).eval()
     for name, p in model.named_parameters():  # random: zero-initialised projections would hide cache errors
-        if not name.endswith(("A_log", "dt_proj.bias", "mixer.D")):  # Mamba's timescales keep their init
+        if not name.endswith(("A_log", "dt_proj.bias", "dt_bias", "mixer.D")):  # Mamba timescales keep their init
             torch.nn.init.normal_(p, std=0.3)
     return model
 
@@ -38,7 +38,10 @@ def test_cached_decode_equals_full_forward_for_every_prompt_length(overrides):
 @pytest.mark.parametrize("overrides", [
     dict(n_kv_head=2, window_pattern="SSL", short_window=5),
     dict(block_pattern="MTM", n_layer=3),  # Mamba state must not absorb the right padding
-], ids=["attention-window", "hybrid"])
+    dict(block_pattern="M2", mamba2_headdim=16, mamba2_ngroups=2, mamba2_d_state=8, mamba2_chunk_size=8),
+    dict(block_pattern="TMM2", n_layer=3, mamba2_headdim=16, mamba2_ngroups=2, mamba2_d_state=8,
+         mamba2_chunk_size=8),
+], ids=["attention-window", "hybrid", "mamba2", "T-M-M2"])
 @torch.no_grad()
 def test_batched_rows_of_different_lengths_match_their_own_full_forward(overrides):
     # float64: rows batched together and rows run alone take different float32 rounding paths (kernels pick

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamba import AdambaLM, TrainConfig
+from adamba import AdambaLM
 from adamba.config import parse_block_pattern
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams
 from adamba.model.cache import InferenceCache
 from adamba.model.mamba2 import Mamba2
 from adamba.model.ssd import cuda_chunk_scan, segsum, ssd_chunked, ssd_scan, ssd_sequential
-from adamba.train.optim import build_optimizers
 from tests.conftest import tiny_config
+from tests.test_mamba import assert_no_decay_group
 
 
 def ssd_inputs(batch, L, H, P, G, N, dtype, extreme=False, seed=0):
@@ -212,27 +212,6 @@ def test_decode_equals_full_forward_for_every_prompt_length(pattern, mlp):
                                        atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", ["M2", "TMM2"])
-@torch.no_grad()
-def test_batched_right_padded_prompts_match_their_own_full_forward(pattern):
-    model = random_model(pattern, sequence_len=64, **M2_FIELDS)
-    lengths = [5, 17, 1, 30]
-    seqs = [torch.randint(0, 512, (n + 12,)) for n in lengths]
-    cache = InferenceCache(model, 4, 64)
-    padded = torch.zeros(4, max(lengths), dtype=torch.long)
-    for b, n in enumerate(lengths):
-        padded[b, :n] = seqs[b][:n]
-    cache.valid = torch.tensor(lengths)
-    prefill = model(padded, cache=cache)
-    for b, n in enumerate(lengths):
-        torch.testing.assert_close(prefill[b, :n], model(seqs[b][None, :n])[0], atol=1e-5, rtol=1e-5)
-    for t in range(12):
-        step = torch.stack([seqs[b][n + t] for b, n in enumerate(lengths)])[:, None]
-        out = model(step, cache=cache)
-        for b, n in enumerate(lengths):
-            torch.testing.assert_close(out[b, 0], model(seqs[b][None, :n + t + 1])[0, -1], atol=1e-5, rtol=1e-5)
-
-
 @torch.no_grad()
 def test_padded_prefill_leaves_exactly_the_state_of_stepping():
     torch.manual_seed(0)
@@ -282,16 +261,7 @@ def test_optimizer_groups_and_flops_count_the_mixer():
     model = AdambaLM.build(tiny_config(block_pattern="TM2", mamba2_headdim=16, mamba2_d_state=16,
                                        mamba2_chunk_size=8))
     mixer = model.blocks[1].mixer
-    adamw, muon = build_optimizers(model, TrainConfig(weight_decay=0.1))
-    no_decay = {id(p) for p in (mixer.A_log, mixer.D, mixer.dt_bias, mixer.conv1d.bias, mixer.norm.weight)}
-    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
-    assert not no_decay & muon_params
-    for group in adamw.param_groups:
-        ids = {id(p) for p in group["params"]}
-        if ids & no_decay:
-            assert ids == no_decay and group["weight_decay"] == 0.0
-    every = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
-    assert every == {id(p) for p in model.parameters()}
+    assert_no_decay_group(model, [mixer.A_log, mixer.D, mixer.dt_bias, mixer.conv1d.bias, mixer.norm.weight])
     f = model.count_flops(32)
     matrices = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks") and p.ndim == 2)
     assert f.projections == 2 * matrices  # in_proj and out_proj (plus the attention block's)

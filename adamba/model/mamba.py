@@ -33,6 +33,18 @@ def dt_rank_for(d_model: int, dt_rank: int | str) -> int:
     return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
 
+def keep_conv_window(conv: torch.Tensor, window: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """Store in `conv` (B, channels, d_conv - 1) the last conv inputs of `window` (B, channels, d_conv - 1 + L):
+    the history the next token's conv reads. With right padding, each row's history ends at its last real
+    token (`valid` of them), not at the padding."""
+    k = conv.size(-1)
+    if valid is None:
+        conv.copy_(window[:, :, window.size(-1) - k:])
+        return
+    idx = (valid + k)[:, None] - torch.arange(k, 0, -1, device=window.device)[None, :]
+    conv.copy_(window.gather(2, idx[:, None, :].expand(-1, window.size(1), -1)))
+
+
 class MambaState:
     """Decoding state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state, per row."""
 
@@ -125,12 +137,7 @@ class Mamba(nn.Module):
         y, h = scan(x.to(f), dt.to(f), A, B.to(f), C.to(f), self.D.to(f), h0)
         if state is not None:
             state.ssm.copy_(h)
-            if valid is None:
-                state.conv.copy_(window[:, :, window.size(-1) - (self.d_conv - 1):])
-            else:  # each row's window ends at its last real token
-                ends = valid + self.d_conv - 1
-                idx = ends[:, None] - torch.arange(self.d_conv - 1, 0, -1, device=u.device)[None, :]
-                state.conv.copy_(window.gather(2, idx[:, None, :].expand(-1, self.d_inner, -1)))
+            keep_conv_window(state.conv, window, valid)
         if not output:
             return None
         y = y.to(u.dtype) * F.silu(z)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mamba import SSMBlock
+from .mamba import SSMBlock, keep_conv_window
 from .scan import cuda_causal_conv1d
 from .ssd import ssd_scan, ssd_sequential
 
@@ -171,12 +171,7 @@ class Mamba2(nn.Module):
         y, h = ssd_sequential(*args) if L == 1 else ssd_scan(*args, chunk_size=self.chunk_size)
         if state is not None:
             state.ssm.copy_(h)
-            if valid is None:
-                state.conv.copy_(window[:, :, window.size(-1) - (self.d_conv - 1):])
-            else:  # each row's window ends at its last real token
-                ends = valid + self.d_conv - 1
-                idx = ends[:, None] - torch.arange(self.d_conv - 1, 0, -1, device=u.device)[None, :]
-                state.conv.copy_(window.gather(2, idx[:, None, :].expand(-1, self.conv_dim, -1)))
+            keep_conv_window(state.conv, window, valid)
         if not output:
             return None
         y = self.norm(y.flatten(-2).to(u.dtype), z)
