@@ -1,13 +1,14 @@
 """One Matryoshka-trained model against models trained independently at each compute mode's width.
 
 MatFormer (Devvrit et al. 2023) reports that each nested slice is as good as a model of its size trained
-alone. Here: the demo's shape (an alternating attention/Mamba hybrid, width 256, head dim 64) on the embedded
-corpus. The Matryoshka models train every slice, by the sandwich rule (full, smallest and one random middle
-width per micro-step) and by MatFormer's rule (one random width per micro-step); each control trains only at
-one width (`TrainConfig.width`): the same weights and architecture, its attention/MLP layers narrowed to that
-width, Mamba, embeddings and lm_head at full width, which is exactly what a slice computes. All runs use the
-same tokenizer, seed, data order, batch, schedule and number of steps, so they see the same tokens. Every
-model is then scored on the same held-out tokens at the Ghost, Normal and Think widths.
+alone. Here: the demo's shape (an alternating attention/Mamba hybrid, width 256, head dim 64; `--pattern T` for
+a transformer) on the embedded corpus. The Matryoshka models train every slice, by the sandwich rule (full,
+smallest and one random middle width per micro-step) and by MatFormer's rule (one random width per
+micro-step); each control trains only at one width (`TrainConfig.width`): the same weights and architecture,
+its attention/MLP layers narrowed to that width, Mamba, embeddings and lm_head at full width, which is exactly
+what a slice computes. All runs use the same tokenizer, seed, data order, batch, schedule and number of steps,
+so they see the same tokens. Every model is then scored on the same held-out tokens at the Ghost, Normal and
+Think widths.
 
 Checks (issue 5): within each Matryoshka model bpb falls as width grows, and each slice is within 3% of its
 independent model. Prints a table, writes a Markdown report and a PNG of bpb against FLOPs/token, ends with
@@ -62,13 +63,14 @@ def main() -> None:
     base = dict(data="embedded", tokenizer_vocab_size=4096, device_batch_size=args.batch_size,
                 total_batch_size=args.batch_size * args.sequence_len, num_iterations=args.steps, eval_every=0,
                 device=args.device)
+    prefix = f"matryoshka_quality-{args.pattern.replace('*', 'x')}"  # runs and report, per block pattern
     runs = {f"matryoshka-{rule}": dict(matryoshka=True, matryoshka_rule=rule) for rule in args.rules.split(",")}
     runs |= {f"independent-{mode}": dict(width=mode) for mode in MODES}
 
     results, data = {}, None
     for name, overrides in runs.items():
         started = time.perf_counter()
-        result = train(model_config, TrainConfig(run_name=f"matryoshka_quality-{name}", **base, **overrides))
+        result = train(model_config, TrainConfig(run_name=f"{prefix}-{name}", **base, **overrides))
         ckpt = load_checkpoint(result.checkpoint, device)
         if data is None:
             data = TokenizedCorpus(open_corpus("embedded"), ckpt.tokenizer, TrainConfig.val_fraction)
@@ -107,7 +109,7 @@ def main() -> None:
     verdicts = [f"- {'holds' if ok else 'FAILS'}: {check}" for check, ok in checks.items()]
     table = "\n".join(lines)
 
-    out = adamba_home() / "reports" / "matryoshka_quality"
+    out = adamba_home() / "reports" / prefix
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot([flops[m] for m in MODES], [r["independent"] for r in rows], "ks", label="independent models")

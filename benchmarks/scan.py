@@ -254,7 +254,7 @@ def decode_latency(args) -> list[dict]:
         def __init__(self, block):
             super().__init__()
             self.blocks = torch.nn.ModuleList([block])
-            self.config = type("C", (), {"sequence_len": capacity, "matryoshka_levels": [d_model]})()
+            self.config = type("C", (), {"sequence_len": capacity, "matryoshka_levels": [d_model], "loop": None})()
             self.cos, self.sin = cos, sin
     rows = []
     for context in contexts:

@@ -156,6 +156,9 @@ class AdambaLM(nn.Module):
             positions = cache.begin(T)
             cos, sin = self.cos[positions], self.sin[positions]
         x = rms_norm(self.wte(idx), self.config.norm_width)
+        # the float64 rotary tables, cast once here rather than in every attention layer (a decode step is
+        # dominated by per-op overhead)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if self.loop is not None:
             logits = self.loop(x, self.blocks, cos, sin, cache, width, loops, self.head)
         elif exit_layers is not None or adaptive is not None:
