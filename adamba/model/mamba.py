@@ -33,6 +33,28 @@ def dt_rank_for(d_model: int, dt_rank: int | str) -> int:
     return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
 
+def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d,
+                     history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """silu(depthwise causal conv) of x (B, L, channels), each output reading the d_conv inputs up to it;
+    `history` (B, channels, d_conv - 1) holds the inputs before x (None: zeros, a fresh sequence).
+
+    Returns the output (B, L, channels) and the window [history, x] (B, channels, d_conv - 1 + L) whose last
+    inputs a decoding state keeps (`keep_conv_window`); None on the fused CUDA path, taken only without history."""
+    x = x.transpose(1, 2)
+    fused = cuda_causal_conv1d() if x.is_cuda and history is None else None
+    if fused is not None:  # training on a GPU: Dao-AILab's fused kernel (zero history, as below)
+        return fused(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu").transpose(1, 2), None
+    if history is None:
+        history = x.new_zeros(x.size(0), x.size(1), conv.kernel_size[0] - 1)
+    window = torch.cat([history.to(x.dtype), x], dim=-1)
+    if x.size(-1) == 1:  # one token: a dot product per channel (F.conv1d costs several times as much on a CPU)
+        out = (window * conv.weight[:, 0]).sum(-1, keepdim=True)
+        out = out + conv.bias[:, None] if conv.bias is not None else out
+    else:
+        out = F.conv1d(window, conv.weight, conv.bias, groups=conv.in_channels)
+    return F.silu(out).transpose(1, 2), window
+
+
 def keep_conv_window(conv: torch.Tensor, window: torch.Tensor, valid: torch.Tensor | None) -> None:
     """Store in `conv` (B, channels, d_conv - 1) the last conv inputs of `window` (B, channels, d_conv - 1 + L):
     the history the next token's conv reads. With right padding, each row's history ends at its last real
@@ -114,15 +136,7 @@ class Mamba(nn.Module):
         else:
             bias = self.in_proj.bias
             x = F.linear(u, self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
-        x = x.transpose(1, 2)  # (B, d_inner, L) for the depthwise conv
-        fused_conv = cuda_causal_conv1d() if x.is_cuda and state is None else None
-        if fused_conv is not None:  # training on a GPU: the fused kernel (zero history, as below)
-            x = fused_conv(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-            x = x.transpose(1, 2)
-        else:
-            history = state.conv if state is not None else x.new_zeros(batch, self.d_inner, self.d_conv - 1)
-            window = torch.cat([history.to(x.dtype), x], dim=-1)  # causal: each output sees d_conv inputs
-            x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        x, window = causal_conv_silu(x, self.conv1d, state.conv if state is not None else None)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         if valid is not None:  # padding must not move the state: dt = 0 means decay 1 and no input

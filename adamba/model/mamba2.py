@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mamba import SSMBlock, keep_conv_window
-from .scan import cuda_causal_conv1d
+from .mamba import SSMBlock, causal_conv_silu, keep_conv_window
 from .ssd import ssd_scan, ssd_sequential
 
 
@@ -142,20 +141,7 @@ class Mamba2(nn.Module):
             bias = self.in_proj.bias
             xBC, dt = F.linear(u, self.in_proj.weight[self.d_inner:], None if bias is None else
                                bias[self.d_inner:]).split([self.conv_dim, self.nheads], dim=-1)
-        xBC = xBC.transpose(1, 2)  # (B, conv_dim, L) for the depthwise conv
-        fused_conv = cuda_causal_conv1d() if xBC.is_cuda and state is None else None
-        if fused_conv is not None:  # training on a GPU: the fused kernel (zero history, as below)
-            xBC = fused_conv(xBC.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-            xBC = xBC.transpose(1, 2)
-        else:
-            history = state.conv if state is not None else xBC.new_zeros(batch, self.conv_dim, self.d_conv - 1)
-            window = torch.cat([history.to(xBC.dtype), xBC], dim=-1)  # causal: each output sees d_conv inputs
-            if L == 1:  # a decode step: one dot product per channel (F.conv1d costs ~5x as much on the CPU here)
-                xBC = (window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
-                xBC = xBC + self.conv1d.bias[:, None] if self.conv1d.bias is not None else xBC
-            else:
-                xBC = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-            xBC = F.silu(xBC).transpose(1, 2)
+        xBC, window = causal_conv_silu(xBC, self.conv1d, state.conv if state is not None else None)
         G, N = self.ngroups, self.d_state
         x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         # The scan runs in at least float32: its state accumulates over the whole sequence (bf16 would drift).
