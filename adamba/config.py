@@ -602,16 +602,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing or malformed file is a ValueError naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def load_toml(path: str | Path, model_overrides: dict | None = None,
               train_overrides: dict | None = None) -> RunConfig:
     """Read a run config from TOML; overrides (e.g. from CLI flags) win over the file."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+    data = read_toml(path)
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
         raise ValueError(f"config file {path}: unknown table(s) {unknown}; use [model] and [train]")

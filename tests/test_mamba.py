@@ -11,7 +11,20 @@ from adamba.train.optim import build_optimizers
 from tests.conftest import tiny_config
 
 
-def reference_mamba(sd: dict, u: torch.Tensor, d_state: int, d_conv: int, dt_rank: int) -> torch.Tensor:
+def reference_causal_conv_silu(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """silu of the depthwise causal conv of x (L, channels), one output and one tap at a time, zero history."""
+    weight, d_conv = sd["conv1d.weight"][:, 0], sd["conv1d.weight"].shape[-1]
+    conv = torch.zeros_like(x)
+    for t in range(x.size(0)):
+        for k in range(d_conv):  # tap k sees input t - (d_conv - 1 - k)
+            s = t - (d_conv - 1 - k)
+            if s >= 0:
+                conv[t] += weight[:, k] * x[s]
+        conv[t] += sd["conv1d.bias"]
+    return conv * torch.sigmoid(conv)
+
+
+def reference_mamba(sd: dict, u: torch.Tensor, d_state: int, dt_rank: int) -> torch.Tensor:
     """The reference Mamba equations in float64, one token and one channel at a time, from a state dict."""
     sd = {k: v.double() for k, v in sd.items()}
     u = u.double()
@@ -22,14 +35,7 @@ def reference_mamba(sd: dict, u: torch.Tensor, d_state: int, d_conv: int, dt_ran
     for b in range(batch):
         xz = u[b] @ sd["in_proj.weight"].T
         x, z = xz[:, :d_inner], xz[:, d_inner:]
-        conv = torch.zeros(L, d_inner, dtype=torch.float64)
-        for t in range(L):
-            for k in range(d_conv):  # tap k sees input t - (d_conv - 1 - k)
-                s = t - (d_conv - 1 - k)
-                if s >= 0:
-                    conv[t] += sd["conv1d.weight"][:, 0, k] * x[s]
-            conv[t] += sd["conv1d.bias"]
-        xc = conv * torch.sigmoid(conv)
+        xc = reference_causal_conv_silu(sd, x)
         h = torch.zeros(d_inner, d_state, dtype=torch.float64)
         for t in range(L):
             proj = sd["x_proj.weight"] @ xc[t]
@@ -66,7 +72,7 @@ def test_reference_state_dict_loads_and_matches_float64_equations(kernel, monkey
     mixer = Mamba(d_model, d_state, d_conv, expand, dt_rank="auto")
     mixer.load_state_dict(state, strict=True)
     u = torch.randn(2, 11, d_model, generator=g)
-    want = reference_mamba(state, u, d_state, d_conv, dt_rank)
+    want = reference_mamba(state, u, d_state, dt_rank)
     got = mixer.double()(u.double())
     assert (got - want).abs().max().item() < 1e-10
     from adamba.model import scan_cpu

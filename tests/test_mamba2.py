@@ -12,7 +12,7 @@ from adamba.model.cache import InferenceCache
 from adamba.model.mamba2 import Mamba2
 from adamba.model.ssd import cuda_chunk_scan, segsum, ssd_chunked, ssd_scan, ssd_sequential
 from tests.conftest import tiny_config
-from tests.test_mamba import assert_no_decay_group
+from tests.test_mamba import assert_no_decay_group, reference_causal_conv_silu
 
 
 def ssd_inputs(batch, L, H, P, G, N, dtype, extreme=False, seed=0):
@@ -78,7 +78,7 @@ def test_segsum_is_stable_where_differences_of_cumulative_sums_cancel():
     assert torch.all(decay.triu(1) == 0)
 
 
-def reference_mamba2(sd: dict, u: torch.Tensor, d_state: int, d_conv: int, headdim: int, ngroups: int):
+def reference_mamba2(sd: dict, u: torch.Tensor, d_state: int, headdim: int, ngroups: int):
     """The Mamba-2 equations in float64 from a reference-named state dict, one token and one head at a time."""
     sd = {k: v.double() for k, v in sd.items()}
     u = u.double()
@@ -90,14 +90,7 @@ def reference_mamba2(sd: dict, u: torch.Tensor, d_state: int, d_conv: int, headd
     for b in range(batch):
         proj = u[b] @ sd["in_proj.weight"].T
         z, xbc, dt_in = proj[:, :d_inner], proj[:, d_inner:2 * d_inner + 2 * G * N], proj[:, 2 * d_inner + 2 * G * N:]
-        conv = torch.zeros_like(xbc)
-        for t in range(L):
-            for k in range(d_conv):  # tap k sees input t - (d_conv - 1 - k)
-                s = t - (d_conv - 1 - k)
-                if s >= 0:
-                    conv[t] += sd["conv1d.weight"][:, 0, k] * xbc[s]
-            conv[t] += sd["conv1d.bias"]
-        xbc = conv * torch.sigmoid(conv)
+        xbc = reference_causal_conv_silu(sd, xbc)
         x, Bm, Cm = xbc[:, :d_inner], xbc[:, d_inner:d_inner + G * N], xbc[:, d_inner + G * N:]
         h = torch.zeros(H, P, N, dtype=torch.float64)
         for t in range(L):
@@ -139,7 +132,7 @@ def test_reference_state_dict_loads_and_matches_float64_equations():
     mixer.load_state_dict(state, strict=True)
     mixer.double()
     u = torch.randn(2, 11, d_model, generator=g, dtype=torch.float64)
-    want = reference_mamba2(state, u, d_state, d_conv, headdim, ngroups)
+    want = reference_mamba2(state, u, d_state, headdim, ngroups)
     torch.testing.assert_close(mixer(u), want, atol=1e-10, rtol=1e-10)
     # with a state: a 5-token prefill (two chunks, the second ragged), then single steps
     cache = mixer.new_state(2, "cpu", torch.float64)

@@ -29,22 +29,16 @@ our own model code; a count given in the plan that differs is an error naming th
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import TRAIN_STAGES, ModelConfig, TrainConfig
+from ..config import TRAIN_STAGES, ModelConfig, TrainConfig, read_toml
 from ..model import AdambaLM
 from ..nanochat import nanochat_config
 from . import ops
 from .growth import count_params, source_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
 
 START_KEYS = {"checkpoint", "nanochat", "model", "train", "params"}
 PLAN_KEYS = {"name", "eval_tokens", "start", "train", "stage"}
@@ -82,12 +76,7 @@ def _table(value, where: str) -> dict:
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     where = f"plan {path}"
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{where}: not valid TOML: {err}") from None
+    data = read_toml(path, "plan")
     unknown = sorted(set(data) - PLAN_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; a plan has {sorted(PLAN_KEYS)}")
