@@ -89,6 +89,7 @@ def test_decode_with_gated_exits_equals_the_full_forward_with_the_same_decisions
 def rotate(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = v.size(-1) // 2
     a, b = v[..., :half], v[..., half:]
+    cos, sin = cos[..., :half], sin[..., :half]  # the model's tables hold [cos, cos] and [sin, -sin]
     return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
 
 

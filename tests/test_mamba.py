@@ -117,6 +117,21 @@ def test_decode_equals_full_forward_for_every_prompt_length(pattern):
                                        atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "pytorch"])
+@torch.no_grad()
+def test_decode_steps_equal_full_forward_with_either_step(kernel, monkeypatch):
+    """Mamba.step's two forms, the compiled one-pass kernel and the PyTorch equations, batch 3, float64."""
+    if kernel == "pytorch":
+        monkeypatch.setenv("ADAMBA_SCAN_KERNEL", "0")
+    model = random_hybrid("MTM", sequence_len=40).double()
+    seq = torch.randint(0, 512, (3, 24))
+    reference = model(seq)
+    cache = InferenceCache(model, 3, 24)
+    model(seq[:, :8], cache=cache)
+    for t in range(8, 24):
+        torch.testing.assert_close(model(seq[:, t:t + 1], cache=cache)[:, 0], reference[:, t], atol=1e-10, rtol=1e-10)
+
+
 def test_engine_generates_with_pure_mamba_and_hybrids():
     from adamba.infer.engine import Engine
     from adamba.infer.sampling import SamplingParams

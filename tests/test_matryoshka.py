@@ -164,7 +164,7 @@ def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]
         return w // hd, -(-(w // hd) // group)
 
     def rotate(v, s):  # v (heads, hd) at position s
-        c, si = model.cos[s], model.sin[s]
+        c, si = model.cos[s, :hd // 2], model.sin[s, :hd // 2]  # tables hold [cos, cos], [sin, -sin]
         a, b = v[:, :hd // 2], v[:, hd // 2:]
         return torch.cat([a * c + b * si, b * c - a * si], -1)
 

@@ -119,6 +119,30 @@ def test_several_threads_and_channel_groups():
     assert_close(got, ref, torch.float64, "2 threads")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch, d_inner, threads", [(1, 5, 1), (3, 40, 1), (64, 48, 2)])
+def test_decoding_step_against_one_step_of_the_reference(dtype, batch, d_inner, threads):
+    """scan_step = one step of sequential_scan times silu(z), in place on the state; B, C and z are views into
+    wider projection outputs as in Mamba.step; 64 x 48 rows with 2 threads splits the rows into tasks."""
+    [x, dt, A, B, C, D, h], _, _ = make_inputs(batch=batch, L=1, d_inner=d_inner, N=6, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(batch, 2 * d_inner, dtype=torch.float64, generator=gen)[:, d_inner:]  # as in_proj(u).chunk(2)
+    bc = torch.cat([torch.randn(batch, 1, 3, dtype=torch.float64, generator=gen), B, C], -1)[:, 0]  # as x_proj(x).split
+    y_ref, h_ref = sequential_scan(x, dt, A, B, C, D, h)
+    y_ref = y_ref[:, 0] * z * torch.sigmoid(z)
+    cast = [t.to(dtype) for t in (x[:, 0].contiguous(), dt[:, 0].contiguous(), z, A, bc[:, 3:9], bc[:, 9:], D)]
+    state = h.to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = scan_cpu.scan_step(*cast, state)
+    finally:
+        torch.set_num_threads(previous)
+    assert rel_err(y, y_ref) <= TOLERANCE[dtype] and rel_err(state, h_ref) <= TOLERANCE[dtype]
+    # inputs it cannot take (mixed dtypes) are declined, for the caller's PyTorch form
+    assert scan_cpu.scan_step(cast[0].to(torch.float16), *cast[1:], state) is None
+
+
 def test_no_grad_partial_grad_and_empty():
     inputs, gy, gh = make_inputs(batch=2, L=20, d_inner=6, N=3, seed=1)
     x, dt, A, B, C, D, h0 = inputs

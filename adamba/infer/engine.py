@@ -80,6 +80,7 @@ class Engine:
                                                                                  lengths - 1]
             for _ in range(max_new_tokens):
                 tokens = sample(logits, params, generator).tolist()
+                held = cache.lengths.tolist()  # one read per step, not one per row
                 produced = []
                 for b, token in enumerate(tokens):
                     row = rows[b]
@@ -92,7 +93,7 @@ class Engine:
                     produced.append((b, token))
                     if stop_strings and any(s in self.tokenizer.decode(row.tokens[-64:]) for s in stop_strings):
                         row.finish_reason = "stop"
-                    elif len(row.tokens) == max_new_tokens or int(cache.lengths[b]) >= capacity:
+                    elif len(row.tokens) == max_new_tokens or held[b] >= capacity:
                         row.finish_reason = "length"  # no room left in the context for this token
                 for b, row in enumerate(rows):
                     if row.finish_reason and not finished[b]:

@@ -71,25 +71,31 @@ class CausalSelfAttention(nn.Module):
             first = max(first, last)
         state.heads[:, :end] = torch.where(need, n_kv, state.heads[:, :end])
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n_kv K/V heads (B, T, n_kv, head_dim) of the normalised layer input x (its first d coordinates):
-        what a token leaves in the cache for later queries, and all that early exit's state propagation runs."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
+                n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (the first n_q heads; none for n_q = 0) and the first n_kv K/V heads, each (B, T, heads,
+        head_dim), of the normalised layer input x (its first d coordinates). Queries and keys are rotated and
+        normalised together, one rotary and one norm over all their heads: a decode step is dominated by
+        per-op overhead, and each head's numbers are the same either way."""
         B, T, d = x.shape
         hd = self.head_dim
-        k = F.linear(x, self.c_k.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
-        v = F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
-        return rms_norm(apply_rotary(k, cos, sin)), v
+        k = F.linear(x, self.c_k.weight[:n_kv * hd, :d])
+        qk = k if n_q == 0 else torch.cat([F.linear(x, self.c_q.weight[:n_q * hd, :d]), k], dim=-1)
+        q, k = rms_norm(apply_rotary(qk.view(B, T, n_q + n_kv, hd), cos, sin)).split([n_q, n_kv], dim=2)
+        return q, k, F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n_kv K/V heads of x: what a token leaves in the cache for later queries, and all that early
+        exit's state propagation runs."""
+        return self.project(x, cos, sin, 0, n_kv)[1:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: InferenceCache | None = None, state: KVState | None = None,
                 width: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
         n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
-        hd = self.head_dim
-        q = F.linear(x, self.c_q.weight[:n_q * hd, :d]).view(B, T, n_q, hd)
-        k, v = self.project_kv(x, cos, sin, n_kv)
-        q = rms_norm(apply_rotary(q, cos, sin))
+        q, k, v = self.project(x, cos, sin, n_q, n_kv)
         gqa = n_kv != n_q
         if state is not None:
             if n_kv > state.min_heads:  # some position may have been written narrower than this query needs
@@ -105,7 +111,7 @@ class CausalSelfAttention(nn.Module):
             k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)[:, :n_q] for t in (k, v))
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight[:d, :n_q * hd])
+        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight[:d, :n_q * self.head_dim])
 
 
 class AttentionBlock(nn.Module):

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import scan_cpu
 from .cache import InferenceCache
 from .mlp import MLP
 from .norm import rms_norm
@@ -73,6 +74,7 @@ class MambaState:
     def __init__(self, batch: int, d_inner: int, d_conv: int, d_state: int, device, dtype):
         self.conv = torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype)
         self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=dtype)
+        self.A: torch.Tensor | None = None  # -exp(A_log), computed at the first decoding step
 
 
 class Mamba(nn.Module):
@@ -170,14 +172,18 @@ class Mamba(nn.Module):
             x = F.linear(u[:, 0], self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
         window = torch.cat([state.conv, x[:, :, None].to(state.conv.dtype)], dim=-1)  # the last d_conv inputs
         state.conv.copy_(window[:, :, 1:])
-        x = torch.einsum("bdk,dk->bd", window.to(x.dtype), self.conv1d.weight[:, 0])
+        x = (window.to(x.dtype) * self.conv1d.weight[:, 0]).sum(-1)
         x = F.silu(x + self.conv1d.bias if self.conv1d.bias is not None else x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         f = torch.promote_types(x.dtype, torch.float32)
         x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
-        A = -torch.exp(self.A_log.to(f))
-        h = torch.exp(dt[..., None] * A) * state.ssm.to(f) + (dt * x)[..., None] * B[:, None, :]
+        if state.A is None:  # the weights are fixed while a cache is in use
+            state.A = -torch.exp(self.A_log.to(f))
+        y = scan_cpu.scan_step(x, dt, z, state.A, B, C, self.D, state.ssm) if output else None
+        if y is not None:  # the compiled kernel: the same equations in one pass over the state
+            return self.out_proj(y[:, None])
+        h = torch.exp(dt[..., None] * state.A) * state.ssm.to(f) + (dt * x)[..., None] * B[:, None, :]
         state.ssm.copy_(h)
         if not output:
             return None

@@ -1,9 +1,10 @@
 """The selective scan as a compiled CPU kernel (adamba/model/csrc/selective_scan.cpp), with an exact backward.
 
 `cpu_selective_scan(x, dt, A, B, C, D, h0=None)` has the semantics of `adamba.model.scan.sequential_scan`
-(shapes there) and is differentiable in all seven inputs. The C++ source is compiled on first use with
-`torch.utils.cpp_extension.load` (needs a C++ compiler with OpenMP and ninja; about a minute the first time,
-cached afterwards in torch's extensions folder, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions).
+(shapes there) and is differentiable in all seven inputs; `scan_step` is one decoding step (no gradient). The
+C++ source is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler with OpenMP and
+ninja; about a minute the first time, cached afterwards in torch's extensions folder, $TORCH_EXTENSIONS_DIR or
+~/.cache/torch_extensions).
 
 `available()` says whether the kernel can be used: it tries the build once per process, and on any failure
 warns once with the cause and returns False from then on. `ADAMBA_SCAN_KERNEL=0` turns the kernel off
@@ -127,3 +128,18 @@ def cpu_selective_scan(x, dt, A, B, C, D, h0=None, chunk: int = DEFAULT_CHUNK) -
     if out_dtype != dtype:
         y, h_last = y.to(out_dtype), h_last.to(out_dtype)
     return y, h_last
+
+
+def scan_step(x, dt, z, A, B, C, D, h) -> torch.Tensor | None:
+    """One decoding step by the compiled kernel, gate included: h <- exp(dt A) h + dt B x in place, and returns
+    y = (C . h + D x) * silu(z) (batch, d_inner). x, dt, z (batch, d_inner); B, C (batch, N); h (batch, d_inner, N).
+
+    None when the kernel cannot take these inputs (unavailable, not on the CPU, not all float32 or all float64,
+    or laid out otherwise than `Mamba.step` leaves them); the caller then runs the PyTorch form."""
+    dtype = h.dtype
+    if h.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or not available():
+        return None
+    if any(t.dtype != dtype for t in (x, dt, z, A, B, C, D)) or B.stride() != C.stride() or \
+            not (x.is_contiguous() and dt.is_contiguous() and h.is_contiguous()):
+        return None
+    return _module.step(x, dt, z, A, B, C, D, h)

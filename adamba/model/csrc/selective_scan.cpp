@@ -387,7 +387,91 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& x, const at::Tensor& dt,
   return {dx, ddt, dA_part.sum(0), dB, dC, dD_part.sum(0), dh0};
 }
 
+// One decoding step (a single token per row), in place on the state, gate included:
+//   h = exp(dt * A) * h + dt * B * x;   y = (sum_n C[n] * h[:, :, n] + D * x) * silu(z)
+// x, dt (B, d_inner) contiguous; z (B, d_inner), Bm, Cm (B, N) with unit column stride (views into the
+// projections' outputs); A (d_inner, N); D (d_inner,); h (B, d_inner, N) contiguous, updated in place.
+// One pass over the state, where the PyTorch form makes about ten (each over B x d_inner x N values) and
+// a batch-1 step is dominated by their per-op overhead.
+namespace {
+
+template <typename T>
+SCAN_INLINE void step_rows_impl(const T* x, const T* dt, const T* z, int64_t z_row, const T* A, const T* Bm,
+                                const T* Cm, int64_t bc_row, const T* D, T* h, T* y, int64_t Dn, int64_t N,
+                                int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {  // i = row * Dn + channel
+    const int64_t row = i / Dn, d = i % Dn;
+    const T xv = x[i], dtv = dt[i], zv = z[row * z_row + d];
+    const T* a = A + d * N;
+    const T* bm = Bm + row * bc_row;
+    const T* cm = Cm + row * bc_row;
+    T* hi = h + i * N;
+    T acc = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const T hn = exp_approx(dtv * a[n]) * hi[n] + dtv * bm[n] * xv;
+      hi[n] = hn;
+      acc += cm[n] * hn;
+    }
+    y[i] = (acc + D[d] * xv) * (zv / (T(1) + std::exp(-zv)));
+  }
+}
+
+SCAN_CLONES void step_rows_f32(const float* x, const float* dt, const float* z, int64_t z_row, const float* A,
+                               const float* Bm, const float* Cm, int64_t bc_row, const float* D, float* h, float* y,
+                               int64_t Dn, int64_t N, int64_t begin, int64_t end) {
+  step_rows_impl(x, dt, z, z_row, A, Bm, Cm, bc_row, D, h, y, Dn, N, begin, end);
+}
+SCAN_CLONES void step_rows_f64(const double* x, const double* dt, const double* z, int64_t z_row, const double* A,
+                               const double* Bm, const double* Cm, int64_t bc_row, const double* D, double* h,
+                               double* y, int64_t Dn, int64_t N, int64_t begin, int64_t end) {
+  step_rows_impl(x, dt, z, z_row, A, Bm, Cm, bc_row, D, h, y, Dn, N, begin, end);
+}
+void step_rows(const float* x, const float* dt, const float* z, int64_t z_row, const float* A, const float* Bm,
+               const float* Cm, int64_t bc_row, const float* D, float* h, float* y, int64_t Dn, int64_t N,
+               int64_t begin, int64_t end) {
+  step_rows_f32(x, dt, z, z_row, A, Bm, Cm, bc_row, D, h, y, Dn, N, begin, end);
+}
+void step_rows(const double* x, const double* dt, const double* z, int64_t z_row, const double* A, const double* Bm,
+               const double* Cm, int64_t bc_row, const double* D, double* h, double* y, int64_t Dn, int64_t N,
+               int64_t begin, int64_t end) {
+  step_rows_f64(x, dt, z, z_row, A, Bm, Cm, bc_row, D, h, y, Dn, N, begin, end);
+}
+
+}  // namespace
+
+at::Tensor scan_step(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& z, const at::Tensor& A,
+                     const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& D, at::Tensor h) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "scan step (CPU kernel): float32 or float64 only");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dt, &z, &A, &Bm, &Cm, &D, &h})
+    TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu(), "scan step: every input must match x's dtype, on the CPU");
+  const auto batch = x.size(0), Dn = x.size(1), N = A.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && dt.sizes() == x.sizes() && dt.is_contiguous(),
+              "scan step: x and dt must be contiguous (batch, d_inner)");
+  TORCH_CHECK(z.sizes() == x.sizes() && z.stride(1) == 1, "scan step: z must be (batch, d_inner), unit column stride");
+  TORCH_CHECK(Bm.dim() == 2 && Bm.size(0) == batch && Bm.size(1) == N && Bm.stride(1) == 1 &&
+                  Cm.sizes() == Bm.sizes() && Cm.stride(0) == Bm.stride(0) && Cm.stride(1) == 1,
+              "scan step: B and C must be (batch, N) with unit column stride and one row stride");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == Dn && A.is_contiguous() && D.numel() == Dn && D.is_contiguous(),
+              "scan step: A must be contiguous (d_inner, N), D (d_inner,)");
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == batch && h.size(1) == Dn && h.size(2) == N && h.is_contiguous(),
+              "scan step: the state must be contiguous (batch, d_inner, N)");
+  auto y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "adamba_scan_step", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *dtp = dt.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(),
+                   *Ap = A.data_ptr<scalar_t>(), *Bp = Bm.data_ptr<scalar_t>(), *Cp = Cm.data_ptr<scalar_t>(),
+                   *Dp = D.data_ptr<scalar_t>();
+    scalar_t *hp = h.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+    // grain: at least ~32k state values per task, so a small batch runs inline (no thread start-up)
+    at::parallel_for(0, batch * Dn, std::max<int64_t>(1, 32768 / N), [&](int64_t begin, int64_t end) {
+      step_rows(xp, dtp, zp, z.stride(0), Ap, Bp, Cp, Bm.stride(0), Dp, hp, yp, Dn, N, begin, end);
+    });
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("step", &scan_step, "one decoding step of the scan, gate included, in place on the state: y");
   m.def("forward", &scan_forward, "selective scan forward: (y, h_L, checkpoints)");
   m.def("backward", &scan_backward, "selective scan backward: (dx, ddt, dA, dB, dC, dD, dh0)");
 }
