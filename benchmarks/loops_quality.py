@@ -81,7 +81,7 @@ def parity_batch(generator: torch.Generator, batch: int, length: int, device) ->
 
 def parity_part(args, device) -> dict:
     lengths = [args.parity_length * m for m in (1, 2, 4)]
-    loop = dict(prelude=args.prelude, recur=args.recur, coda=args.coda, mean_recurrence=args.mean_recurrence,
+    loop = dict(prelude=args.prelude, recur=args.parity_recur, coda=args.coda, mean_recurrence=args.mean_recurrence,
                 backprop_depth=args.backprop_depth)
     config = ModelConfig(vocab_size=4, n_embd=args.parity_width, head_dim=16, sequence_len=max(lengths) + 1,
                          block_pattern="T", loop=loop)
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--pattern", default="T", help="block kinds (tiled over prelude + recur + coda)")
     parser.add_argument("--prelude", type=int, default=1)
-    parser.add_argument("--recur", type=int, default=2)
+    parser.add_argument("--recur", type=int, default=1)
     parser.add_argument("--coda", type=int, default=1)
     parser.add_argument("--mean-recurrence", type=int, default=4)
     parser.add_argument("--backprop-depth", type=int, default=4)
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--parity-steps", type=int, default=2000)
     parser.add_argument("--parity-length", type=int, default=16)
     parser.add_argument("--parity-width", type=int, default=64)
+    parser.add_argument("--parity-recur", type=int, default=2, help="recurrent layers of the parity model")
     parser.add_argument("--parity-batch", type=int, default=64)
     parser.add_argument("--parity-eval", type=int, default=512, help="test strings per length")
     parser.add_argument("--seed", type=int, default=0)
