@@ -140,6 +140,7 @@ def scan_step(x, dt, z, A, B, C, D, h) -> torch.Tensor | None:
     if h.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or not available():
         return None
     if any(t.dtype != dtype for t in (x, dt, z, A, B, C, D)) or B.stride() != C.stride() or \
-            not (x.is_contiguous() and dt.is_contiguous() and h.is_contiguous()):
+            z.stride(-1) != 1 or B.stride(-1) != 1 or \
+            not all(t.is_contiguous() for t in (x, dt, A, D, h)):
         return None
     return _module.step(x, dt, z, A, B, C, D, h)
