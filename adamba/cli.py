@@ -318,41 +318,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint")
     ev_commands = ev.add_subparsers(dest="eval_command", required=True)
-    bpb = ev_commands.add_parser("bpb", help="bits per byte on the validation split")
-    bpb.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
-    bpb.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    bpb.add_argument("--tokens", type=int, default=1 << 20, help="validation tokens to score")
-    bpb.add_argument("--batch-size", type=int, default=8)
-    bpb.add_argument("--device", default="auto")
-    bpb.set_defaults(func=cmd_eval_bpb)
-    el = ev_commands.add_parser("elastic", help="val bpb and FLOPs/token of every compute mode; Markdown + PNG")
-    el.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
-    el.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    el.add_argument("--tokens", type=int, default=1 << 18, help="validation tokens per mode")
+
+    def eval_parser(name: str, help: str, tokens: int, tokens_help: str, func) -> argparse.ArgumentParser:
+        """An `adamba eval` subcommand with the arguments every evaluation takes."""
+        sub = ev_commands.add_parser(name, help=help)
+        sub.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+        sub.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+        sub.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+        sub.add_argument("--batch-size", type=int, default=8)
+        sub.add_argument("--device", default="auto")
+        sub.set_defaults(func=func)
+        return sub
+
+    eval_parser("bpb", "bits per byte on the validation split", 1 << 20, "validation tokens to score", cmd_eval_bpb)
+    el = eval_parser("elastic", "val bpb and FLOPs/token of every compute mode; Markdown + PNG", 1 << 18,
+                     "validation tokens per mode", cmd_eval_elastic)
     el.add_argument("--context", type=int, default=None, help="context for attention's FLOPs (default: sequence_len)")
-    el.add_argument("--batch-size", type=int, default=8)
-    el.add_argument("--device", default="auto")
-    el.set_defaults(func=cmd_eval_elastic)
-    ad = ev_commands.add_parser("adaptive", help="early exit, width predictor and expansion against fixed widths "
-                                "and depths: val bpb, agreement, FLOPs/token; Markdown + PNG")
-    ad.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
-    ad.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    ad.add_argument("--tokens", type=int, default=1 << 16, help="held-out tokens per point")
+    ad = eval_parser("adaptive", "early exit, width predictor and expansion against fixed widths and depths: val "
+                     "bpb, agreement, FLOPs/token; Markdown + PNG", 1 << 16, "held-out tokens per point",
+                     cmd_eval_adaptive)
     ad.add_argument("--start", type=int, default=None,
                     help="score tokens from this position of each row (default: the predictor's prompt, or 0)")
-    ad.add_argument("--batch-size", type=int, default=8)
-    ad.add_argument("--device", default="auto")
-    ad.set_defaults(func=cmd_eval_adaptive)
-    lo = ev_commands.add_parser("loops", help="a looped model at several loop counts and adaptive exit thresholds: "
-                                "val bpb and FLOPs/token; Markdown + PNG")
-    lo.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    lo = eval_parser("loops", "a looped model at several loop counts and adaptive exit thresholds: val bpb and "
+                     "FLOPs/token; Markdown + PNG", 1 << 16, "validation tokens per row", cmd_eval_loops)
     lo.add_argument("--loops", default="1,2,4,8,16,32", help="fixed loop counts to measure; the largest caps exits")
-    lo.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    lo.add_argument("--tokens", type=int, default=1 << 16, help="validation tokens per row")
     lo.add_argument("--context", type=int, default=None, help="context for attention's FLOPs (default: sequence_len)")
-    lo.add_argument("--batch-size", type=int, default=8)
-    lo.add_argument("--device", default="auto")
-    lo.set_defaults(func=cmd_eval_loops)
 
     sa = commands.add_parser("sample", help="generate text from a checkpoint")
     sa.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")

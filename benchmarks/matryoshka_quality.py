@@ -21,6 +21,7 @@ one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -97,7 +98,7 @@ def main() -> None:
         rows.append(row)
     for name in matryoshka:
         curve = [results[name]["bpb"][mode] for mode in MODES]
-        checks[f"{name} monotone"] = all(a > b for a, b in zip(curve, curve[1:], strict=False))
+        checks[f"{name} monotone"] = all(a > b for a, b in itertools.pairwise(curve))
 
     header = "| mode | width | FLOPs/token | independent | " + " | ".join(f"{n} (gap)" for n in matryoshka) + " |"
     lines = [header, "|---|---:|---:|---:|" + "---:|" * len(matryoshka)]
