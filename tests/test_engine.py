@@ -42,15 +42,16 @@ def test_cached_decode_equals_full_forward_for_every_prompt_length(overrides):
     dict(block_pattern="TMM2", n_layer=3, mamba2_headdim=16, mamba2_ngroups=2, mamba2_d_state=8,
          mamba2_chunk_size=8),
 ], ids=["attention-window", "hybrid", "mamba2", "T-M-M2"])
+@pytest.mark.parametrize("static", [False, True], ids=["cache", "static-cache"])
 @torch.no_grad()
-def test_batched_rows_of_different_lengths_match_their_own_full_forward(overrides):
+def test_batched_rows_of_different_lengths_match_their_own_full_forward(overrides, static):
     # float64: rows batched together and rows run alone take different float32 rounding paths (kernels pick
     # vector widths by shape), which puts single elements at the 1e-5 edge; in float64 the padding logic
     # itself is checked to 1e-10. Float32 decode against a full forward is tested above and in test_mamba.
     model = random_model(sequence_len=64, **overrides).double()
     lengths = [5, 17, 1, 30]
     seqs = [torch.randint(0, 512, (n + 12,)) for n in lengths]
-    cache = InferenceCache(model, 4, 64)
+    cache = InferenceCache(model, 4, 64, static=static)
     padded = torch.zeros(4, max(lengths), dtype=torch.long)
     for b, n in enumerate(lengths):
         padded[b, :n] = seqs[b][:n]

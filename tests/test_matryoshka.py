@@ -219,26 +219,28 @@ def random_matryoshka_model(**overrides) -> AdambaLM:
     return model
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["cache", "static-cache"])
 @torch.no_grad()
-def test_decode_equals_full_forward_at_every_mode():
+def test_decode_equals_full_forward_at_every_mode(static):
     model = random_matryoshka_model(block_pattern="TM", n_kv_head=2)
     idx = torch.randint(0, 512, (1, 20))
     for mode in model.config.compute_modes:
         reference = model(idx, width=mode)
-        cache = InferenceCache(model, 1, 20)
+        cache = InferenceCache(model, 1, 20, static=static)
         out = [model(idx[:, :7], cache=cache, width=mode)]
         out += [model(idx[:, t:t + 1], cache=cache, width=mode) for t in range(7, 20)]
         torch.testing.assert_close(torch.cat(out, 1), reference, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["cache", "static-cache"])
 @pytest.mark.parametrize("pattern,n_kv_head", [("TT", 4), ("TMT", 2)])
 @torch.no_grad()
-def test_decode_with_widths_going_up_and_down_equals_the_per_token_reference(pattern, n_kv_head):
+def test_decode_with_widths_going_up_and_down_equals_the_per_token_reference(pattern, n_kv_head, static):
     model = random_matryoshka_model(block_pattern=pattern, n_layer=len(pattern), n_kv_head=n_kv_head)
     widths = [16, 16, 16, 64, 32, 16, 64, 64, 32, 16, 32, 64]  # prefill the first three at 16
     idx = torch.randint(0, 512, (len(widths),)).tolist()
     reference = per_token_width_reference(model, idx, widths)
-    cache = InferenceCache(model, 1, 16)
+    cache = InferenceCache(model, 1, 16, static=static)
     got = [model(torch.tensor([idx[:3]]), cache=cache, width=16)[0]]
     got += [model(torch.tensor([[idx[t]]]), cache=cache, width=widths[t])[0] for t in range(3, len(widths))]
     torch.testing.assert_close(torch.cat(got), reference, atol=1e-9, rtol=1e-9)

@@ -24,8 +24,19 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None):
+    """`compile=True` runs each decode step as one compiled graph (torch.compile over a static-shape cache, see
+    `InferenceCache`): a small model's step is mostly per-op overhead, which the compiled graph fuses away (the
+    speed-ups are in BENCHMARKS.md, "elastic"). It costs one compilation (seconds to a minute) per batch size and
+    width, holds K/V for the model's whole context from the start, and needs what torch.compile needs (a C++
+    compiler on a CPU, Triton on a GPU). Prefill runs eagerly. Not for looped models or adaptive exits, whose
+    steps depend on values only known at run time."""
+
+    def __init__(self, model, tokenizer=None, *, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        if compile and model.config.loop is not None:
+            raise ValueError("compile: looped models (config.loop) decode eagerly; use Engine(model) without compile")
+        self.decode_step = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         if not prompts:
@@ -53,6 +64,9 @@ class Engine:
         leave their state in every later layer) or expand; with `predictor`, each row's widths are chosen from its
         prompt before prefill, within `width` as a budget. Rows may exit or run at different widths in one step."""
         self._check_prompts(prompts)
+        if self.compiled and adaptive is not None:
+            raise ValueError("adaptive: a compiled engine (compile=True) decodes at fixed widths; use an Engine "
+                             "without compile for adaptive exits")
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
         params = params or SamplingParams()
@@ -61,7 +75,9 @@ class Engine:
         B = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         capacity = min(model.config.sequence_len, int(lengths.max()) + max_new_tokens)
-        cache = InferenceCache(model, B, capacity, loops=loops)
+        # A compiled step holds K/V for the whole context: one graph serves every generation of this batch size.
+        cache = InferenceCache(model, B, model.config.sequence_len if self.compiled else capacity, loops=loops,
+                               static=self.compiled)
         ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
@@ -105,7 +121,7 @@ class Engine:
                     break
                 parked = cache.lengths.clone() if any_parked else None
                 step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-                logits = model(step, cache=cache, width=width, loops=loops, **extra)[:, -1]
+                logits = self.decode_step(step, cache=cache, width=width, loops=loops, **extra)[:, -1]
                 if parked is not None:
                     cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:

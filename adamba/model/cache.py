@@ -80,9 +80,16 @@ class KVState:
 
 
 class InferenceCache:
-    """Per-layer states for `batch` rows of up to `capacity` tokens, plus how many tokens each row holds."""
+    """Per-layer states for `batch` rows of up to `capacity` tokens, plus how many tokens each row holds.
 
-    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None, loops=None):
+    `static=True` gives single-token steps static shapes, so that a compiled decode step (torch.compile, or CUDA
+    graphs) is one graph for the whole generation: every step attends over all `capacity` key positions with a
+    mask (instead of the keys written so far, a length that changes every step), writes each row at its own
+    position, and reads nothing back to the host (`begin` skips its capacity check: the caller keeps every row
+    within `capacity`, as the engine does). Steps of several tokens (prefill) are unchanged."""
+
+    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None, loops=None,
+                 static: bool = False):
         """`loops` (looped models): the most iterations a forward on this cache will run, an int or a
         `looped.Loops` plan (which may share slots with kv_budget, or warm-start); None: the config's mean."""
         from .looped import cache_slots  # looped.py builds on this module
@@ -92,7 +99,7 @@ class InferenceCache:
                              f"(sequence_len={model.config.sequence_len})")
         param = next(model.parameters())
         device, dtype = device or param.device, dtype or param.dtype
-        self.batch, self.capacity = batch, capacity
+        self.batch, self.capacity, self.static = batch, capacity, static
         self.levels = model.config.matryoshka_levels
         self.rotary = (model.cos, model.sin)  # for K/V heads computed later at earlier positions
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -112,6 +119,9 @@ class InferenceCache:
     # --- called by the model around each forward -------------------------------------------------------
     def begin(self, T: int) -> torch.Tensor:
         """Check room for T new tokens per row; return each new token's absolute position (B, T)."""
+        if self.static and T == 1:
+            self.uniform_start = None  # rows write at their own positions (write_index), read from no host value
+            return self.lengths[:, None]
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
         if hi + T > self.capacity:
             raise ValueError(f"the sequence would grow to {hi + T} tokens, beyond the cache's capacity of "
@@ -127,8 +137,8 @@ class InferenceCache:
 
     # --- used by layer states ------------------------------------------------------------------------------
     def end(self, T: int) -> int:
-        """Number of key positions that can be visible to any row this step."""
-        return self._max_length + T
+        """Number of key positions that can be visible to any row this step (static steps: all of them)."""
+        return self.capacity if self.static and T == 1 else self._max_length + T
 
     def write_index(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         cols = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
@@ -140,6 +150,8 @@ class InferenceCache:
 
         The boolean mask is (B, 1, T, L); it is None where a cheaper form is exact: a plain causal mask
         when every row starts empty, or no mask when one new token per row may see every key."""
+        if self.static and T == 1:  # computed afresh: a compiled step has no Python-side memo to consult
+            return self._position_mask(T, window)[:, None], False
         key = (T, window)
         if key not in self._masks:
             end = self.end(T)
@@ -148,10 +160,14 @@ class InferenceCache:
             elif T == 1 and self.uniform_start is not None and (window is None or window >= end):
                 self._masks[key] = (None, False)
             else:
-                query_pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-                key_pos = torch.arange(end, device=self.lengths.device)
-                mask = key_pos[None, None, :] <= query_pos[:, :, None]
-                if window is not None:
-                    mask &= query_pos[:, :, None] - key_pos[None, None, :] < window
-                self._masks[key] = (mask[:, None], False)
+                self._masks[key] = (self._position_mask(T, window)[:, None], False)
         return self._masks[key]
+
+    def _position_mask(self, T: int, window: int | None) -> torch.Tensor:
+        """(B, T, end(T)): True where the new token t of row b may see key position j."""
+        query_pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        key_pos = torch.arange(self.end(T), device=self.lengths.device)
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]
+        if window is not None:
+            mask &= query_pos[:, :, None] - key_pos[None, None, :] < window
+        return mask

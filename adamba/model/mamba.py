@@ -178,12 +178,20 @@ class Mamba(nn.Module):
         dt = F.softplus(self.dt_proj(dt))
         f = torch.promote_types(x.dtype, torch.float32)
         x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
-        if state.A is None:  # the weights are fixed while a cache is in use
-            state.A = -torch.exp(self.A_log.to(f))
-        y = scan_cpu.scan_step(x, dt, z, state.A, B, C, self.D, state.ssm) if output else None
+        # Inside a compiled step (torch.compile) the PyTorch form below is traced and fused by the compiler, and
+        # -exp(A_log) is part of the graph: reading a value cached on the state would make the first step's graph
+        # differ from the others'.
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            A = -torch.exp(self.A_log.to(f))
+        else:
+            if state.A is None:  # the weights are fixed while a cache is in use
+                state.A = -torch.exp(self.A_log.to(f))
+            A = state.A
+        y = scan_cpu.scan_step(x, dt, z, A, B, C, self.D, state.ssm) if output and not compiling else None
         if y is not None:  # the compiled kernel: the same equations in one pass over the state
             return self.out_proj(y[:, None])
-        h = torch.exp(dt[..., None] * state.A) * state.ssm.to(f) + (dt * x)[..., None] * B[:, None, :]
+        h = torch.exp(dt[..., None] * A) * state.ssm.to(f) + (dt * x)[..., None] * B[:, None, :]
         state.ssm.copy_(h)
         if not output:
             return None
