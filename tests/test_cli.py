@@ -52,6 +52,11 @@ def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
     assert "| think | 64 64 |" in report.read_text()
     assert main(["sample", "cli", "--mode", "fast", "--device", "cpu"]) == 2
     assert "unknown compute mode 'fast'" in capsys.readouterr().err
+    compiled = ["sample", "cli", "--prompt", "The", "--max-tokens", "4", "--mode", "ghost", "--compile",
+                "--device", "cpu"]
+    assert main(compiled) == 0 and capsys.readouterr().out.startswith("The")
+    assert main([*compiled, "--adaptive", "seeds"]) == 2
+    assert "adaptive: a compiled engine (compile=True) decodes at fixed widths" in capsys.readouterr().err
 
 
 def test_bad_input_gives_clear_errors(corpus_dir, capsys):
