@@ -95,7 +95,8 @@ class Engine:
             logits = model(ids, cache=cache, width=width, loops=loops, **extra)[torch.arange(B, device=device),
                                                                                  lengths - 1]
             for _ in range(max_new_tokens):
-                tokens = sample(logits, params, generator).tolist()
+                next_ids = sample(logits, params, generator)
+                tokens = next_ids.tolist()
                 held = cache.lengths.tolist()  # one read per step, not one per row
                 produced = []
                 for b, token in enumerate(tokens):
@@ -117,11 +118,10 @@ class Engine:
                         cache.lengths[b] -= 1  # park the row on its last slot, which it rewrites from now on
                 if produced:
                     yield produced
-                if bool(finished.all()):
+                if all(row.finish_reason for row in rows):
                     break
                 parked = cache.lengths.clone() if any_parked else None
-                step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-                logits = self.decode_step(step, cache=cache, width=width, loops=loops, **extra)[:, -1]
+                logits = self.decode_step(next_ids[:, None], cache=cache, width=width, loops=loops, **extra)[:, -1]
                 if parked is not None:
                     cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:

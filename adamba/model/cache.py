@@ -82,11 +82,11 @@ class KVState:
 class InferenceCache:
     """Per-layer states for `batch` rows of up to `capacity` tokens, plus how many tokens each row holds.
 
-    `static=True` gives single-token steps static shapes, so that a compiled decode step (torch.compile, or CUDA
-    graphs) is one graph for the whole generation: every step attends over all `capacity` key positions with a
-    mask (instead of the keys written so far, a length that changes every step), writes each row at its own
-    position, and reads nothing back to the host (`begin` skips its capacity check: the caller keeps every row
-    within `capacity`, as the engine does). Steps of several tokens (prefill) are unchanged."""
+    `static=True` gives single-token steps static shapes, so that a compiled decode step (torch.compile; see
+    `Engine(compile=True)`) is one graph for the whole generation: every step attends over all `capacity` key
+    positions with a mask (instead of the keys written so far, a length that changes every step), writes each row
+    at its own position, and reads nothing back to the host (`begin` skips its capacity check: the caller keeps
+    every row within `capacity`, as the engine does). Steps of several tokens (prefill) are unchanged."""
 
     def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None, loops=None,
                  static: bool = False):
