@@ -57,7 +57,7 @@ def main() -> None:
     model = AdambaLM.build(config, device).eval()
     randomize(model, seed=0)
     kinds = args.engines.split(",")
-    if not kinds or any(k not in ("eager", "compiled") for k in kinds):
+    if any(k not in ("eager", "compiled") for k in kinds):
         raise SystemExit(f"--engines: give eager, compiled or both (comma-separated), not {args.engines!r}")
     engines = {kind: Engine(model, compile=kind == "compiled") for kind in kinds}
     prompts = [torch.randint(0, config.vocab_size, (args.context,)).tolist() for _ in range(args.batch)]

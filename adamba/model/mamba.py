@@ -170,10 +170,9 @@ class Mamba(nn.Module):
         else:  # state propagation: the gate half is not needed
             bias = self.in_proj.bias
             x = F.linear(u[:, 0], self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
-        window = torch.cat([state.conv, x[:, :, None].to(state.conv.dtype)], dim=-1)  # the last d_conv inputs
-        state.conv.copy_(window[:, :, 1:])
-        x = (window.to(x.dtype) * self.conv1d.weight[:, 0]).sum(-1)
-        x = F.silu(x + self.conv1d.bias if self.conv1d.bias is not None else x)
+        x, window = causal_conv_silu(x[:, None], self.conv1d, state.conv)
+        keep_conv_window(state.conv, window, None)
+        x = x[:, 0]
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         f = torch.promote_types(x.dtype, torch.float32)
