@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
 import re
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
 
-from .config import ModelConfig, RunConfig, TrainConfig, load_toml
+from .config import ModelConfig, RunConfig, TrainConfig, load_toml, read_toml
 
 
 def _scalar(annotation) -> type:
@@ -44,15 +48,52 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str) -> None:
-    """One --flag per dataclass field; unset flags stay None so a config file's values survive."""
+def field_comments(cls) -> dict[str, str]:
+    """The comment at the end of each field's line in the dataclass's source: the help text of its flag."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped: flags keep their defaults only
+        return {}
+    comments, names = {}, {f.name for f in dataclasses.fields(cls)}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            name = token.line.split(":", 1)[0].strip()
+            if name in names and token.line.strip() != token.string:
+                comments[name] = token.string.lstrip("# ").strip()
+    return comments
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str, file_values: dict | None = None,
+                     file_name: str | None = None) -> None:
+    """One --flag per dataclass field; unset flags stay None so a config file's values survive. Each help line
+    shows the value a run would get: the config file's (`file_values`, a TOML table) or else the dataclass's."""
     group = parser.add_argument_group(f"{cls.__name__} fields")
     hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = _scalar(hints[f.name])
+        if file_values and f.name in file_values:
+            shown = f"(default: {file_values[f.name]!r}, from {file_name})"
+        else:
+            shown = f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else ""
+        text = " ".join(t for t in (comments.get(f.name, ""), shown) if t)
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{prefix}{f.name}", default=None,
                            type=_parse_bool if kind is bool else kind, metavar=kind.__name__.upper(),
-                           help=f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else None)
+                           help=text.replace("%", "%%") or None)
+
+
+def _config_file(argv: list[str] | None) -> tuple[dict, str | None]:
+    """The tables of the `--config FILE` in argv (so that `train --config FILE --help` shows the file's values);
+    a file that cannot be read shows nothing here, and the run itself reports it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return {}, None
+    try:
+        return read_toml(path), path
+    except ValueError:
+        return {}, None
 
 
 def config_overrides(args: argparse.Namespace, prefix: str) -> dict:
@@ -80,7 +121,7 @@ def cmd_tokenizer_train(args) -> None:
     from .data.prepare import default_tokenizer_name, training_texts
     from .data.tokenizer import Tokenizer, tokenizer_dir
 
-    corpus = open_corpus(args.data)
+    corpus = open_corpus(args.data, args.text_field)
     name = args.name or default_tokenizer_name(corpus, args.vocab_size)
     tokenizer = Tokenizer.train(training_texts(corpus, args.val_fraction), args.vocab_size, name)
     print(f"saved {tokenizer.vocab_size}-token tokenizer to {tokenizer.save(tokenizer_dir(name))}")
@@ -92,7 +133,7 @@ def cmd_tokenizer_eval(args) -> None:
     from .data.prepare import default_tokenizer_name
     from .data.tokenizer import Tokenizer, compression, tokenizer_dir
 
-    corpus = open_corpus(args.data)
+    corpus = open_corpus(args.data, args.text_field)
     name = args.tokenizer or default_tokenizer_name(corpus, args.vocab_size)
     path = Path(name) if Path(name).exists() else tokenizer_dir(name)
     tokenizer = Tokenizer.load(path)
@@ -120,14 +161,15 @@ def _load(args):
 
 
 def cmd_eval_bpb(args) -> None:
-    from .eval.bpb import evaluate_bpb
+    from .eval.bpb import measure_bpb
 
     ckpt = _load(args)
     data = _validation_data(ckpt, args.data)
     device = next(ckpt.model.parameters()).device
-    bpb = evaluate_bpb(ckpt.model, data, batch_size=args.batch_size, seq_len=ckpt.model.config.sequence_len,
-                       max_tokens=args.tokens, device=device)
-    print(f"{ckpt.path}: val bpb {bpb:.4f} on {data.corpus.name}")
+    estimate = measure_bpb(ckpt.model, data, batch_size=args.batch_size, seq_len=ckpt.model.config.sequence_len,
+                           max_tokens=args.tokens, device=device)
+    print(f"{ckpt.path}: val bpb {estimate.describe()} on {data.corpus.name} "
+          f"(95% bootstrap interval over {len(estimate.nats)} batches)")
 
 
 def _validation_data(ckpt, data_spec: str | None):
@@ -137,8 +179,9 @@ def _validation_data(ckpt, data_spec: str | None):
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; bpb needs one")
     train_cfg = ckpt.meta.get("train_config") or {}
-    return TokenizedCorpus(open_corpus(data_spec or train_cfg.get("data", "embedded")), ckpt.tokenizer,
-                           train_cfg.get("val_fraction", TrainConfig.val_fraction))
+    return TokenizedCorpus(open_corpus(data_spec or train_cfg.get("data", "embedded"),
+                                       train_cfg.get("text_field", TrainConfig.text_field)),
+                           ckpt.tokenizer, train_cfg.get("val_fraction", TrainConfig.val_fraction))
 
 
 def cmd_modes(args) -> None:
@@ -290,7 +333,7 @@ def cmd_demo(args) -> None:
 
 
 # --- parser ------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adamba", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -303,17 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data", default="embedded", help="embedded, a file/folder, or hf:owner/dataset[:N]")
         sub.add_argument("--vocab-size", type=int, default=TrainConfig.tokenizer_vocab_size)
         sub.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+        sub.add_argument("--text-field", default=TrainConfig.text_field,
+                         help="the text of a .jsonl object or a .parquet column")
         if name == "train":
             sub.add_argument("--name", help="folder name under $ADAMBA_HOME/tokenizers")
         else:
             sub.add_argument("--tokenizer", help="tokenizer name or path (default: the one train would make)")
         sub.set_defaults(func=func)
 
-    tr = commands.add_parser("train", help="pretrain a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr = commands.add_parser("train", help="pretrain a model")
     tr.add_argument("--config", help="TOML file with [model] and [train] tables; flags override it")
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    add_config_flags(tr, ModelConfig, "model_")
-    add_config_flags(tr, TrainConfig, "train_")
+    tables, file_name = _config_file(argv)
+    add_config_flags(tr, ModelConfig, "model_", tables.get("model"), file_name)
+    add_config_flags(tr, TrainConfig, "train_", tables.get("train"), file_name)
     tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint")
@@ -406,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:

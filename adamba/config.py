@@ -175,7 +175,7 @@ class ModelConfig:
     sequence_len: int = 1024
     vocab_size: int = 65536
     depth: int | None = None
-    size: int | None = None  # width dial: n_embd = size x aspect_ratio, rounded up to head_dim (default: depth)
+    size: int | None = None  # width dial: n_embd = size x aspect_ratio, rounded up to head_dim (None: depth)
     n_layer: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -421,6 +421,14 @@ class ModelConfig:
         return [None if kind != ATTENTION or w in (None, self.n_embd) else w
                 for kind, w in zip(self.block_pattern, widths, strict=True)]
 
+    def distinct_modes(self) -> list[list[str]]:
+        """The compute modes grouped by the widths they run (at small n_embd Ghost and Whisper are one width):
+        one computation, and one row in every report, per group."""
+        groups: dict[tuple, list[str]] = {}
+        for mode in self.compute_modes:
+            groups.setdefault(tuple(self.layer_widths(mode)), []).append(mode)
+        return list(groups.values())
+
     @property
     def model_head_dim(self) -> int:
         return self.n_embd // self.n_head
@@ -457,7 +465,8 @@ class TrainConfig:
 
     run_name: str = "default"  # checkpoints go to $ADAMBA_HOME/checkpoints/<run>/
     data: str = "embedded"  # 'embedded', a local file/folder, or 'hf:<owner>/<dataset>'
-    tokenizer: str | None = None  # a tokenizer name under $ADAMBA_HOME/tokenizers (default: per data)
+    text_field: str = "text"  # the text of a .jsonl object or a .parquet column
+    tokenizer: str | None = None  # a tokenizer name under $ADAMBA_HOME/tokenizers (None: one trained for the data)
     tokenizer_vocab_size: int = 4096  # for a tokenizer trained on the fly (the model takes its size)
     val_fraction: float = 0.05
     device_batch_size: int = 8

@@ -11,7 +11,7 @@ from .common import print0
 from .config import ModelConfig, TrainConfig
 from .data.corpus import open_corpus
 from .data.dataset import TokenizedCorpus
-from .eval.elastic_report import markdown_table, mode_rows
+from .eval.elastic_report import INTERVAL_NOTE, markdown_table, mode_rows
 from .infer.engine import Engine
 from .infer.sampling import SamplingParams
 from .train.report import write_report
@@ -37,13 +37,13 @@ def run_demo(minutes: float = 8.0, run: str = "demo") -> None:
 
     checkpoint = load_checkpoint(result.checkpoint)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    data = TokenizedCorpus(open_corpus(config.data), tokenizer, config.val_fraction)
+    data = TokenizedCorpus(open_corpus(config.data, config.text_field), tokenizer, config.val_fraction)
     modes = mode_rows(model, data, tokens=MODE_EVAL_TOKENS, batch_size=config.device_batch_size)
     engine = Engine(model, tokenizer)
-    samples = [(f"{mode} ({model.config.compute_modes[mode]} wide)",
+    samples = [(f"{row.mode} ({model.config.compute_modes[row.modes[0]]} wide)",
                 DEMO_PROMPT + engine.complete(DEMO_PROMPT, 96, SamplingParams(temperature=0.8, top_k=50), seed=0,
-                                              width=mode))
-               for mode in model.config.compute_modes]
+                                              width=row.modes[0]))
+               for row in modes]
     before, after = result.initial_val_bpb, result.final_val_bpb
     throughputs = sorted(m["tok_per_s"] for m in result.metrics if "loss" in m)
     summary = {
@@ -60,7 +60,8 @@ def run_demo(minutes: float = 8.0, run: str = "demo") -> None:
     }
     table = markdown_table(modes)
     note = (f"FLOPs/token of a forward at context {model.config.sequence_len}, everything counted (attention at "
-            f"its width, Mamba and lm_head at full width); val bpb on {MODE_EVAL_TOKENS:,} held-out tokens.")
+            f"its width, Mamba and lm_head at full width); val bpb on {MODE_EVAL_TOKENS:,} held-out tokens. "
+            f"{INTERVAL_NOTE}")
     report = write_report(run, summary=summary, metrics=result.metrics, samples=samples,
                           model_description=model.config.describe(),
                           sections={"Compute modes": f"{note}\n\n{table}"})

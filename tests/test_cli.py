@@ -4,6 +4,9 @@ from pathlib import Path
 from adamba.checkpoint import run_dir
 from adamba.cli import main
 
+# | mode | widths | FLOPs | of full | bpb (low-high) | difference from full width |
+MODE_ROW = (r"\| ([\w =]+) \| ([\d ]+(?: full)?) \| ([\d.e+]+) \| ([\d.]+)% \| ([\d.]+) \(([\d.]+)-([\d.]+)\) \| "
+            r"([^|]+) \|")
 TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--sequence-len", "32", "--device", "cpu",
         "--device-batch-size", "4", "--total-batch-size", "128", "--tokenizer-vocab-size", "512",
         "--val-fraction", "0.1", "--eval-tokens", "256"]
@@ -34,22 +37,25 @@ def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
     assert capsys.readouterr().out == first and first.startswith("The king")
 
     assert main(["eval", "bpb", "cli", "--tokens", "256", "--device", "cpu", "--batch-size", "2"]) == 0
-    bpb = float(re.search(r"val bpb ([\d.]+)", capsys.readouterr().out).group(1))
-    assert 0.5 < bpb < 10
+    bpb, low, high = map(float, re.search(r"val bpb ([\d.]+) \(([\d.]+)-([\d.]+)\)",
+                                          capsys.readouterr().out).groups())
+    assert 0.5 < bpb < 10 and low < bpb < high
 
     assert main(["modes", "cli", "--tokens", "256", "--device", "cpu", "--batch-size", "2"]) == 0
-    rows = {m[0]: m[1:] for m in re.findall(r"\| (\w+) \| ([\d ]+) \| ([\d.e+]+) \| ([\d.]+)% \| ([\d.]+) \|",
-                                            capsys.readouterr().out)}
-    assert set(rows) == {"ghost", "whisper", "normal", "think"}
-    assert rows["think"][0] == "64 64" and rows["think"][2] == "100.0" and rows["ghost"][0] == "16 16"
-    assert float(rows["ghost"][1]) < float(rows["normal"][1]) < float(rows["think"][1])
-    assert float(rows["think"][3]) == round(bpb, 4)  # the full mode is the model eval bpb measured
+    rows = {m[0]: m[1:] for m in re.findall(MODE_ROW, capsys.readouterr().out)}
+    # at n_embd 64 Ghost and Whisper both run width 16: one computation, one row with both names
+    assert set(rows) == {"ghost = whisper", "normal", "think"}
+    assert rows["think"][0] == "64 64" and rows["think"][2] == "100.0" and rows["ghost = whisper"][0] == "16 16"
+    assert float(rows["ghost = whisper"][1]) < float(rows["normal"][1]) < float(rows["think"][1])
+    assert rows["think"][3:6] == (f"{bpb:.4f}", f"{low:.4f}", f"{high:.4f}")  # full width is `eval bpb`'s number
+    assert rows["think"][6] == "(control)" and re.fullmatch(r"[+-][\d.]+ \([+-][\d.]+ to [+-][\d.]+\)",
+                                                             rows["normal"][6])
     assert main(["sample", "cli", "--prompt", "The", "--max-tokens", "5", "--mode", "ghost", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("The")
     assert main(["eval", "elastic", "cli", "--tokens", "256", "--device", "cpu", "--batch-size", "2"]) == 0
     report = Path(re.search(r"report: (\S+)", capsys.readouterr().out).group(1))
     assert report.exists() and (report.parent / "elastic.png").stat().st_size > 1000
-    assert "| think | 64 64 |" in report.read_text()
+    assert "| think | 64 64 |" in report.read_text() and "| ghost = whisper | 16 16 |" in report.read_text()
     assert main(["sample", "cli", "--mode", "fast", "--device", "cpu"]) == 2
     assert "unknown compute mode 'fast'" in capsys.readouterr().err
     compiled = ["sample", "cli", "--prompt", "The", "--max-tokens", "4", "--mode", "ghost", "--compile",
@@ -90,9 +96,59 @@ def test_demo_trains_a_matryoshka_hybrid_and_shows_every_mode(corpus_dir, monkey
     assert main(["demo", "--run", "tinydemo"]) == 0
     out = capsys.readouterr().out
     assert "energy penalty: widths are sampled by the sandwich rule" in out
-    assert [m for m in ("ghost", "whisper", "normal", "think") if f"[{m} (" in out] == ["ghost", "whisper", "normal",
-                                                                                        "think"]
-    table = re.findall(r"\| (\w+) \| 16 full \| [\d.e+]+ \| [\d.]+% \| ([\d.]+) \|", out)
-    assert [mode for mode, _ in table] == ["ghost", "whisper"] and "| think | 64 full |" in out
+    assert [m for m in ("ghost = whisper", "normal", "think") if f"[{m} (" in out] == ["ghost = whisper", "normal",
+                                                                                      "think"]
+    table = re.findall(MODE_ROW, out)
+    assert [(mode, widths) for mode, widths, *_ in table] == [("ghost = whisper", "16 full"), ("normal", "32 full"),
+                                                             ("think", "64 full")]
+    assert all(float(low) < float(bpb) < float(high) for *_, bpb, low, high, _ in table)
     report = Path(re.search(r"report: (\S+)", out).group(1)).read_text()
     assert "## Compute modes" in report and "Matryoshka, sandwich rule" in report and "think (64 wide):" in report
+
+
+def test_one_plain_text_file_is_a_corpus(tmp_path, capsys):
+    """nanoGPT-style: one ~1 MB input.txt trains and has held-out data (its pieces, corpus.text_pieces)."""
+    from tests.test_data import prose
+
+    text_file = tmp_path / "input.txt"
+    text_file.write_text(prose(1_000_000))
+    assert 0.9e6 < text_file.stat().st_size < 1.1e6
+    args = [a for a in TINY if a != "--val-fraction" and a != "0.1"]
+    assert main(["train", "--data", str(text_file), "--run-name", "txt", "--num-iterations", "2", *args]) == 0
+    assert "finished at step 2" in capsys.readouterr().out
+    assert main(["eval", "bpb", "txt", "--tokens", "1024", "--device", "cpu", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert 0.5 < float(re.search(r"val bpb ([\d.]+)", out).group(1)) < 10 and "over 8 batches" in out
+
+
+def _help_defaults(argv: list[str], monkeypatch, capsys) -> dict[str, str]:
+    """Each config flag of `adamba train ... --help` -> its help text (one line: the terminal is wide)."""
+    import pytest
+
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main(argv)
+    return dict(re.findall(r"^  --([\w-]+) [A-Z]+\s+(.*)$", capsys.readouterr().out, flags=re.MULTILINE))
+
+
+def test_train_help_shows_each_default_once_from_the_dataclass_or_the_config(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from adamba.config import ModelConfig, TrainConfig
+
+    shown = _help_defaults(["train", "--help"], monkeypatch, capsys)
+    fields = {f.name.replace("_", "-"): f for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    assert shown.pop("config").startswith("TOML file") and set(shown) == set(fields)
+    for flag, text in shown.items():
+        assert text.count("(default:") == 1, f"--{flag}: {text}"
+        assert text.endswith(f"(default: {fields[flag].default!r})"), f"--{flag}: {text}"
+    assert shown["run-name"] == "checkpoints go to $ADAMBA_HOME/checkpoints/<run>/ (default: 'default')"
+
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\ndepth = 6\n[train]\nrun_name = "mine"\nmatryoshka = true\n')
+    shown = _help_defaults(["train", "--config", str(config), "--help"], monkeypatch, capsys)
+    assert all(text.count("(default:") == 1 for text in shown.values() if not text.startswith("TOML"))
+    assert shown["depth"] == f"(default: 6, from {config})"
+    assert shown["matryoshka"] == f"(default: True, from {config})"
+    assert shown["run-name"].endswith(f"(default: 'mine', from {config})")
+    assert shown["n-embd"] == "(default: None)" and shown["seed"] == "(default: 42)"

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adamba.data.corpus import embedded_corpus, local_corpus, read_text_file
+from adamba.data.corpus import PIECE_CHARS, embedded_corpus, local_corpus, read_text_file, text_pieces
 from adamba.data.dataset import TokenizedCorpus
 from adamba.data.loader import DataLoader, pack_rows, split_pieces
 from adamba.data.tokenizer import MIN_VOCAB, Tokenizer
@@ -64,7 +64,11 @@ def test_bad_local_files_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         read_text_file(bad)
     bad.write_text('{"title": "no text"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a string"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no string field 'text'; this line has \['title'\]: "
+                                         r"choose one with --text-field NAME"):
+        read_text_file(bad)
+    bad.write_text('17\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a string or an object with a 'text' string"):
         read_text_file(bad)
     with pytest.raises(ValueError, match="does not exist"):
         local_corpus(tmp_path / "missing")
@@ -72,6 +76,55 @@ def test_bad_local_files_name_the_file_and_line(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no .txt, .jsonl, .parquet files"):
         local_corpus(empty)
+
+
+def test_text_field_names_the_text_of_jsonl_and_parquet(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "one", "id": 1}) + "\n")
+    pq.write_table(pa.table({"content": ["two"], "url": ["x"]}), tmp_path / "b.parquet")
+    assert list(local_corpus(tmp_path, text_field="content").documents()) == ["one", "two"]
+    with pytest.raises(ValueError, match=r"b.parquet: no column 'text'; it has \['content', 'url'\]: choose one "
+                                         r"with --text-field NAME"):
+        read_text_file(tmp_path / "b.parquet")
+
+
+def prose(n_chars: int, seed: int = 0) -> str:
+    """Paragraphs of the test language separated by blank lines, about n_chars long."""
+    paragraphs, size, i = [], 0, 0
+    while size < n_chars:
+        paragraphs.append(make_documents(1, seed=seed * 100_000 + i)[0].strip())
+        size += len(paragraphs[-1]) + 2
+        i += 1
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def test_a_txt_file_is_cut_into_paragraph_pieces_that_concatenate_back():
+    text = prose(60_000)
+    pieces = text_pieces(text)
+    assert "".join(pieces) == text
+    assert all(PIECE_CHARS // 2 <= len(p) <= PIECE_CHARS * 3 // 2 for p in pieces[:-1])
+    assert all(p.endswith("\n\n") for p in pieces[:-1])  # cut at blank lines, which this text has
+    one_line = "word " * 3000  # no line breaks at all: hard cuts of PIECE_CHARS
+    assert [len(p) for p in text_pieces(one_line)] == [PIECE_CHARS] * 3 + [15000 - 3 * PIECE_CHARS]
+    assert text_pieces("short") == ["short"] and text_pieces("") == []
+
+
+def test_a_single_txt_file_gets_a_stable_disjoint_split(tmp_path, tokenizer):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "input.txt").write_text(prose(200_000, seed=1))
+
+    def splits() -> dict[str, set[str]]:
+        data = TokenizedCorpus(local_corpus(folder), tokenizer, val_fraction=0.1, progress=False)
+        return {split: {tokenizer.decode(d[1:].tolist()) for i in range(len(data))
+                        for d in data.split_documents(i, split)} for split in ("train", "val")}
+
+    first = splits()
+    assert first["val"] and first["train"] and not first["val"] & first["train"]
+    assert splits() == first  # deterministic
+    (folder / "more.txt").write_text(prose(100_000, seed=2))
+    grown = splits()
+    assert first["val"] <= grown["val"] and first["train"] <= grown["train"]  # no piece of input.txt moved
+    assert len(grown["val"] | grown["train"]) > len(first["val"] | first["train"])
 
 
 def test_embedded_corpus_is_shakespeare_or_fails_over():

@@ -5,6 +5,7 @@ widths), the FLOP counter against a hand count, and the training-time draw of r.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 
 import pytest
@@ -366,8 +367,14 @@ def test_training_a_looped_model_logs_the_sampled_loops_and_reports_them(corpus_
     expected = [sample_loops(config, 42, step, 0) for step in range(3)]
     assert logged == expected and result.mean_loops == pytest.approx(sum(expected) / 3)
     # the report of `adamba eval loops` on that checkpoint
-    assert main(["eval", "loops", "test", "--tokens", "96", "--batch-size", "2", "--loops", "1,2", "--device",
+    assert main(["eval", "loops", "test", "--tokens", "192", "--batch-size", "2", "--loops", "1,3", "--device",
                  "cpu"]) == 0
     out = adamba_home / "reports" / "test"
     report = (out / "loops.md").read_text()
-    assert "| r = 2 |" in report and "exit kl < 0.0005 (r <= 2)" in report and (out / "loops.png").exists()
+    assert "exit kl < 0.0005 (r <= 3)" in report and (out / "loops.png").exists()
+    interval = r"([\d.]+) \(([\d.]+)-([\d.]+)\)"
+    # r = 3 is mean_recurrence: the control that every other row's paired difference is taken from
+    assert re.search(rf"\| r = 3 \| 3.00 \| [\d.e+]+ \| 100.0% \| {interval} \| \(control\) \|", report)
+    low, bpb, high = sorted(map(float, re.search(rf"\| r = 1 \| 1.00 \| [\d.e+]+ \| [\d.]+% \| {interval} \|",
+                                                 report).groups()))
+    assert low < bpb < high

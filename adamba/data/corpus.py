@@ -29,6 +29,12 @@ from .download import download_hf_dataset
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SHAKESPEARE_CLEANING = 2  # bump when _clean_markdown changes, so cached token ids are rebuilt
+TEXT_FIELD = "text"
+# A .txt file is running text, not one document: it is cut into pieces of about this many characters, so that
+# the train/val split (by document, dataset.py) has something to hold out of a single file. Bump TXT_PIECES when
+# the rule changes, so cached token ids are rebuilt.
+PIECE_CHARS = 4000
+TXT_PIECES = 1
 
 
 @dataclass
@@ -108,11 +114,48 @@ def embedded_corpus() -> Corpus:
 
 
 # --- local files ---------------------------------------------------------------------------------------
-def read_text_file(path: Path) -> list[str]:
-    """Documents of one local file: a .txt is one document, a .jsonl has one per line ({"text": ...} or a
-    string), a .parquet has one per row of its `text` column."""
+def _cut(text: str, start: int, size: int) -> int:
+    """Where the piece starting at `start` ends: after the paragraph break (blank line) nearest before
+    start + size, else the nearest one in the next half piece, else the same for a line break, else at size."""
+    low, target, high = start + size // 2, start + size, start + size + size // 2
+    for separator in ("\n\n", "\n"):
+        at = text.rfind(separator, low, target)
+        if at < 0:
+            at = text.find(separator, target, high)
+        if at >= 0:
+            return at + len(separator)
+    return target
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into consecutive pieces of about `size` characters at paragraph boundaries where it has them.
+    The pieces concatenate back to `text`, and depend on nothing but `text`, so each piece's split is stable."""
+    pieces, start = [], 0
+    while len(text) - start > size + size // 2:
+        end = _cut(text, start, size)
+        pieces.append(text[start:end])
+        start = end
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def _field(item, path: Path, lineno: int, text_field: str) -> str:
+    text = item.get(text_field) if isinstance(item, dict) else item
+    if isinstance(text, str):
+        return text
+    if isinstance(item, dict):
+        raise ValueError(f"{path}:{lineno}: no string field {text_field!r}; this line has {sorted(item)}: choose "
+                         "one with --text-field NAME (text_field in a config)")
+    raise ValueError(f"{path}:{lineno}: expected a string or an object with a {text_field!r} string")
+
+
+def read_text_file(path: Path, text_field: str = TEXT_FIELD) -> list[str]:
+    """Documents of one local file: a .txt is cut into pieces of about PIECE_CHARS characters (text_pieces), a
+    .jsonl has one per line ({text_field: ...} or a string), a .parquet has one per row of its `text_field`
+    column."""
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        return text_pieces(path.read_text(encoding="utf-8", errors="replace"))
     if path.suffix == ".jsonl":
         docs = []
         with open(path, encoding="utf-8") as f:
@@ -123,42 +166,45 @@ def read_text_file(path: Path) -> list[str]:
                     item = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                text = item.get("text") if isinstance(item, dict) else item
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: expected a string or an object with a 'text' string")
-                docs.append(text)
+                docs.append(_field(item, path, lineno, text_field))
         return docs
     if path.suffix == ".parquet":
         try:
-            table = pq.read_table(path, columns=["text"])
+            columns = pq.read_schema(path).names
         except Exception as err:
-            raise ValueError(f"{path}: cannot read a 'text' column from this parquet file: {err}") from None
-        return [t for t in table.column("text").to_pylist() if t]
+            raise ValueError(f"{path}: not a readable parquet file: {err}") from None
+        if text_field not in columns:
+            raise ValueError(f"{path}: no column {text_field!r}; it has {columns}: choose one with --text-field NAME "
+                             "(text_field in a config)")
+        return [t for t in pq.read_table(path, columns=[text_field]).column(text_field).to_pylist() if t]
     raise ValueError(f"{path}: unsupported file type; use one of {', '.join(TEXT_SUFFIXES)}")
 
 
-def _file_key(path: Path) -> str:
+def _file_key(path: Path, text_field: str) -> str:
+    """Changes when the file, the field read from it, or the .txt piece rule changes."""
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    reader = f"pieces{TXT_PIECES}" if path.suffix == ".txt" else f"field={text_field}"
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{reader}".encode()).hexdigest()[:12]
 
 
-def files_corpus(name: str, files: list[Path]) -> Corpus:
+def files_corpus(name: str, files: list[Path], text_field: str = TEXT_FIELD) -> Corpus:
     if not files:
         raise ValueError(f"data: no {', '.join(TEXT_SUFFIXES)} files found for {name!r}")
-    return Corpus(name, [_file_key(f) for f in files], [lambda f=f: read_text_file(f) for f in files])
+    return Corpus(name, [_file_key(f, text_field) for f in files],
+                  [lambda f=f: read_text_file(f, text_field) for f in files])
 
 
-def local_corpus(path: str | Path) -> Corpus:
+def local_corpus(path: str | Path, text_field: str = TEXT_FIELD) -> Corpus:
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"data: {path} does not exist")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    return files_corpus(f"local-{path.name}-{digest}", files)
+    return files_corpus(f"local-{path.name}-{digest}", files, text_field)
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------------
-def hf_corpus(spec: str) -> Corpus:
+def hf_corpus(spec: str, text_field: str = TEXT_FIELD) -> Corpus:
     """`hf:owner/name` or `hf:owner/name:N` (only the first N parquet shards)."""
     match = re.fullmatch(r"hf:([\w.-]+/[\w.-]+)(?::(\d+))?", spec)
     if not match:
@@ -166,13 +212,14 @@ def hf_corpus(spec: str) -> Corpus:
     repo, max_shards = match.group(1), match.group(2)
     dest = adamba_home() / "datasets" / repo.replace("/", "__")
     files = download_hf_dataset(repo, dest, max_shards=int(max_shards) if max_shards else None)
-    return files_corpus(f"hf-{repo.replace('/', '__')}", files)
+    return files_corpus(f"hf-{repo.replace('/', '__')}", files, text_field)
 
 
-def open_corpus(spec: str) -> Corpus:
-    """`embedded`, `hf:<owner>/<dataset>[:N]`, or a local file or folder."""
+def open_corpus(spec: str, text_field: str = TEXT_FIELD) -> Corpus:
+    """`embedded`, `hf:<owner>/<dataset>[:N]`, or a local file or folder; `text_field` names the text of a
+    .jsonl object or a .parquet column."""
     if spec == "embedded":
         return embedded_corpus()
     if spec.startswith("hf:"):
-        return hf_corpus(spec)
-    return local_corpus(spec)
+        return hf_corpus(spec, text_field)
+    return local_corpus(spec, text_field)

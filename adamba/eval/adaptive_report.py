@@ -8,7 +8,8 @@ Curves, all measured on the same held-out tokens and priced by the one FLOP coun
 - expand: the ExpansionGates at a sweep of thresholds from each narrower mode.
 Quality is held-out bits per byte and next-token (argmax) agreement with the full model. When the model has a
 predictor, every curve is scored on the tokens after the first `start` of each row (the prompt it reads), so all
-points see the same tokens. Writes Markdown and a PNG (bpb and agreement against FLOPs/token).
+points see the same tokens. Writes Markdown and a PNG (bpb and agreement against FLOPs/token); every bpb has its
+95% bootstrap interval over the held-out batches (eval/bpb.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from ..common import adamba_home  # noqa: E402
 from ..model.exits import Adaptive  # noqa: E402
 from ..model.flops import count_flops  # noqa: E402
 from ..model.predictor import predict_widths, predictor_flops  # noqa: E402
+from .bpb import BpbEstimate  # noqa: E402
 from .calibrate import Run, Sweep, measure  # noqa: E402
+from .plots import plot_intervals  # noqa: E402
 
 REPORT_GRID = (0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 PRICES = (-16.0, -4.0, -1.0, 0.0, 1.0, 4.0, 16.0, 64.0)  # logits per unit of FLOPs fraction
@@ -39,11 +42,15 @@ class Point:
     label: str
     flops: float  # forward FLOPs per token, from the counter
     fraction: float  # of the full model's
-    bpb: float
+    estimate: BpbEstimate
     agreement: float  # next-token argmax agreement with the full model
     mean_exit: float
     exits: list[int]  # tokens per exit layer 0..n_layer (n_layer: no exit)
     widths: list[int]  # (token, attention layer) pairs per Matryoshka level
+
+    @property
+    def bpb(self) -> float:
+        return self.estimate.bpb
 
 
 def predictor_runs(model, start: int, context: int) -> list[Run]:
@@ -58,7 +65,8 @@ def predictor_runs(model, start: int, context: int) -> list[Run]:
             return {"adaptive": Adaptive(exit=False, row_widths=tuple(tuple(p) for p in plans))}
         return kwargs
 
-    runs = [Run(f"budget {mode}", plan(budget=mode), extra=per_token) for mode in config.compute_modes]
+    runs = [Run(f"budget {' = '.join(modes)}", plan(budget=modes[0]), extra=per_token)
+            for modes in config.distinct_modes()]
     return runs + [Run(f"price {p:g}", plan(price=p), extra=per_token) for p in PRICES]
 
 
@@ -67,7 +75,8 @@ def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -
     config = model.config
     heads = model.adaptive_heads
     windows = config.attention_windows()
-    curves: dict[str, list[Run]] = {"width": [Run(mode, {"width": mode}) for mode in config.compute_modes]}
+    curves: dict[str, list[Run]] = {"width": [Run(" = ".join(modes), {"width": modes[0]})
+                                              for modes in config.distinct_modes()]}
     if config.exit_layers:
         exit_runs = [Run(f">= {t:g}", {"adaptive": Adaptive(threshold=t)}) for t in thresholds]
         if heads.thresholds is not None:
@@ -83,8 +92,9 @@ def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -
     if heads is not None and heads.predictor is not None:
         curves["predictor"] = predictor_runs(model, start, context)
     if heads is not None and heads.expansion_gates:
-        curves["expand"] = [Run(f"{mode} < {t:g}", {"width": mode, "adaptive": Adaptive(exit=False, expand=t)})
-                            for mode, w in config.compute_modes.items() if w < config.n_embd
+        curves["expand"] = [Run(f"{' = '.join(modes)} < {t:g}",
+                                {"width": modes[0], "adaptive": Adaptive(exit=False, expand=t)})
+                            for modes in config.distinct_modes() if config.compute_modes[modes[0]] < config.n_embd
                             for t in (0.3, 0.5, 0.7, 0.9)]
     return curves
 
@@ -102,16 +112,16 @@ def adaptive_points(model, batches, token_bytes, *, thresholds=REPORT_GRID,
     rows = result.rows()
     names = [curve for curve, group in curves.items() for _ in group]
     points = [Point(curve, label, float(rows["flops"][r]), float(rows["flops"][r]) / result.full_flops,
-                    float(rows["bpb"][r]), 1 - float(rows["risk"][r]), float(rows["mean_exit"][r]),
+                    result.estimate(r), 1 - float(rows["risk"][r]), float(rows["mean_exit"][r]),
                     result.exit_hist[r].astype(int).tolist(), result.width_hist[r].astype(int).tolist())
               for r, (curve, label) in enumerate(zip(names, result.labels, strict=True))]
     return points, int(rows["tokens"])
 
 
 def markdown(points: list[Point], levels: list[int]) -> str:
-    lines = ["| curve | choice | FLOPs/token | of full | val bpb | agreement | mean exit | exits per layer | "
-             f"widths ({'/'.join(map(str, levels))}) |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    lines += [f"| {p.curve} | {p.label} | {p.flops:.4g} | {100 * p.fraction:.1f}% | {p.bpb:.4f} | "
+    lines = ["| curve | choice | FLOPs/token | of full | val bpb (95% interval) | agreement | mean exit | "
+             f"exits per layer | widths ({'/'.join(map(str, levels))}) |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    lines += [f"| {p.curve} | {p.label} | {p.flops:.4g} | {100 * p.fraction:.1f}% | {p.estimate.describe()} | "
               f"{100 * p.agreement:.2f}% | {p.mean_exit:.2f} | {' '.join(map(str, p.exits))} | "
               f"{' '.join(map(str, p.widths))} |" for p in points]
     return "\n".join(lines)
@@ -122,9 +132,11 @@ def plot(points: list[Point], path: Path, title: str) -> Path:
     for curve in dict.fromkeys(p.curve for p in points):
         group = sorted((p for p in points if p.curve == curve), key=lambda p: p.flops)
         style = {"marker": "o", "ls": "-"} if curve in ("width", "depth") else {"marker": ".", "ls": "--"}
-        for ax, value in zip(axes, ("bpb", "agreement"), strict=True):
-            ax.plot([p.flops for p in group], [getattr(p, value) for p in group], label=curve, **style)
-    axes[0].set(xlabel="forward FLOPs per token", ylabel="held-out val bpb", title="quality against compute")
+        plot_intervals(axes[0], [p.flops for p in group], [p.estimate for p in group], band=True, label=curve,
+                       **style)
+        axes[1].plot([p.flops for p in group], [p.agreement for p in group], label=curve, **style)
+    axes[0].set(xlabel="forward FLOPs per token", ylabel="held-out val bpb (95% interval)",
+                title="quality against compute")
     axes[1].set(xlabel="forward FLOPs per token", ylabel="next-token agreement with the full model",
                 title="agreement against compute")
     for ax in axes:

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import binom
 
 from ..config import ATTENTION
 from ..data.loader import DataLoader
 from ..model.exits import Adaptive
+from .bpb import BpbEstimate
 
 # Descending: LTT's fixed sequence starts where exits are rarest.
 DEFAULT_GRID = (0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.9, 0.88,
@@ -78,7 +80,13 @@ class Sweep:
     nats: np.ndarray  # (R, S) summed -log p(next token), over tokens with bytes
     bytes: np.ndarray  # (S,) UTF-8 bytes of the predicted tokens
     full_flops: float  # forward FLOPs per token of the full model
+    batch_starts: np.ndarray  # the first sequence of each held-out batch
     thresholds: list[float] = field(default_factory=list)  # the exit threshold of each run, for calibration
+
+    def estimate(self, run: int) -> BpbEstimate:
+        """Run `run`'s bpb with per-batch sums, for its bootstrap interval."""
+        return BpbEstimate(np.add.reduceat(self.nats[run], self.batch_starts),
+                           np.add.reduceat(self.bytes, self.batch_starts))
 
     def rows(self, subset: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Totals per run over a subset of sequences (default all)."""
@@ -144,7 +152,8 @@ def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = 
     cat = {k: np.concatenate(v, axis=-1) for k, v in per.items()}
     return Sweep([run.label for run in runs], cat["tokens"], cat["disagree"], cat["flops"], cat["exited"],
                  cat["exit_sum"], exit_hist, width_hist, cat["nats"], cat["bytes"],
-                 model.count_flops(batches[0][0].size(1), width=reference).forward)
+                 model.count_flops(batches[0][0].size(1), width=reference).forward,
+                 np.cumsum([0] + [x.size(0) for x, _ in batches[:-1]]))
 
 
 def sweep(model, batches, thresholds=DEFAULT_GRID, width=None, token_bytes: torch.Tensor | None = None) -> Sweep:
@@ -161,22 +170,11 @@ def _nats(logits: torch.Tensor, y: torch.Tensor, counted: torch.Tensor) -> np.nd
     return (loss.double() * counted).sum(1).cpu().numpy()
 
 
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), summed in log space (exact up to float rounding; no scipy needed)."""
-    if k >= n:
-        return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
-
-
 def learn_then_test(disagree: np.ndarray, n: int, delta: float, epsilon: float) -> int | None:
     """Index of the lowest threshold certified by fixed-sequence testing over the (descending) grid, or None."""
     chosen = None
     for g, k in enumerate(disagree):
-        if binomial_cdf(int(k), int(n), delta) > epsilon:
+        if binom.cdf(int(k), int(n), delta) > epsilon:  # the p-value of H0: risk > delta
             break
         chosen = g
     return chosen

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..common import adamba_home  # noqa: E402
 from ..model.looped import Loops  # noqa: E402
-from .bpb import evaluate_bpb  # noqa: E402
+from .bpb import BpbEstimate, measure_bpb  # noqa: E402
+from .plots import place_labels, plot_intervals  # noqa: E402
 
 LOOP_COUNTS = (1, 2, 4, 8, 16, 32)
 # Around Huginn's defaults (looped.KL_EXIT_THRESHOLD, LATENT_EXIT_THRESHOLD): ten times looser and tighter.
@@ -33,7 +34,11 @@ class LoopRow:
     label: str
     loops: float  # mean iterations per token
     flops: float  # forward FLOPs per token
-    bpb: float | None
+    estimate: BpbEstimate | None
+
+    @property
+    def bpb(self) -> float | None:
+        return None if self.estimate is None else self.estimate.bpb
 
 
 def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, batch_size: int = 8,
@@ -44,10 +49,10 @@ def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
     device = next(model.parameters()).device
     sweep = EXIT_SWEEP if sweep is None else sweep
 
-    def bpb(**choice) -> float | None:
+    def bpb(**choice) -> BpbEstimate | None:
         if data is None or not tokens:
             return None
-        return evaluate_bpb(model, data, batch_size=batch_size, seq_len=config.sequence_len, max_tokens=tokens,
+        return measure_bpb(model, data, batch_size=batch_size, seq_len=config.sequence_len, max_tokens=tokens,
                             device=device, **choice)
 
     rows = [LoopRow("fixed", f"r = {r}", r, model.count_flops(context, loops=r).forward, bpb(loops=r))
@@ -73,29 +78,42 @@ def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
 
 
 def markdown_table(rows: list[LoopRow], reference_flops: float) -> str:
-    lines = ["| compute | mean loops | FLOPs/token | of mean_recurrence | val bpb |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.label} | {r.loops:.2f} | {r.flops:.3g} | {100 * r.flops / reference_flops:.1f}% | "
-              f"{'-' if r.bpb is None else f'{r.bpb:.4f}'} |" for r in rows]
+    """The rows with bpb, its 95% bootstrap interval, and the paired difference from the fixed row at
+    mean_recurrence (the one whose FLOPs are `reference_flops`), where that row is measured."""
+    control = next((r.estimate for r in rows if r.kind == "fixed" and r.flops == reference_flops), None)
+    lines = ["| compute | mean loops | FLOPs/token | of mean_recurrence | val bpb (95% interval) | "
+             "vs mean_recurrence (95%) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        bpb = difference = "-"
+        if r.estimate is not None:
+            bpb = r.estimate.describe()
+            if r.estimate is control:
+                difference = "(control)"
+            elif control is not None:
+                delta, low, high = r.estimate.difference(control)
+                difference = f"{delta:+.4f} ({low:+.4f} to {high:+.4f})"
+        lines.append(f"| {r.label} | {r.loops:.2f} | {r.flops:.3g} | {100 * r.flops / reference_flops:.1f}% | "
+                     f"{bpb} | {difference} |")
     return "\n".join(lines)
 
 
 def write_loops_report(name: str, rows: list[LoopRow], reference_flops: float, context: int, source: str) -> Path:
     out = adamba_home() / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set(xscale="log", xlabel=f"forward FLOPs per token (context {context})",
+           ylabel="held-out val bpb (95% interval)", title=f"loop counts of {name}")
+    ax.grid(alpha=0.3)
+    measured = [r for r in rows if r.estimate is not None]
     for kind, style in (("fixed", dict(marker="o")), ("exit", dict(marker="s", linestyle="none")),
                         ("width", dict(marker="^", linestyle="none"))):
-        measured = [r for r in rows if r.kind == kind and r.bpb is not None]
-        if measured:
-            ax.plot([r.flops for r in measured], [r.bpb for r in measured], label=kind, **style)
-            for r in measured:
-                ax.annotate(r.label.split(" (")[0], (r.flops, r.bpb), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
-    ax.set(xscale="log", xlabel=f"forward FLOPs per token (context {context})", ylabel="held-out val bpb",
-           title=f"loop counts of {name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+        group = [r for r in measured if r.kind == kind]
+        if group:
+            plot_intervals(ax, [r.flops for r in group], [r.estimate for r in group], label=kind, **style)
+    if measured:
+        ax.legend()
+        place_labels(ax, [r.flops for r in measured], [r.estimate.interval()[1] for r in measured],
+                     [r.label.split(" (")[0] for r in measured], fontsize=7)
     fig.savefig(out / "loops.png", dpi=110)
     plt.close(fig)
     path = out / "loops.md"
@@ -104,6 +122,8 @@ def write_loops_report(name: str, rows: list[LoopRow], reference_flops: float, c
         "counted (prelude, every iteration of the recurrent layers and inject, coda, lm_head; adaptive exit: each "
         "token's own count, plus the coda + lm_head probes of the kl criterion). Adaptive exit is measured in full "
         "forward passes: with kl, a token's probes see earlier tokens of the pass while they still iterate, so its "
-        "exits can differ slightly from token-by-token decoding (latent exits are the same).\n\n"
+        "exits can differ slightly from token-by-token decoding (latent exits are the same). Intervals are 95% "
+        "bootstrap intervals over the validation batches; the difference from mean_recurrence is paired (same "
+        "batches) and says a row differs only where it excludes 0.\n\n"
         f"{markdown_table(rows, reference_flops)}\n\n![bpb against FLOPs](loops.png)\n")
     return path

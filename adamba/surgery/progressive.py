@@ -47,7 +47,8 @@ class Progress:
             row["note"] = (note + "; " if note else "") + "no tokenizer.pkl, so no val bpb"
         else:
             if self.data is None or self.data.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
-                self.data = TokenizedCorpus(open_corpus(self.config.data), ckpt.tokenizer, self.config.val_fraction)
+                self.data = TokenizedCorpus(open_corpus(self.config.data, self.config.text_field), ckpt.tokenizer,
+                                            self.config.val_fraction)
             row["val_bpb"] = evaluate_bpb(model, self.data, batch_size=self.config.device_batch_size,
                                           seq_len=model.config.sequence_len, max_tokens=self.plan.eval_tokens,
                                           device=self.device, rank=self.info.rank,

@@ -133,7 +133,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     init = load_checkpoint(resolve(config.init_from), device) if config.init_from and not resume else None
     tokenizer_name = config.tokenizer or (str(init.path) if init is not None and init.tokenizer is not None else None)
     data = prepare_data(config.data, tokenizer_name, config.tokenizer_vocab_size, config.val_fraction, info.rank,
-                        progress)
+                        progress, config.text_field)
     tokenizer = data.tokenizer
     out_dir = run_dir(config.run_name)
 
