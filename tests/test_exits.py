@@ -281,3 +281,23 @@ def test_engine_decodes_with_exits_and_predicted_widths_as_each_row_alone_would(
             ids.append(int(logits[0, -1].argmax()))
         assert row.tokens == ids[len(prompt):]
     assert len(exits) > 1  # generated tokens exited at different layers
+
+
+@pytest.mark.parametrize("width", [32, "ghost"])
+@torch.no_grad()
+def test_decode_with_gated_exits_at_a_matryoshka_width_equals_the_full_forward(width):
+    """At a sliced width an exited token still leaves the K/V of its width's heads (and the layer input a wider
+    query would need) for later tokens."""
+    model = random_model()
+    policy = Adaptive(threshold=0.6)
+    idx = torch.randint(0, 512, (3, 24))
+    cache = InferenceCache(model, 3, 24)
+    out, decisions = [model(idx[:, :6], cache=cache, width=width, adaptive=policy)], [model.last_adaptive.exit_layer]
+    for t in range(6, 24):
+        out.append(model(idx[:, t:t + 1], cache=cache, width=width, adaptive=policy))
+        decisions.append(model.last_adaptive.exit_layer)
+    decisions = torch.cat(decisions, dim=1)
+    assert set(decisions.unique().tolist()) == {1, 2, 3, 4}
+    assert any(bool((decisions[:, t] < 4).all()) for t in range(6, 24))  # a step where every row exits early
+    reference = model(idx, width=width, exit_layers=decisions)
+    torch.testing.assert_close(torch.cat(out, dim=1), reference, atol=1e-10, rtol=1e-10)
