@@ -18,11 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +27,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .common import adamba_home
+from .common import adamba_home, atomic_directory, write_atomic
 from .config import ModelConfig
 from .data.tokenizer import Tokenizer
 from .model import AdambaLM
@@ -92,8 +89,7 @@ def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.tmp-"))
-    try:
+    with atomic_directory(final) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         safetensors.torch.save_file(state, tmp / WEIGHTS)
         if optimizers is not None:
@@ -107,20 +103,8 @@ def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_
             "loader": loader_state, "extra": extra or {},
             "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
         }
+        # Plain writes inside the temporary folder: atomic_directory fsyncs them and renames the folder.
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():  # re-saving a step: move the old one aside first, then swap
-            trash = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.old-"))
-            os.replace(final, trash / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -223,20 +207,10 @@ def _payload_sha256(data: dict) -> str:
 
 def save_calibration(path: Path, meta: dict, calibration: dict) -> Path:
     """Write `calibration` (JSON-able; `thresholds` maps exit layer -> threshold or None = never exit) beside the
-    checkpoint in `path`, atomically (a temporary file renamed into place), bound to the checkpoint's weights."""
+    checkpoint in `path`, atomically, bound to the checkpoint's weights."""
     data = {"format": CALIBRATION_FORMAT, "weights_sha256": meta["files"][WEIGHTS], **calibration}
     data["sha256"] = _payload_sha256(data)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CALIBRATION}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / CALIBRATION)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path / CALIBRATION
+    return write_atomic(path / CALIBRATION, json.dumps(data, indent=2))
 
 
 def _load_calibration(path: Path, meta: dict, model: AdambaLM) -> dict | None:

@@ -1,11 +1,17 @@
-"""Process-wide helpers: where files live, which device and dtype to use, seeding, torch.distributed."""
+"""Process-wide helpers: where files live and how they are written, which device and dtype to use, seeding,
+torch.distributed."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -17,6 +23,78 @@ def adamba_home() -> Path:
     home = Path(os.environ.get("ADAMBA_HOME") or Path.home() / ".cache" / "adamba")
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+# Every file adamba writes goes through the helpers below: written to a temporary sibling, fsynced, then renamed
+# onto its name, so a crash or a full disk leaves the old file or the whole new one, never a partial one that
+# would later read as a corrupt checkpoint, a truncated token cache or a half report. (Append-only logs, such as
+# metrics.jsonl, are the exception: a torn last line is all a crash can cost them.)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_file(source: str | Path, path: str | Path) -> None:
+    """Make the complete file `source` durable, then rename it onto `path` atomically (same filesystem)."""
+    _fsync(Path(source))
+    os.replace(source, path)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once: os.umask can only be read by setting it, which races with threads
+
+
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file object to write `path`'s new contents into (for writers that stream: np.savez, pickle, savefig);
+    `path` changes only when the block ends without an error. Text modes write UTF-8."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(fd, 0o666 & ~_UMASK)  # mkstemp makes the file owner-only; give it what open() would have
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        replace_file(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` (str as UTF-8) to `path` atomically and return `path`."""
+    with atomic_writer(path, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill with `path`'s new contents; when the block ends without an error, its
+    files are fsynced and it takes `path`'s place (an existing `path` is moved aside first, then deleted)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        if path.exists():  # os.replace cannot replace a non-empty folder: swap it out first
+            trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, trash / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def pick_device(name: str = "auto") -> torch.device:

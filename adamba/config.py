@@ -231,11 +231,19 @@ class ModelConfig:
     predictor_hidden: int = 128
 
     def __post_init__(self) -> None:
-        _positive_int("sequence_len", self.sequence_len)
-        _positive_int("vocab_size", self.vocab_size)
-        _positive_int("aspect_ratio", self.aspect_ratio)
-        _positive_int("head_dim", self.head_dim)
-        _positive_int("mlp_ratio", self.mlp_ratio)
+        for name in ("sequence_len", "vocab_size", "aspect_ratio", "head_dim", "mlp_ratio"):
+            _positive_int(name, getattr(self, name))
+        self._derive_layers()
+        self._derive_width()
+        self._check_positions()
+        self._check_mamba()
+        self._check_norm_width()
+        self._check_mamba2()
+        self._check_matryoshka()
+        self._check_adaptive()
+
+    def _derive_layers(self) -> None:
+        """n_layer (from the loop, depth or the pattern's length; else 12) and block_pattern, one kind per layer."""
         kinds = parse_block_pattern(self.block_pattern)
         if self.depth is not None:
             _positive_int("depth", self.depth)
@@ -265,6 +273,8 @@ class ModelConfig:
             _fail("block_pattern", f"block kind(s) {missing} are not available yet",
                   "use 'T' (attention), 'M' (Mamba-1) and 'M2' (Mamba-2) blocks in this version")
 
+    def _derive_width(self) -> None:
+        """n_embd from the width dial (size, else depth, else n_layer), and the query and K/V heads."""
         if self.size is not None:
             _positive_int("size", self.size)
         size = self.size if self.size is not None else self.depth if self.depth is not None else self.n_layer
@@ -286,6 +296,8 @@ class ModelConfig:
             _fail("n_kv_head", f"{self.n_kv_head} does not divide n_head={self.n_head}",
                   "grouped-query attention shares each K/V head among a whole number of query heads")
 
+    def _check_positions(self) -> None:
+        """Attention windows, the logit softcap and the rotary base."""
         if not isinstance(self.window_pattern, str) or not re.fullmatch(r"[SLsl]+", self.window_pattern):
             _fail("window_pattern", f"must be letters S (short) and L (long), got {self.window_pattern!r}")
         self.window_pattern = self.window_pattern.upper()
@@ -296,6 +308,8 @@ class ModelConfig:
             _fail("logit_softcap", f"must be >= 0 (0 disables it), got {self.logit_softcap!r}")
         if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 0:
             _fail("rope_base", f"must be > 0, got {self.rope_base!r}")
+
+    def _check_mamba(self) -> None:
         for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
             _positive_int(name, getattr(self, name))
         if isinstance(self.mamba_dt_rank, str) and self.mamba_dt_rank.isdigit():
@@ -304,14 +318,13 @@ class ModelConfig:
             _positive_int("mamba_dt_rank", self.mamba_dt_rank)
         if not isinstance(self.mamba_use_mlp, bool):
             _fail("mamba_use_mlp", f"must be true or false, got {self.mamba_use_mlp!r}")
+
+    def _check_norm_width(self) -> None:
         if self.norm_width is not None:
             _positive_int("norm_width", self.norm_width)
             if self.norm_width > self.n_embd:
                 _fail("norm_width", f"{self.norm_width} exceeds n_embd={self.n_embd}",
                       "it is the width before widening, so at most n_embd; leave it unset for an unwidened model")
-        self._check_mamba2()
-        self._check_matryoshka()
-        self._check_adaptive()
 
     def _check_adaptive(self) -> None:
         _positive_int("gate_hidden", self.gate_hidden)
@@ -535,6 +548,18 @@ class TrainConfig:
     metrics_file: str | None = None  # JSONL; default <checkpoint dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32, bfloat16 or float16")
+        self._check_widths()
+        self._check_adaptive()
+        if self.stage is not None and self.stage not in TRAIN_STAGES:
+            _fail("stage", f"unknown stage {self.stage!r}", f"use one of {', '.join(TRAIN_STAGES)}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
+            _fail("run_name", f"{self.run_name!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
+
+    def _check_numbers(self) -> None:
+        """Batch, schedule, evaluation and optimizer numbers."""
         for name in ("device_batch_size", "total_batch_size", "num_iterations", "tokenizer_vocab_size"):
             _positive_int(name, getattr(self, name))
         for name in ("eval_every", "sample_every", "save_every", "eval_tokens", "fixed_loops"):
@@ -552,8 +577,9 @@ class TrainConfig:
                 _fail(name, f"must be between 0 and 1, got {value!r}")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             _fail("warmdown_ratio", "warmup_ratio + warmdown_ratio exceeds 1")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32, bfloat16 or float16")
+
+    def _check_widths(self) -> None:
+        """Matryoshka training, or one fixed width, and the energy penalty's weight."""
         if self.matryoshka_rule not in ("sandwich", "sample"):
             _fail("matryoshka_rule", f"unknown rule {self.matryoshka_rule!r}", "use sandwich or sample")
         if not isinstance(self.matryoshka_middle, int) or self.matryoshka_middle < 0:
@@ -565,6 +591,9 @@ class TrainConfig:
             self.width = int(self.width)  # from a command-line flag
         if not isinstance(self.energy_weight, (int, float)) or self.energy_weight < 0:
             _fail("energy_weight", f"must be a non-negative number, got {self.energy_weight!r}")
+
+    def _check_adaptive(self) -> None:
+        """Early-exit, gate and width-predictor training terms."""
         for name in ("exit_loss_weight", "exit_kl_weight", "gate_loss_weight", "adaptive_lr", "predictor_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -580,10 +609,6 @@ class TrainConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 _fail(name, f"must be > 0, got {value!r}")
         _positive_int("predictor_context", self.predictor_context)
-        if self.stage is not None and self.stage not in TRAIN_STAGES:
-            _fail("stage", f"unknown stage {self.stage!r}", f"use one of {', '.join(TRAIN_STAGES)}")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
-            _fail("run_name", f"{self.run_name!r} is not a valid folder name", "use letters, digits, '.', '_', '-'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -54,7 +54,7 @@ def test_exit_and_gate_losses_use_the_truncated_models_and_the_honest_label():
     config = TrainConfig(exit_loss_weight=0.5, gate_loss_weight=2.0, exit_curriculum="none")
     x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     objective = ExitTraining(model.config, config, 0, narrow=False)
-    loss = model(x, y, adaptive=objective)
+    loss = objective.loss(model, model, x, y, {})
     final = model(x)
     ce = torch.nn.functional.cross_entropy(final.flatten(0, 1), y.flatten())
     exit_ce = {k: torch.nn.functional.cross_entropy(model(x, exit_layers=torch.full((2, 16), k)).flatten(0, 1),
@@ -74,7 +74,7 @@ def test_exit_and_gate_losses_use_the_truncated_models_and_the_honest_label():
     # the gate input is detached: with only the gate loss, no block of the language model gets a gradient
     model.zero_grad()
     only_gates = ExitTraining(model.config, TrainConfig(gate_loss_weight=1.0), 0, narrow=False)
-    model(x, y, adaptive=only_gates).backward()
+    only_gates.loss(model, model, x, y, {}).backward()
     ce_only = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
                and not n.startswith("adaptive_heads")}
     model.zero_grad()
@@ -87,7 +87,7 @@ def _hidden(model: AdambaLM, x: torch.Tensor, k: int) -> torch.Tensor:
     """x_k of a plain forward: the input of block k."""
     h = torch.nn.functional.rms_norm(model.wte(x), (model.config.n_embd,))
     for block in model.blocks[:k]:
-        h = block(h, model.cos[:x.size(1)], model.sin[:x.size(1)])
+        h = block(h, model.context(x.size(1)))
     return h
 
 
@@ -100,7 +100,7 @@ def test_the_energy_penalty_moves_the_predictor_toward_cheaper_widths():
 
     def chosen_flops() -> float:
         with torch.no_grad():
-            h = model.blocks[0](_hidden(model, x, 0), model.cos[:32], model.sin[:32])
+            h = model.blocks[0](_hidden(model, x, 0), model.context(32))
             probs = torch.nn.functional.one_hot(predictor(h[:, :8]).argmax(-1), 3).double()
         return float(expected_flops(model.config, probs).mean())
 
@@ -108,7 +108,7 @@ def test_the_energy_penalty_moves_the_predictor_toward_cheaper_widths():
     for i in range(20):
         opt.zero_grad()
         objective = PredictorTraining(model.config, config)
-        model(x, y, adaptive=objective).backward()
+        objective.loss(model, model, x, y, {}).backward()
         if i == 0:  # the energy term and the CE reach the predictor (later its softmax saturates)
             assert predictor.out.weight.grad.abs().sum() > 0
         opt.step()

@@ -46,8 +46,8 @@ def test_sweep_counts_what_the_adaptive_forward_does():
     for g, t in enumerate((0.99, 0.6)):
         disagree = flops = exited = 0
         for x, _ in batches:
-            logits = model(x, adaptive=Adaptive(threshold=t))
-            record = model.last_adaptive
+            out = model(x, adaptive=Adaptive(threshold=t), outputs=True)
+            logits, record = out.logits, out.exits
             disagree += int((logits.argmax(-1) != model(x).argmax(-1)).sum())
             flops += float(record.token_flops(model.config, 16).sum())
             exited += int((record.exit_layer < 4).sum())

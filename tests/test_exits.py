@@ -37,7 +37,7 @@ def hidden_states(model: AdambaLM, idx: torch.Tensor) -> list[torch.Tensor]:
     T = idx.size(1)
     xs = [norm(model.wte(idx))]
     for block in model.blocks:
-        xs.append(block(xs[-1], model.cos[:T], model.sin[:T]))
+        xs.append(block(xs[-1], model.context(T)))
     return xs
 
 
@@ -68,10 +68,9 @@ def test_decode_with_gated_exits_equals_the_full_forward_with_the_same_decisions
     policy = Adaptive(threshold=0.6)  # random gates: tokens exit after every layer, or run them all
     idx = torch.randint(0, 512, (batch, 24))
     cache = InferenceCache(model, batch, 24)
-    out, decisions = [model(idx[:, :6], cache=cache, adaptive=policy)], [model.last_adaptive.exit_layer]
-    for t in range(6, 24):
-        out.append(model(idx[:, t:t + 1], cache=cache, adaptive=policy))
-        decisions.append(model.last_adaptive.exit_layer)
+    steps = [model(idx[:, :6], cache=cache, adaptive=policy, outputs=True)]
+    steps += [model(idx[:, t:t + 1], cache=cache, adaptive=policy, outputs=True) for t in range(6, 24)]
+    out, decisions = [s.logits for s in steps], [s.exits.exit_layer for s in steps]
     decisions = torch.cat(decisions, dim=1)
     assert set(decisions.unique().tolist()) == {1, 2, 3, 4}  # every exit layer, and no exit, occur
     if batch > 1:
@@ -80,10 +79,10 @@ def test_decode_with_gated_exits_equals_the_full_forward_with_the_same_decisions
     reference = model(idx, exit_layers=decisions)
     torch.testing.assert_close(torch.cat(out, dim=1), reference, atol=tol, rtol=tol)
     # a full forward whose gates decide on the fly decides the same (each decision reads only earlier layers)
-    adaptive_full = model(idx, adaptive=policy)
+    adaptive_full = model(idx, adaptive=policy, outputs=True)
     if dtype == torch.float64:
-        assert torch.equal(model.last_adaptive.exit_layer, decisions)
-        torch.testing.assert_close(adaptive_full, reference, atol=1e-12, rtol=1e-12)
+        assert torch.equal(adaptive_full.exits.exit_layer, decisions)
+        torch.testing.assert_close(adaptive_full.logits, reference, atol=1e-12, rtol=1e-12)
 
 
 def rotate(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -182,9 +181,9 @@ def test_flop_counter_counts_propagation_and_gates_by_hand():
         assert count_flops(cfg, 32, exit_layer=e, gates=2).forward == pytest.approx(blocks + lm_head + 2 * gate)
     # per-token records: the mean over tokens of each token's own count
     model = AdambaLM(cfg)
-    model(torch.zeros(1, 4, dtype=torch.long), exit_layers=torch.tensor([[1, 1, 3, 2]]))
+    out = model(torch.zeros(1, 4, dtype=torch.long), exit_layers=torch.tensor([[1, 1, 3, 2]]), outputs=True)
     want = (2 * cases[1] + cases[3] + cases[2]) / 4 + lm_head
-    assert model.last_adaptive.flops(cfg, 32) == pytest.approx(want)
+    assert out.exits.flops(cfg, 32) == pytest.approx(want)
     assert model.count_flops(32, exit_layer=2).forward == pytest.approx(cases[2] + lm_head)
 
 
@@ -237,20 +236,18 @@ def expansion_model() -> AdambaLM:
 def test_expansion_gives_each_token_the_width_the_per_token_reference_computes():
     model = expansion_model()
     idx = torch.randint(0, 512, (1, 14))
-    logits = model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=0.5))
-    widths = model.last_adaptive.widths[0, :, 3].tolist()
+    out = model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=0.5), outputs=True)
+    logits, widths = out.logits, out.exits.widths[0, :, 3].tolist()
     assert set(widths) == {16, 32}  # ghost is 16 wide; unsure tokens double to 32
     torch.testing.assert_close(logits[0], per_token_width_reference(model, idx[0].tolist(), widths),
                                atol=1e-9, rtol=1e-9)
     # decoding decides the same per token, and gives the same logits
     cache = InferenceCache(model, 1, 14)
-    steps = [model(idx[:, :4], cache=cache, width="ghost", adaptive=Adaptive(exit=False, expand=0.5))]
-    decided = [model.last_adaptive.widths[0, :, 3]]
-    for t in range(4, 14):
-        steps.append(model(idx[:, t:t + 1], cache=cache, width="ghost", adaptive=Adaptive(exit=False, expand=0.5)))
-        decided.append(model.last_adaptive.widths[0, :, 3])
-    assert torch.cat(decided).tolist() == widths
-    torch.testing.assert_close(torch.cat(steps, 1), logits, atol=1e-10, rtol=1e-10)
+    steps = [model(idx[:, :4], cache=cache, width="ghost", adaptive=Adaptive(exit=False, expand=0.5), outputs=True)]
+    steps += [model(idx[:, t:t + 1], cache=cache, width="ghost", adaptive=Adaptive(exit=False, expand=0.5),
+                    outputs=True) for t in range(4, 14)]
+    assert torch.cat([s.exits.widths[0, :, 3] for s in steps]).tolist() == widths
+    torch.testing.assert_close(torch.cat([s.logits for s in steps], 1), logits, atol=1e-10, rtol=1e-10)
     # threshold 0: nobody expands (the plain ghost model); 1: everybody does (the 32-wide model)
     torch.testing.assert_close(model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=0.0)),
                                model(idx, width="ghost"))
@@ -276,9 +273,10 @@ def test_engine_decodes_with_exits_and_predicted_widths_as_each_row_alone_would(
     for prompt, plan, row in zip(prompts, plans, rows, strict=True):
         ids = list(prompt)
         for _ in range(10):  # greedy, one full forward per token, the row alone
-            logits = model(torch.tensor([ids]), adaptive=Adaptive(threshold=0.6, row_widths=(tuple(plan),)))
-            exits |= set(model.last_adaptive.exit_layer[0, len(prompt):].tolist())
-            ids.append(int(logits[0, -1].argmax()))
+            out = model(torch.tensor([ids]), adaptive=Adaptive(threshold=0.6, row_widths=(tuple(plan),)),
+                        outputs=True)
+            exits |= set(out.exits.exit_layer[0, len(prompt):].tolist())
+            ids.append(int(out.logits[0, -1].argmax()))
         assert row.tokens == ids[len(prompt):]
     assert len(exits) > 1  # generated tokens exited at different layers
 
@@ -292,10 +290,9 @@ def test_decode_with_gated_exits_at_a_matryoshka_width_equals_the_full_forward(w
     policy = Adaptive(threshold=0.6)
     idx = torch.randint(0, 512, (3, 24))
     cache = InferenceCache(model, 3, 24)
-    out, decisions = [model(idx[:, :6], cache=cache, width=width, adaptive=policy)], [model.last_adaptive.exit_layer]
-    for t in range(6, 24):
-        out.append(model(idx[:, t:t + 1], cache=cache, width=width, adaptive=policy))
-        decisions.append(model.last_adaptive.exit_layer)
+    steps = [model(idx[:, :6], cache=cache, width=width, adaptive=policy, outputs=True)]
+    steps += [model(idx[:, t:t + 1], cache=cache, width=width, adaptive=policy, outputs=True) for t in range(6, 24)]
+    out, decisions = [s.logits for s in steps], [s.exits.exit_layer for s in steps]
     decisions = torch.cat(decisions, dim=1)
     assert set(decisions.unique().tolist()) == {1, 2, 3, 4}
     assert any(bool((decisions[:, t] < 4).all()) for t in range(6, 24))  # a step where every row exits early

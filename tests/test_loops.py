@@ -50,14 +50,12 @@ def random_model(config: ModelConfig, seed: int = 0, std: float = 0.15, state_st
 
 def decode(model, seq, prompt_len, loops_per_call, cache_loops):
     """Prefill seq[:, :prompt_len], then feed one token at a time; return the logits of every position and
-    the iterations each token ran (model.loop.last_loops)."""
+    the iterations each token ran (the forward's `loops` output)."""
     cache = InferenceCache(model, seq.size(0), seq.size(1), loops=cache_loops)
-    logits = [model(seq[:, :prompt_len], cache=cache, loops=loops_per_call(0, prompt_len))]
-    ran = [model.loop.last_loops]
-    for t in range(prompt_len, seq.size(1)):
-        logits.append(model(seq[:, t:t + 1], cache=cache, loops=loops_per_call(t, t + 1)))
-        ran.append(model.loop.last_loops)
-    return torch.cat(logits, dim=1), torch.cat(ran, dim=1)
+    steps = [model(seq[:, :prompt_len], cache=cache, loops=loops_per_call(0, prompt_len), outputs=True)]
+    steps += [model(seq[:, t:t + 1], cache=cache, loops=loops_per_call(t, t + 1), outputs=True)
+              for t in range(prompt_len, seq.size(1))]
+    return torch.cat([s.logits for s in steps], dim=1), torch.cat([s.loops for s in steps], dim=1)
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -130,7 +128,7 @@ def test_inject_init_reads_only_the_input_so_r1_is_a_plain_stack_with_two_norms(
     for i, block in enumerate(model.blocks):
         if i == 2:
             x = rms_norm(x)  # e, the loop's input
-        x = block(x, model.cos[:T], model.sin[:T])
+        x = block(x, model.context(T))
         if i == 3:
             x = rms_norm(x)  # the norm after the loop
     reference = 15 * torch.tanh(model.lm_head(rms_norm(x)) / 15)
@@ -152,16 +150,16 @@ def test_looped_forward_matches_the_equations_in_float64():
     T, W = idx.size(1), model.loop.inject.weight
     gen = torch.Generator().manual_seed(config.loop.init_seed)
     s = (torch.randn(config.sequence_len, config.n_embd, generator=gen) * config.loop.init_sigma)[:T].double()
-    e = rms_norm(plain.blocks[0](rms_norm(plain.wte(idx)), plain.cos[:T], plain.sin[:T]))
+    e = rms_norm(plain.blocks[0](rms_norm(plain.wte(idx)), plain.context(T)))
     s = s.expand_as(e)
     for _ in range(4):
         h = torch.cat([e, s], dim=-1) @ W.T
         for j, layer in enumerate((1, 2)):
-            h = plain.blocks[layer](h, plain.cos[:T], plain.sin[:T])
+            h = plain.blocks[layer](h, plain.context(T))
             norm = model.loop.norms[j]
             h = h / torch.sqrt((h * h).mean(-1, keepdim=True) + torch.finfo(h.dtype).eps) * norm.weight
         s = rms_norm(h)
-    reference = plain.head(plain.blocks[3](s, plain.cos[:T], plain.sin[:T]))
+    reference = plain.head(plain.blocks[3](s, plain.context(T)))
     torch.testing.assert_close(model(idx, loops=4), reference, rtol=1e-10, atol=1e-10)
 
 
@@ -225,22 +223,21 @@ def test_decode_with_adaptive_exit_equals_full_forward_with_the_same_per_token_l
     logits, ran = decode(model, seq, 4, lambda t, u: plan, plan)
     assert 1 < ran.min() and len(ran.unique()) >= 3 and ran.max() <= 12, ran  # the test means something
     torch.testing.assert_close(logits, model(seq, loops=ran), atol=1e-5, rtol=1e-5)
-    full = model(seq, loops=plan)  # adaptive exit in one pass over the whole sequence
+    full = model(seq, loops=plan, outputs=True)  # adaptive exit in one pass over the whole sequence
     if criterion == "latent":  # decided by each token's own loop: the same counts as decoding
-        assert torch.equal(model.loop.last_loops, ran)
-        torch.testing.assert_close(full, logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(full.loops, ran)
+        torch.testing.assert_close(full.logits, logits, atol=1e-5, rtol=1e-5)
     else:  # its probes run the coda while earlier tokens still iterate: counts may differ, never the rule
-        torch.testing.assert_close(full, model(seq, loops=model.loop.last_loops), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full.logits, model(seq, loops=full.loops), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
 def test_adaptive_exit_default_threshold_is_named():
     model = random_model(looped_config("T"), state_std=0.05)
     idx = torch.randint(0, V, (1, 8))
-    model(idx, loops=Loops(10, exit="latent"))
-    default = model.loop.last_loops
-    model(idx, loops=Loops(10, exit="latent", threshold=LATENT_EXIT_THRESHOLD))
-    assert torch.equal(model.loop.last_loops, default)
+    default = model(idx, loops=Loops(10, exit="latent"), outputs=True).loops
+    given = model(idx, loops=Loops(10, exit="latent", threshold=LATENT_EXIT_THRESHOLD), outputs=True).loops
+    assert torch.equal(given, default)
 
 
 @torch.no_grad()

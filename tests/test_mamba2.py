@@ -157,7 +157,7 @@ def test_reference_initialisation_and_shapes():
     assert torch.count_nonzero(model.blocks[1].mixer.out_proj.weight) == 0  # the block starts as the identity
     assert torch.count_nonzero(model.blocks[1].mixer.in_proj.weight) > 0
     x = torch.randn(2, 5, 64)
-    assert torch.equal(model.blocks[1](x, model.cos[:5], model.sin[:5]), x)
+    assert torch.equal(model.blocks[1](x, model.context(5)), x)
 
 
 @pytest.mark.parametrize("fields,name", [

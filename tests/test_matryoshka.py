@@ -40,13 +40,13 @@ def test_width_slice_equals_standalone_block_from_sliced_weights(n_embd, n_head,
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 10, n_embd, dtype=torch.float64)
-    cos, sin = model.cos[:10], model.sin[:10]
+    ctx = model.context(10)
     for width in cfg.matryoshka_levels[:-1]:
-        out = block(x, cos, sin, width=width)
+        out = block(x, ctx.at(width=width))
         small = standalone_slice(block, width, n_head // n_kv_head)
-        torch.testing.assert_close(out[..., :width], small(x[..., :width], cos, sin), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out[..., :width], small(x[..., :width], ctx), atol=1e-12, rtol=1e-12)
         assert torch.equal(out[..., width:], x[..., width:])  # coordinates past the width pass through
-    torch.testing.assert_close(block(x, cos, sin, width=n_embd), block(x, cos, sin))
+    torch.testing.assert_close(block(x, ctx.at(width=n_embd)), block(x, ctx))
 
 
 def test_width_choices_and_errors():
@@ -172,7 +172,7 @@ def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]
     x = norm(model.wte.weight[torch.tensor(idx)].double())
     for block in model.blocks:
         if block.kind != "T":
-            x = block(x[None], model.cos[:T], model.sin[:T])[0]
+            x = block(x[None], model.context(T))[0]
             continue
         W = {n: p.double() for n, p in block.named_parameters()}
 

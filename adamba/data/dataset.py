@@ -8,15 +8,12 @@ or the tokenizer, so validation text never leaks into training when a corpus gro
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..common import adamba_home
+from ..common import adamba_home, atomic_writer
 from .corpus import Corpus
 from .tokenizer import Tokenizer
 
@@ -36,13 +33,6 @@ class TokenShard:
 
     def documents(self, mask: np.ndarray) -> list[np.ndarray]:
         return [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in np.flatnonzero(mask)]
-
-
-def _write_atomic(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def _tokenize_shard(docs: list[str], tokenizer: Tokenizer) -> TokenShard:
@@ -69,7 +59,8 @@ class TokenizedCorpus:
         todo = [i for i, p in enumerate(self.paths) if not p.exists()]
         for i in tqdm(todo, desc=f"tokenizing {corpus.name}", unit="shard", disable=not progress or not todo):
             shard = _tokenize_shard(corpus.read_shard(i), tokenizer)
-            _write_atomic(self.paths[i], tokens=shard.tokens, offsets=shard.offsets, keys=shard.keys)
+            with atomic_writer(self.paths[i]) as f:  # a cache file that exists is complete
+                np.savez(f, tokens=shard.tokens, offsets=shard.offsets, keys=shard.keys)
         self._threshold = self._val_threshold()
 
     def __len__(self) -> int:

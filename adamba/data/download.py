@@ -25,6 +25,8 @@ from urllib.parse import quote, urljoin
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ..common import replace_file
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK_SIZE = 1 << 20  # bytes per read/write while streaming; tests shrink it to exercise many chunks
 MAX_BACKOFF = 60.0  # seconds; caps the exponential wait so a long retry budget never sleeps for hours
@@ -257,9 +259,7 @@ def download_file(
             except Exception as e:
                 part.unlink(missing_ok=True)
                 raise _RetryableError(f"downloaded file failed validation: {e}") from e
-        with open(part, "ab") as f:
-            os.fsync(f.fileno())
-        os.replace(part, dest)
+        replace_file(part, dest)
         return dest
 
     return _with_retries(

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +17,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from ..common import adamba_home
+from ..common import adamba_home, atomic_writer
 
 # GPT-4's split pattern with digit runs of at most two (nanochat's choice for small vocabularies).
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -63,10 +61,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.pkl"
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_writer(path) as f:
             pickle.dump(self.enc, f)
-        os.replace(tmp, path)
         return path
 
     @classmethod

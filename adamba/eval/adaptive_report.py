@@ -17,20 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..common import adamba_home  # noqa: E402
-from ..model.exits import Adaptive  # noqa: E402
-from ..model.flops import count_flops  # noqa: E402
-from ..model.predictor import predict_widths, predictor_flops  # noqa: E402
-from .bpb import BpbEstimate  # noqa: E402
-from .calibrate import Run, Sweep, measure  # noqa: E402
-from .plots import plot_intervals  # noqa: E402
+from ..common import write_atomic
+from ..model.exits import Adaptive
+from ..model.flops import count_flops
+from ..model.predictor import predict_widths, predictor_flops
+from .bpb import BpbEstimate
+from .calibrate import Run, Sweep, measure
+from .plots import plot_intervals
+from .report_files import plt, report_dir, save_figure
 
 REPORT_GRID = (0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 PRICES = (-16.0, -4.0, -1.0, 0.0, 1.0, 4.0, 16.0, 64.0)  # logits per unit of FLOPs fraction
@@ -144,27 +141,23 @@ def plot(points: list[Point], path: Path, title: str) -> Path:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_adaptive_report(name: str, points: list[Point], model, tokens: int, source: str,
                           calibration: dict | None) -> Path:
-    out = adamba_home() / "reports" / name
-    out.mkdir(parents=True, exist_ok=True)
+    out = report_dir(name)
     plot(points, out / "adaptive.png", f"adaptive compute of {name}")
     config = model.config
     cal = "none (the seeds' fixed 0.95 is the default threshold)" if calibration is None else \
         (f"threshold {calibration['threshold']} for delta={calibration['delta']}, epsilon={calibration['epsilon']} "
          f"on {calibration['tokens']:,} tokens")
-    path = out / "adaptive.md"
-    path.write_text(
+    return write_atomic(
+        out / "adaptive.md",
         f"# Adaptive compute: {name}\n\nCheckpoint: `{source}` ({config.describe()}). {tokens:,} held-out tokens "
         f"per point; FLOPs/token from the FLOP counter (exited tokens pay their state propagation, gates and the "
         f"predictor's MLP count). Calibration: {cal}.\n\n{markdown(points, config.matryoshka_levels)}\n\n"
         "![quality against FLOPs](adaptive.png)\n")
-    return path
 
 
 def margin_at_equal_flops(points: list[Point], curve: str, baseline: str = "width") -> list[tuple[str, float, float]]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class BpbEstimate:
 
     nats: np.ndarray
     bytes: np.ndarray
+    loops: Counter = field(default_factory=Counter)  # looped models: iterations -> tokens that ran them
 
     @property
     def bpb(self) -> float:
@@ -93,13 +95,18 @@ def measure_bpb(model, data: TokenizedCorpus, *, batch_size: int, seq_len: int, 
                          "tokens; raise val_fraction, use more data or a smaller batch")
     token_bytes = data.tokenizer.token_bytes.to(device)
     nats = torch.zeros(steps, dtype=torch.float64, device=device)
+    histogram: Counter = Counter()
     n_bytes = torch.zeros(steps, dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
     for step in range(steps):
         x, y = next(loader)
         with autocast():
-            loss = model(x, y, width=width, loops=loops, loss_reduction="none").view(-1)
+            out = model(x, y, width=width, loops=loops, loss_reduction="none", outputs=True)
+        loss = out.loss.view(-1)
+        if out.loops is not None:
+            ran, count = out.loops.flatten().unique(return_counts=True)
+            histogram.update(dict(zip(ran.tolist(), count.tolist(), strict=True)))
         nbytes = token_bytes[y.reshape(-1)]
         counted = nbytes > 0
         nats[step] = loss[counted].double().sum()
@@ -108,4 +115,4 @@ def measure_bpb(model, data: TokenizedCorpus, *, batch_size: int, seq_len: int, 
     if world_size > 1:  # batch i of the estimate: every rank's batch i
         dist.all_reduce(nats)
         dist.all_reduce(n_bytes)
-    return BpbEstimate(nats.cpu().numpy(), n_bytes.cpu().numpy())
+    return BpbEstimate(nats.cpu().numpy(), n_bytes.cpu().numpy(), histogram)

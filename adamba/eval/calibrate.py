@@ -124,9 +124,8 @@ def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = 
         rows = {k: [] for k in ("disagree", "flops", "exited", "exit_sum", "nats")}
         for r, run in enumerate(runs):
             kwargs = run.kwargs(x) if callable(run.kwargs) else run.kwargs
-            model.last_adaptive = None
-            logits = model(x, **kwargs)
-            record = model.last_adaptive
+            out = model(x, **kwargs, outputs=True)
+            logits, record = out.logits, out.exits
             if run.flops is not None:
                 flops = torch.full((B, T), run.flops, dtype=torch.float64)
             elif record is not None:

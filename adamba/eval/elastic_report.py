@@ -8,14 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..common import adamba_home  # noqa: E402
-from .bpb import BpbEstimate, measure_bpb  # noqa: E402
-from .plots import plot_intervals  # noqa: E402
+from ..common import write_atomic
+from .bpb import BpbEstimate, measure_bpb
+from .plots import plot_intervals
+from .report_files import plt, report_dir, save_figure
 
 
 @dataclass
@@ -81,8 +77,7 @@ def markdown_table(rows: list[ModeRow]) -> str:
 
 
 def write_elastic_report(name: str, rows: list[ModeRow], context: int, source: str) -> Path:
-    out = adamba_home() / "reports" / name
-    out.mkdir(parents=True, exist_ok=True)
+    out = report_dir(name)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.set(xlabel=f"forward FLOPs per token (context {context})", ylabel="held-out val bpb (95% interval)",
            title=f"compute modes of {name}")
@@ -90,11 +85,9 @@ def write_elastic_report(name: str, rows: list[ModeRow], context: int, source: s
     measured = [r for r in rows if r.estimate is not None]
     plot_intervals(ax, [r.flops for r in measured], [r.estimate for r in measured], [r.mode for r in measured],
                    marker="o")
-    fig.savefig(out / "elastic.png", dpi=110)
-    plt.close(fig)
-    path = out / "elastic.md"
-    path.write_text(f"# Compute modes: {name}\n\nCheckpoint: `{source}`. FLOPs/token of a forward at context "
-                    f"{context}, everything counted (attention at its width, Mamba at full width, lm_head). "
-                    f"{INTERVAL_NOTE}\n\n"
-                    f"{markdown_table(rows)}\n\n![bpb against FLOPs](elastic.png)\n")
-    return path
+    save_figure(fig, out / "elastic.png")
+    return write_atomic(out / "elastic.md",
+                        f"# Compute modes: {name}\n\nCheckpoint: `{source}`. FLOPs/token of a forward at context "
+                        f"{context}, everything counted (attention at its width, Mamba at full width, lm_head). "
+                        f"{INTERVAL_NOTE}\n\n"
+                        f"{markdown_table(rows)}\n\n![bpb against FLOPs](elastic.png)\n")

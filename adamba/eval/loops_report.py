@@ -13,15 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..common import adamba_home  # noqa: E402
-from ..model.looped import Loops  # noqa: E402
-from .bpb import BpbEstimate, measure_bpb  # noqa: E402
-from .plots import place_labels, plot_intervals  # noqa: E402
+from ..common import write_atomic
+from ..model.looped import Loops
+from .bpb import BpbEstimate, measure_bpb
+from .plots import place_labels, plot_intervals
+from .report_files import plt, report_dir, save_figure
 
 LOOP_COUNTS = (1, 2, 4, 8, 16, 32)
 # Around Huginn's defaults (looped.KL_EXIT_THRESHOLD, LATENT_EXIT_THRESHOLD): ten times looser and tighter.
@@ -59,9 +55,8 @@ def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
             for r in counts]
     for criterion, thresholds in sweep.items():
         for threshold in thresholds:
-            model.loop.histogram.clear()
             value = bpb(loops=Loops(max(counts), exit=criterion, threshold=threshold))
-            histogram = dict(model.loop.histogram) or {max(counts): 1}  # unmeasured: count the cap
+            histogram = dict(value.loops) if value is not None else {max(counts): 1}  # unmeasured: count the cap
             n = sum(histogram.values())
             flops = sum(c * model.count_flops(context, loops=r, probes=r - 1 if criterion == "kl" else 0).forward
                         for r, c in histogram.items()) / n
@@ -98,8 +93,7 @@ def markdown_table(rows: list[LoopRow], reference_flops: float) -> str:
 
 
 def write_loops_report(name: str, rows: list[LoopRow], reference_flops: float, context: int, source: str) -> Path:
-    out = adamba_home() / "reports" / name
-    out.mkdir(parents=True, exist_ok=True)
+    out = report_dir(name)
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.set(xscale="log", xlabel=f"forward FLOPs per token (context {context})",
            ylabel="held-out val bpb (95% interval)", title=f"loop counts of {name}")
@@ -114,10 +108,9 @@ def write_loops_report(name: str, rows: list[LoopRow], reference_flops: float, c
         ax.legend()
         place_labels(ax, [r.flops for r in measured], [r.estimate.interval()[1] for r in measured],
                      [r.label.split(" (")[0] for r in measured], fontsize=7)
-    fig.savefig(out / "loops.png", dpi=110)
-    plt.close(fig)
-    path = out / "loops.md"
-    path.write_text(
+    save_figure(fig, out / "loops.png")
+    return write_atomic(
+        out / "loops.md",
         f"# Loop counts: {name}\n\nCheckpoint: `{source}`. FLOPs/token of a forward at context {context}, everything "
         "counted (prelude, every iteration of the recurrent layers and inject, coda, lm_head; adaptive exit: each "
         "token's own count, plus the coda + lm_head probes of the kl criterion). Adaptive exit is measured in full "
@@ -126,4 +119,3 @@ def write_loops_report(name: str, rows: list[LoopRow], reference_flops: float, c
         "bootstrap intervals over the validation batches; the difference from mean_recurrence is paired (same "
         "batches) and says a row differs only where it excludes 0.\n\n"
         f"{markdown_table(rows, reference_flops)}\n\n![bpb against FLOPs](loops.png)\n")
-    return path

@@ -4,12 +4,9 @@ Without the intervals, differences far inside the noise fill the whole y axis an
 
 from __future__ import annotations
 
-import matplotlib
+from matplotlib.axes import Axes
 
-matplotlib.use("Agg")  # headless
-from matplotlib.axes import Axes  # noqa: E402
-
-from .bpb import BpbEstimate  # noqa: E402
+from .bpb import BpbEstimate
 
 LABEL_GAP_POINTS = 3
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import InferenceCache, KVState
+from .context import BlockContext, keep_active
 from .init import init_linear_
 from .mlp import MLP
 from .norm import rms_norm
@@ -90,32 +91,75 @@ class CausalSelfAttention(nn.Module):
         exit's state propagation runs."""
         return self.project(x, cos, sin, 0, n_kv)[1:]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: InferenceCache | None = None, state: KVState | None = None,
-                width: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, d = x.shape
-        n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
-        q, k, v = self.project(x, cos, sin, n_q, n_kv)
-        gqa = n_kv != n_q
-        if state is not None:
-            if n_kv > state.min_heads:  # some position may have been written narrower than this query needs
-                self.fill_heads(state, cache, n_kv, cache.end(T))
-            k, v = state.update(k, v, cache, residual)
-            mask, causal = cache.attention_mask(T, self.window)
-            q = q.transpose(1, 2)
-        else:
+    def mixed_kv(self, x: torch.Tensor, cos, sin, widths: torch.Tensor,
+                 levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V (B, T, heads, head_dim) of tokens at per-token widths (B, T) of the residual stream x, for the heads
+        the widest one has: a token's own heads from its own width, a head it lacks from the smallest level that
+        has it -- what the cache holds for it once a wider query has asked (`fill_heads`)."""
+        distinct = sorted(set(widths.unique().tolist()))
+        n_kv_max = self.heads_at(distinct[-1])[1]
+        k = v = None
+        first = 0
+        for level in levels:  # every head from the smallest level that has it ...
+            last = min(self.heads_at(level)[1], n_kv_max)
+            if last > first:
+                kl, vl = self.project_kv(rms_norm(x[..., :level], self.norm_width), cos, sin, last)
+                k = kl[:, :, first:last] if k is None else torch.cat([k, kl[:, :, first:last]], dim=2)
+                v = vl[:, :, first:last] if v is None else torch.cat([v, vl[:, :, first:last]], dim=2)
+            first = max(first, last)
+        for w in distinct:  # ... then each token's own heads from its own width
+            n = self.heads_at(w)[1]
+            kw, vw = self.project_kv(rms_norm(x[..., :w], self.norm_width), cos, sin, n)
+            mine = (widths == w)[..., None, None]
+            k = torch.cat([torch.where(mine, kw, k[:, :, :n]), k[:, :, n:]], dim=2)
+            v = torch.cat([torch.where(mine, vw, v[:, :, :n]), v[:, :, n:]], dim=2)
+        return k, v
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext,
+                    residual: torch.Tensor | None = None) -> tuple:
+        """(keys, values, mask, is_causal) that the new tokens' queries attend over, keys and values (B, H, L, D):
+        with a cache, the new k, v (B, T, H, D) are stored first (and `residual`, the layer input, where they are
+        not every head), and heads an earlier position lacks are filled in."""
+        T = k.size(1)
+        state, cache = ctx.state, ctx.cache
+        if state is None:
             mask, causal = (None, True) if self.window is None or self.window >= T else \
-                (window_mask(T, T, self.window, x.device), False)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+                (window_mask(T, T, self.window, k.device), False)
+            return k.transpose(1, 2), v.transpose(1, 2), mask, causal
+        if k.size(2) > state.min_heads:  # some position may have been written narrower than this query needs
+            self.fill_heads(state, cache, k.size(2), cache.end(T))
+        keys, values = state.update(k, v, cache, residual)
+        return (keys, values, *cache.attention_mask(T, self.window))
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, causal: bool,
+               d: int) -> torch.Tensor:
+        """Queries q (B, T, n_q, D) over the first K/V heads they need, then the output projection into the first
+        d coordinates of the residual stream."""
+        B, T, n_q, _ = q.shape
+        n_kv = -(-n_q // (self.n_head // self.n_kv_head))
+        keys, values = keys[:, :n_kv], values[:, :n_kv]
+        gqa = n_kv != n_q
         if gqa and n_q % n_kv:  # a width whose query heads fill the last K/V group only partly
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)[:, :n_q] for t in (k, v))
+            keys, values = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)[:, :n_q] for t in (keys, values))
             gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa)
         return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight[:d, :n_q * self.head_dim])
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext, width: int | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the normalised layer input x (its first `width` coordinates) at one width."""
+        n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
+        q, k, v = self.project(x, ctx.cos, ctx.sin, n_q, n_kv)
+        return self.attend(q, *self.keys_values(k, v, ctx, residual), x.size(-1))
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    At a Matryoshka width w the block reads, normalises and writes only the first w coordinates of the residual
+    stream; the others pass through unchanged. Tokens at different widths in one call (ctx.token_widths) each get
+    their own width's output; frozen tokens (ctx.frozen, early exit) only leave their K/V."""
 
     kind = "T"
 
@@ -135,15 +179,63 @@ class AttentionBlock(nn.Module):
     def new_state(self, batch: int, capacity: int, device, dtype) -> KVState:
         return KVState(batch, capacity, self.attn.n_kv_head, self.attn.head_dim, device, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: InferenceCache | None = None, state: KVState | None = None,
-                width: int | None = None) -> torch.Tensor:
-        """At a Matryoshka width w the block reads, normalises and writes only the first w coordinates of
-        the residual stream; the others pass through unchanged."""
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        if ctx.all_frozen():
+            if ctx.state is not None:  # nothing to compute, but later tokens read the frozen tokens' K/V
+                self.propagate(x, ctx)
+            return x
+        widths = _distinct(ctx.token_widths)
+        if widths is None:
+            out = self.at_width(x, ctx, ctx.width)
+        elif len(widths) == 1:
+            out = self.at_width(x, ctx, None if widths[0] == x.size(-1) else widths[0])
+        else:
+            out = self.mixed(x, ctx, widths)
+        return keep_active(ctx, out, x)
+
+    def at_width(self, x: torch.Tensor, ctx: BlockContext, width: int | None) -> torch.Tensor:
         if width is None:
-            x = x + self.attn(rms_norm(x, self.norm_width), cos, sin, cache, state)
+            x = x + self.attn(rms_norm(x, self.norm_width), ctx)
             return x + self.mlp(rms_norm(x, self.norm_width))
         head, tail = x[..., :width], x[..., width:]
-        head = head + self.attn(rms_norm(head, self.norm_width), cos, sin, cache, state, width, residual=x)
+        head = head + self.attn(rms_norm(head, self.norm_width), ctx, width, residual=x)
         head = head + self.mlp(rms_norm(head, self.norm_width), width)
         return torch.cat([head, tail], dim=-1)
+
+    def mixed(self, x: torch.Tensor, ctx: BlockContext, widths: list[int]) -> torch.Tensor:
+        """Token t at width ctx.token_widths[t], as decoding the tokens one by one at those widths would (the
+        cache's nested-head rule, `fill_heads`): every token's K/V heads are stored once, then each width's
+        queries attend over them and each token keeps its own width's output."""
+        attn, d = self.attn, x.size(-1)
+        keys, values, mask, causal = attn.keys_values(*attn.mixed_kv(x, ctx.cos, ctx.sin, ctx.token_widths,
+                                                                    ctx.levels), ctx, residual=x)
+        out = x
+        for w in widths:
+            h = x[..., :w]
+            q = attn.project(rms_norm(h, self.norm_width), ctx.cos, ctx.sin, attn.heads_at(w)[0], 0)[0]
+            h = h + attn.attend(q, keys, values, mask, causal, w)
+            h = h + self.mlp(rms_norm(h, self.norm_width), None if w == d else w)
+            out = torch.where((ctx.token_widths == w)[..., None], torch.cat([h, x[..., w:]], dim=-1), out)
+        return out
+
+    def propagate(self, x: torch.Tensor, ctx: BlockContext) -> None:
+        """Only the K/V of tokens whose residual is frozen at x: of rms_norm(x) at the tokens' width (keeping x as
+        the layer input the cache needs for heads a wider query asks for later)."""
+        attn, d = self.attn, x.size(-1)
+        widths = _distinct(ctx.token_widths)
+        if widths is not None and len(widths) > 1:
+            k, v = attn.mixed_kv(x, ctx.cos, ctx.sin, ctx.token_widths, ctx.levels)
+            ctx.state.update(k, v, ctx.cache, residual=x)
+            return
+        width = ctx.width if widths is None else None if widths[0] == d else widths[0]
+        if width is None:
+            ctx.state.update(*attn.project_kv(rms_norm(x, self.norm_width), ctx.cos, ctx.sin, attn.n_kv_head),
+                             ctx.cache)
+        else:
+            ctx.state.update(*attn.project_kv(rms_norm(x[..., :width], self.norm_width), ctx.cos, ctx.sin,
+                                              attn.heads_at(width)[1]), ctx.cache, residual=x)
+
+
+def _distinct(token_widths: torch.Tensor | None) -> list[int] | None:
+    """The widths tokens run at, ascending (None: one width for every token, ctx.width)."""
+    return None if token_widths is None else sorted(set(token_widths.unique().tolist()))

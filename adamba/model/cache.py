@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .looped import cache_slots
+
 
 class KVState:
     """Keys and values of an attention layer, for `capacity` positions per row.
@@ -92,8 +94,6 @@ class InferenceCache:
                  static: bool = False):
         """`loops` (looped models): the most iterations a forward on this cache will run, an int or a
         `looped.Loops` plan (which may share slots with kv_budget, or warm-start); None: the config's mean."""
-        from .looped import cache_slots  # looped.py builds on this module
-
         if capacity > model.config.sequence_len:
             raise ValueError(f"capacity: {capacity} tokens exceeds the model's context "
                              f"(sequence_len={model.config.sequence_len})")

@@ -39,13 +39,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ATTENTION, ModelConfig
-from .attention import window_mask
+from ..config import ModelConfig
 from .flops import count_flops
 from .init import init_linear_
 from .norm import rms_norm
 from .predictor import LayerDimPredictor, predict_widths
-from .rotary import apply_rotary
 
 SEED_EXIT_THRESHOLD = 0.95  # the seeds' fixed ConfidenceGate threshold
 SEED_EXPAND_THRESHOLD = 0.5  # the seeds' fixed ExpansionGate threshold
@@ -116,7 +114,7 @@ class Adaptive:
         toward cheaper (> 0) or wider (< 0) levels.
     row_widths: per row, per-layer widths (the predictor's choice, fixed for the whole generation); they replace
         the forward's `width`. Rows at different widths run together: attention treats each token at its own width
-        (`mixed_width_block`), which is exact since rows never attend to each other."""
+        (`AttentionBlock.mixed`), which is exact since rows never attend to each other."""
 
     exit: bool = True
     threshold: float | dict | None = None
@@ -194,181 +192,93 @@ class ExitRecord:
         return float(self.token_flops(config, context).mean())
 
 
-def propagate(block: nn.Module, x: torch.Tensor, cos, sin, cache, state, width: int | None) -> None:
-    """Only the state update of a block, for tokens whose residual is frozen at x (CALM's state propagation):
-    attention writes the K/V of rms_norm(x) (at a Matryoshka width, of its first `width` coordinates, keeping x as
-    the layer input the cache needs for heads a wider query asks for later); Mamba advances its conv and SSM state
-    with rms_norm(x) as input. Nothing else of the block runs."""
-    if block.kind == ATTENTION:
-        attn = block.attn
-        if width is None:
-            state.update(*attn.project_kv(rms_norm(x, block.norm_width), cos, sin, attn.n_kv_head), cache)
-        else:
-            state.update(*attn.project_kv(rms_norm(x[..., :width], block.norm_width), cos, sin,
-                                          attn.heads_at(width)[1]), cache, residual=x)
-    else:
-        block.mixer(rms_norm(x, block.norm_width), state, cache.valid, output=False)
-
-
-def _run(block, x, cos, sin, cache, state, width) -> torch.Tensor:
-    return block(x, cos, sin, cache, state) if width is None else block(x, cos, sin, cache, state, width)
-
-
 def _level_above(config: ModelConfig, width: int) -> int:
     """The smallest Matryoshka level >= width (capped at n_embd)."""
     return next((w for w in config.matryoshka_levels if w >= width), config.n_embd)
 
 
-def mixed_kv(attn, x: torch.Tensor, cos, sin, widths: torch.Tensor,
-             levels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V (B, T, heads, head_dim) of tokens at per-token widths (B, T), for the heads the widest one has: a
-    token's own heads from its own width, a head it lacks from the smallest level that has it -- what the cache
-    holds for it once a wider query has asked (attention.py `fill_heads`)."""
-    distinct = sorted(set(widths.unique().tolist()))
-    n_kv_max = attn.heads_at(distinct[-1])[1]
-    k = v = None
-    first = 0
-    for level in levels:  # every head from the smallest level that has it ...
-        last = min(attn.heads_at(level)[1], n_kv_max)
-        if last > first:
-            kl, vl = attn.project_kv(rms_norm(x[..., :level], attn.norm_width), cos, sin, last)
-            k = kl[:, :, first:last] if k is None else torch.cat([k, kl[:, :, first:last]], dim=2)
-            v = vl[:, :, first:last] if v is None else torch.cat([v, vl[:, :, first:last]], dim=2)
-        first = max(first, last)
-    for w in distinct:  # ... then each token's own heads from its own width
-        n = attn.heads_at(w)[1]
-        kw, vw = attn.project_kv(rms_norm(x[..., :w], attn.norm_width), cos, sin, n)
-        mine = (widths == w)[..., None, None]
-        k = torch.cat([torch.where(mine, kw, k[:, :, :n]), k[:, :, n:]], dim=2)
-        v = torch.cat([torch.where(mine, vw, v[:, :, :n]), v[:, :, n:]], dim=2)
-    return k, v
-
-
-def mixed_width_block(block, x: torch.Tensor, cos, sin, cache, state, widths: torch.Tensor,
-                      levels: list[int]) -> torch.Tensor:
-    """An attention block in which token t runs at width widths[t] (B, T), as decoding the tokens one by one at
-    those widths would (the cache's nested-head rule, attention.py `fill_heads`): a token's K/V heads are those
-    its own width computes; a head it lacks is computed from its layer input at the smallest level that has it.
-    Each distinct width's queries attend over those K/V; the block's output for a token is its own width's."""
-    attn = block.attn
-    d = x.size(-1)
-    distinct = sorted(set(widths.unique().tolist()))
-    if len(distinct) == 1:
-        return _run(block, x, cos, sin, cache, state, None if distinct[0] == d else distinct[0])
-    B, T, _ = x.shape
-    hd = attn.head_dim
-    k, v = mixed_kv(attn, x, cos, sin, widths, levels)
-    n_kv_max = k.size(2)
-    if state is not None:
-        if n_kv_max > state.min_heads:
-            attn.fill_heads(state, cache, n_kv_max, cache.end(T))
-        keys, values = state.update(k, v, cache, residual=x)
-        mask, causal = cache.attention_mask(T, attn.window)
-    else:
-        keys, values = k.transpose(1, 2), v.transpose(1, 2)
-        mask, causal = (None, True) if attn.window is None or attn.window >= T else \
-            (window_mask(T, T, attn.window, x.device), False)
-    out = x
-    for w in distinct:
-        n_q, n_kv = attn.heads_at(w)
-        h = x[..., :w]
-        q = F.linear(rms_norm(h, block.norm_width), attn.c_q.weight[:n_q * hd, :w]).view(B, T, n_q, hd)
-        q = rms_norm(apply_rotary(q, cos, sin))
-        kk, vv = keys[:, :n_kv], values[:, :n_kv]
-        gqa = n_kv != n_q
-        if gqa and n_q % n_kv:  # a width whose query heads fill the last K/V group only partly
-            kk, vv = (t.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)[:, :n_q] for t in (kk, vv))
-            gqa = False
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=gqa)
-        h = h + F.linear(y.transpose(1, 2).reshape(B, T, -1), attn.c_proj.weight[:w, :n_q * hd])
-        h = h + block.mlp(rms_norm(h, block.norm_width), None if w == d else w)
-        out = torch.where((widths == w)[..., None], torch.cat([h, x[..., w:]], dim=-1), out)
-    return out
-
-
-def run_adaptive(model, x: torch.Tensor, cos, sin, cache, widths: list[int | None],
-                 exit_layers: torch.Tensor | None, adaptive) -> torch.Tensor:
-    """The blocks of a non-looped model with per-token exits and expansion; returns x_L (see the module doc).
+class ExitPolicy:
+    """The per-token decisions of one forward with early exit or expansion, made at the fixed point before each
+    block (`decide`) and read by the block through its context (`block_fields`): which tokens are frozen, and at
+    which width each token runs. The decisions end in `record` (the forward's `exits` output).
 
     exit_layers: (B, T) integers in [0, n_layer], each token's exit layer (n_layer: none), the reference with
     decisions given. adaptive: an `Adaptive` policy whose gates decide on the fly, layer by layer (a decision at
-    layer k reads h_k, which depends only on earlier layers, so a full forward and decoding decide alike); or a
-    training objective of train/losses.py, which runs its own pass (`adaptive.run`). The decisions are left in
-    `model.last_adaptive` (an ExitRecord)."""
-    if adaptive is not None and not isinstance(adaptive, Adaptive):
-        return adaptive.run(model, x, cos, sin, cache, widths)
-    config = model.config
-    L, d = config.n_layer, config.n_embd
-    B, T, _ = x.shape
-    if exit_layers is not None:
-        if adaptive is not None:
-            raise ValueError("exit_layers: give exit decisions or an adaptive policy, not both")
-        if exit_layers.shape != (B, T) or exit_layers.dtype.is_floating_point or exit_layers.dtype == torch.bool:
-            raise ValueError(f"exit_layers: must be an integer tensor shaped {(B, T)}, got {exit_layers.dtype} "
-                             f"{tuple(exit_layers.shape)}")
-        exit_layers = exit_layers.to(device=x.device, dtype=torch.long)
-        if bool(((exit_layers < 0) | (exit_layers > L)).any()):
-            raise ValueError(f"exit_layers: every value must be in [0, n_layer={L}] (n_layer means no exit)")
-    heads = model.adaptive_heads
-    if adaptive is not None and heads is None:
-        raise ValueError("adaptive: this model has no gates (set min_exit_layer / expansion_gates in its config)")
-    thresholds = adaptive.exit_thresholds(model) if adaptive is not None else {}
-    expand = adaptive.expand if adaptive is not None else None
-    if expand is not None and not heads.expansion_gates:
-        raise ValueError("adaptive.expand: this model has no ExpansionGates (config.expansion_gates is false)")
-    states = cache.states if cache is not None else [None] * L
-    exit_at = exit_layers if exit_layers is not None else torch.full((B, T), L, dtype=torch.long, device=x.device)
-    gates = torch.zeros(B, T, dtype=torch.long, device=x.device)
-    if adaptive is not None and adaptive.row_widths is not None:
-        rows = [[w or d for w in config.layer_widths(list(plan))] for plan in adaptive.row_widths]
-        if len(rows) != B:
-            raise ValueError(f"adaptive.row_widths: {len(rows)} rows of widths for a batch of {B}")
-        token_widths = torch.tensor(rows, device=x.device)[:, None, :].expand(B, T, L).clone()
-    else:
-        token_widths = torch.tensor([w or d for w in widths], device=x.device).expand(B, T, L).clone()
-    record = ExitRecord(exit_at, gates, token_widths)
-    active = None  # (B, T) bool once a token may have exited; None: every token is active
-    # tokens may run attention at different widths (expansion, per-row plans): then mixed_width_block runs it
-    mixed = bool((token_widths != token_widths[:1, :1]).any())
-    doubled = torch.tensor([_level_above(config, 2 * w) for w in range(d + 1)], device=x.device)
-    for i, block in enumerate(model.blocks):
-        if exit_layers is not None:
-            active = exit_layers > i
-        elif i in thresholds:
-            confidence = torch.sigmoid(heads.exit_gates[str(i)](x).float())
-            live = active if active is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+    layer k reads h_k, which depends only on earlier layers, so a full forward and decoding decide alike)."""
+
+    def __init__(self, model, shape: tuple[int, int], device, widths: list[int | None],
+                 exit_layers: torch.Tensor | None, adaptive: Adaptive | None):
+        config = model.config
+        self.config, self.heads = config, model.adaptive_heads
+        L, d = config.n_layer, config.n_embd
+        B, T = shape
+        self.exit_layers = _checked_exit_layers(exit_layers, adaptive, shape, L, device)
+        if adaptive is not None and self.heads is None:
+            raise ValueError("adaptive: this model has no gates (set min_exit_layer / expansion_gates in its config)")
+        self.thresholds = adaptive.exit_thresholds(model) if adaptive is not None else {}
+        self.expand = adaptive.expand if adaptive is not None else None
+        if self.expand is not None and not self.heads.expansion_gates:
+            raise ValueError("adaptive.expand: this model has no ExpansionGates (config.expansion_gates is false)")
+        if adaptive is not None and adaptive.row_widths is not None:
+            rows = [[w or d for w in config.layer_widths(list(plan))] for plan in adaptive.row_widths]
+            if len(rows) != B:
+                raise ValueError(f"adaptive.row_widths: {len(rows)} rows of widths for a batch of {B}")
+            token_widths = torch.tensor(rows, device=device)[:, None, :].expand(B, T, L).clone()
+        else:
+            token_widths = torch.tensor([w or d for w in widths], device=device).expand(B, T, L).clone()
+        exit_at = self.exit_layers if self.exit_layers is not None else \
+            torch.full((B, T), L, dtype=torch.long, device=device)
+        self.record = ExitRecord(exit_at, torch.zeros(B, T, dtype=torch.long, device=device), token_widths)
+        self.active: torch.Tensor | None = None  # (B, T) once a token may have exited; None: every token is active
+        # tokens may run attention at different widths (expansion, per-row plans): then they are given per token
+        self.mixed = bool((token_widths != token_widths[:1, :1]).any())
+        self._doubled = torch.tensor([_level_above(config, 2 * w) for w in range(d + 1)], device=device)
+
+    def _live(self, x: torch.Tensor) -> torch.Tensor:
+        return self.active if self.active is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def decide(self, i: int, x: torch.Tensor) -> None:
+        """Before block i, on its input h_i: exit gates (or the given exit layers) and expansion gates."""
+        record = self.record
+        if self.exit_layers is not None:
+            self.active = self.exit_layers > i
+        elif i in self.thresholds:
+            confidence = torch.sigmoid(self.heads.exit_gates[str(i)](x).float())
+            live = self._live(x)
             record.gates += live
             record.confidence[i] = confidence
-            leave = live & (confidence >= thresholds[i])
+            leave = live & (confidence >= self.thresholds[i])
             record.exit_layer = torch.where(leave, i, record.exit_layer)
-            active = live & ~leave
-        if expand is not None and str(i) in heads.expansion_gates:
+            self.active = live & ~leave
+        if self.expand is not None and str(i) in self.heads.expansion_gates:
             # a token unsure of its narrow run doubles the width of every remaining attention layer (cap n_embd)
-            live = active if active is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            live = self._live(x)
             record.gates += live
-            unsure = live & (torch.sigmoid(heads.expansion_gates[str(i)](x).float()) < expand)
+            unsure = live & (torch.sigmoid(self.heads.expansion_gates[str(i)](x).float()) < self.expand)
             if bool(unsure.any()):
-                mixed = True
-                rest = torch.arange(L, device=x.device) >= i
-                record.widths = torch.where(unsure[..., None] & rest, doubled[record.widths], record.widths)
-        state = states[i]
-        # one width for every token unless mixed: the forward's, or the rows' shared plan
-        width = None if mixed or record.widths[0, 0, i] == d else int(record.widths[0, 0, i])
-        if active is not None and not bool(active.any()):
-            if state is None:  # nothing to compute, and no state to leave for later tokens
-                continue
-            if mixed and block.kind == ATTENTION:  # the K/V of tokens at their own widths
-                k, v = mixed_kv(block.attn, x, cos, sin, record.widths[..., i], config.matryoshka_levels)
-                state.update(k, v, cache, residual=x)
-            else:
-                propagate(block, x, cos, sin, cache, state, width)
-            continue
-        if mixed and block.kind == ATTENTION:
-            out = mixed_width_block(block, x, cos, sin, cache, state, record.widths[..., i],
-                                    config.matryoshka_levels)
-        else:
-            out = _run(block, x, cos, sin, cache, state, width)
-        x = out if active is None or bool(active.all()) else torch.where(active[..., None], out, x)
-    model.last_adaptive = record
-    return x
+                self.mixed = True
+                rest = torch.arange(self.config.n_layer, device=x.device) >= i
+                record.widths = torch.where(unsure[..., None] & rest, self._doubled[record.widths], record.widths)
+
+    def block_fields(self, i: int) -> dict:
+        """BlockContext fields of block i: one width for every token unless they differ, and the frozen tokens."""
+        frozen = None if self.active is None or bool(self.active.all()) else ~self.active
+        if self.mixed:
+            return {"width": None, "token_widths": self.record.widths[..., i], "frozen": frozen}
+        width = int(self.record.widths[0, 0, i])
+        return {"width": None if width == self.config.n_embd else width, "frozen": frozen}
+
+
+def _checked_exit_layers(exit_layers, adaptive, shape, n_layer: int, device) -> torch.Tensor | None:
+    if exit_layers is None:
+        return None
+    if adaptive is not None:
+        raise ValueError("exit_layers: give exit decisions or an adaptive policy, not both")
+    if tuple(exit_layers.shape) != tuple(shape) or exit_layers.dtype.is_floating_point \
+            or exit_layers.dtype == torch.bool:
+        raise ValueError(f"exit_layers: must be an integer tensor shaped {tuple(shape)}, got {exit_layers.dtype} "
+                         f"{tuple(exit_layers.shape)}")
+    exit_layers = exit_layers.to(device=device, dtype=torch.long)
+    if bool(((exit_layers < 0) | (exit_layers > n_layer)).any()):
+        raise ValueError(f"exit_layers: every value must be in [0, n_layer={n_layer}] (n_layer means no exit)")
+    return exit_layers

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig
 from .mamba import dt_rank_for
 
@@ -131,3 +133,18 @@ def _count_looped(config: ModelConfig, context: int, widths: list, loops: int | 
     return FlopCount(context, sum(f.projections for f in counted) + (r + 1) * inject,
                      sum(f.attention for f in counted), (1 + probes) * 2 * d * config.vocab_size,
                      sum(f.scan for f in counted), no_grad)
+
+
+def level_costs(config: ModelConfig, context: int | None = None) -> tuple[float, torch.Tensor]:
+    """(FLOPs/token of the full model, (n_layer, n_levels) change in FLOPs/token when one layer runs at a level).
+
+    Non-attention layers always run at full width, so their rows are zero."""
+    context = context or config.sequence_len
+    full = count_flops(config, context).forward
+    savings = torch.zeros(config.n_layer, len(config.matryoshka_levels), dtype=torch.float64)
+    for layer in range(config.n_layer):
+        for j, level in enumerate(config.matryoshka_levels):
+            widths: list[int | None] = [None] * config.n_layer
+            widths[layer] = level
+            savings[layer, j] = count_flops(config, context, config.layer_widths(widths)).forward - full
+    return full, savings

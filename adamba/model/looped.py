@@ -31,7 +31,6 @@ step per skipped slot.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -114,11 +113,6 @@ def cache_slots(config: ModelConfig, loops) -> tuple[int, bool, bool]:
     return slots, slots < plan.r, plan.warm_start
 
 
-def _run(block: nn.Module, x: torch.Tensor, cos, sin, cache, state, width) -> torch.Tensor:
-    """One block, in the calling convention every block kind shares (a width only where one is set)."""
-    return block(x, cos, sin, cache, state) if width is None else block(x, cos, sin, cache, state, width)
-
-
 def _snapshot(state) -> dict | None:
     """A copy of a state that re-running a layer on the same tokens would change (a running summary such as
     Mamba's); None for states that declare such re-runs harmless (`idempotent`: they rewrite the same entries)."""
@@ -145,9 +139,6 @@ class Recurrence(nn.Module):
         # The fixed random initial states used outside training, one per position (derived from the config, so
         # not saved): a full forward and token-by-token decoding then start every position from the same state.
         self.register_buffer("noise", torch.empty(config.sequence_len, d), persistent=False)
-        # Eval mode only: (B, T) iterations each token ran in the latest call; iterations -> tokens over all calls.
-        self.last_loops: torch.Tensor | None = None
-        self.histogram: Counter = Counter()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -198,63 +189,35 @@ class Recurrence(nn.Module):
     # Under torch.compile, trace the blocks but not this loop (as Huginn does): a traced loop would be compiled
     # again for every r that training draws, and the exit/cache bookkeeping is data-dependent Python anyway.
     @torch._dynamo.disable(recursive=False)
-    def forward(self, x: torch.Tensor, blocks: nn.ModuleList, cos, sin, cache, width, loops,
-                head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Logits of the looped model for the embedded, normalised tokens x (B, T, D)."""
+    def forward(self, x: torch.Tensor, model, run, width, loops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, iterations each token ran (B, T)) of the looped model for the embedded, normalised tokens x
+        (B, T, D); the blocks run through `model.run_layers` with the call's walk `run` (forward_pass.py)."""
         loop = self.config.loop
         B, T, D = x.shape
-        counts = None
-        if isinstance(loops, torch.Tensor):  # per-token iteration counts
-            if loops.shape != (B, T) or loops.dtype.is_floating_point or loops.dtype == torch.bool:
-                raise ValueError(f"loops: a tensor of per-token counts must be integer, shaped {(B, T)}; got "
-                                 f"{loops.dtype} {tuple(loops.shape)}")
-            counts = loops.to(device=x.device, dtype=torch.long)
-            if bool((counts < 1).any()):
-                raise ValueError("loops: every token needs at least one iteration")
-            plan = Loops(int(counts.max()))
-        else:
-            plan = as_plan(self.config, loops)
+        counts, plan = self._plan(loops, B, T, x.device)
         r, exit = plan.r, plan.exit
         threshold = plan.threshold or EXIT_THRESHOLDS.get(exit)
+        cache = run.cache
         if cache is not None and r > cache.loop_slots and not cache.loop_shared:
             raise ValueError(f"loops: {r} iterations, but the cache holds {cache.loop_slots} slots per recurrent "
                              f"layer; make it with InferenceCache(..., loops={r}), or share slots with kv_budget")
         static, at = self.layer_widths(width)
-        states = cache.states if cache is not None else [None] * len(blocks)
-        for i in loop.prelude_layers:
-            x = _run(blocks[i], x, cos, sin, cache, states[i], static[i])
+        run.widths = static
+        x = model.run_layers(x, loop.prelude_layers, run)
         e = rms_norm(x, self.config.norm_width)
         s = self.initial_state(e, cache)
-
-        snapshots: dict = {}  # contents of non-idempotent states before this call first wrote them
-
-        def slot_state(i: int, iteration: int):
-            if cache is None:
-                return None
-            slot = iteration % cache.loop_slots
-            state = cache.states[i][slot]
-            if cache.loop_shared:  # a later iteration re-uses the slot: start from the token's predecessor again
-                key = (i, slot)
-                if key in snapshots:
-                    _restore(state, snapshots[key])
-                else:
-                    snapshots[key] = _snapshot(state)
-            return state
+        slots = _Slots(cache)
 
         def coda_logits(s: torch.Tensor) -> torch.Tensor:
-            for i in loop.coda_layers:
-                if cache is not None:  # a probe (exit="kl") may have run this layer on these tokens already
-                    if i in snapshots:
-                        _restore(states[i], snapshots[i])
-                    elif exit == "kl":
-                        snapshots[i] = _snapshot(states[i])
-                s = _run(blocks[i], s, cos, sin, cache, states[i], static[i])
-            return head(s)
+            if cache is not None:  # a probe (exit="kl") may have run the coda on these tokens already
+                for i in loop.coda_layers:
+                    slots.rewind(i, cache.states[i], keep=exit == "kl")
+            return model.head(model.run_layers(s, loop.coda_layers, run))
 
         # Tokens still iterating: None while every token runs every iteration (training, a plain int r).
         active = torch.ones(B, T, dtype=torch.bool, device=x.device) if exit is not None else None
         ran = counts if counts is not None else torch.full((B, T), r, dtype=torch.long, device=x.device)
-        last_in: list[torch.Tensor | None] = [None] * loop.recur  # each recurrent layer's latest input per token
+        step = _Iteration(run, self, slots, at)
         # Truncated backprop (Huginn): the first r - k iterations run without gradient, the last k with it.
         # Adaptive exit is for inference, where r is only a cap: it truncates nothing.
         no_grad_until = r - min(r, loop.backprop_depth) if exit is None else 0
@@ -265,16 +228,9 @@ class Recurrence(nn.Module):
         for iteration in range(r):
             if counts is not None:
                 active = counts > iteration
-            widths = static if at is None else at(iteration)
             with torch.no_grad() if iteration < no_grad_until else nullcontext():
-                h = e_in + F.linear(s, w_s)
-                for j, i in enumerate(loop.recurrent_layers):
-                    if active is not None and iteration > 0:  # stopped tokens re-present their last input
-                        h = torch.where(active[..., None], h, last_in[j])
-                    last_in[j] = h
-                    h = _run(blocks[i], h, cos, sin, cache, slot_state(i, iteration), widths[i])
-                    if self.norms is not None:
-                        h = self.norms[j](h)
+                step.begin(iteration, active)
+                h = model.run_layers(e_in + F.linear(s, w_s), loop.recurrent_layers, step)
                 # a norm after each loop keeps the state's scale fixed however long it runs
                 h = rms_norm(h, self.config.norm_width)
                 new = h if active is None else torch.where(active[..., None], h, s)
@@ -296,37 +252,103 @@ class Recurrence(nn.Module):
                 break
         if exit is not None:
             ran = torch.where(active, done, ran)
-
         if cache is not None:
             with torch.no_grad():
-                self._fill_skipped_slots(blocks, cos, sin, cache, done, at, static, last_in)
-            if cache.warm_start:
-                end = cache.valid - 1 if cache.valid is not None else torch.full((B,), T - 1, device=x.device)
-                final = s[torch.arange(B, device=x.device), end.clamp(min=0)]
-                if cache.loop_last is None:
-                    cache.loop_last = final.detach().clone()
-                else:
-                    real = (cache.valid > 0) if cache.valid is not None else torch.ones_like(end, dtype=torch.bool)
-                    cache.loop_last = torch.where(real[:, None], final.detach(), cache.loop_last)
-        if not self.training:  # statistics for inference (reports, FLOPs per token); training logs its own r
-            self.last_loops = ran
-            if exit is None and counts is None:
-                self.histogram[r] += B * T
-            else:
-                self.histogram.update(dict(zip(*(t.tolist() for t in ran.flatten().unique(return_counts=True)),
-                                               strict=True)))
+                self._fill_skipped_slots(model, step, done)
+            self._keep_final_state(cache, s)
         # With "kl" the last probe ran the coda on every token's final state: its logits are the output.
-        return logits if exit == "kl" else coda_logits(s)
+        return (logits if exit == "kl" else coda_logits(s)), ran
 
-    def _fill_skipped_slots(self, blocks, cos, sin, cache, done: int, at, static, last_in) -> None:
+    def _plan(self, loops, B: int, T: int, device) -> tuple[torch.Tensor | None, Loops]:
+        """(per-token counts or None, the plan) of a call's `loops`."""
+        if not isinstance(loops, torch.Tensor):
+            return None, as_plan(self.config, loops)
+        if loops.shape != (B, T) or loops.dtype.is_floating_point or loops.dtype == torch.bool:
+            raise ValueError(f"loops: a tensor of per-token counts must be integer, shaped {(B, T)}; got "
+                             f"{loops.dtype} {tuple(loops.shape)}")
+        counts = loops.to(device=device, dtype=torch.long)
+        if bool((counts < 1).any()):
+            raise ValueError("loops: every token needs at least one iteration")
+        return counts, Loops(int(counts.max()))
+
+    def _keep_final_state(self, cache, s: torch.Tensor) -> None:
+        """Warm start: each row's final state at its last real token, for the row's next call."""
+        if not cache.warm_start:
+            return
+        B, T = s.shape[:2]
+        end = cache.valid - 1 if cache.valid is not None else torch.full((B,), T - 1, device=s.device)
+        final = s[torch.arange(B, device=s.device), end.clamp(min=0)]
+        if cache.loop_last is None:
+            cache.loop_last = final.detach().clone()
+        else:
+            real = (cache.valid > 0) if cache.valid is not None else torch.ones_like(end, dtype=torch.bool)
+            cache.loop_last = torch.where(real[:, None], final.detach(), cache.loop_last)
+
+    def _fill_skipped_slots(self, model, step: _Iteration, done: int) -> None:
         """Slots this call's tokens did not reach (slot >= iterations run) get what those tokens would write
         there by the rule above: their last input. Attention copies the K/V of the previous slot (the same
         numbers); other states run the layer on that input."""
+        cache = step.slots.cache
         for slot in range(done, cache.loop_slots):
-            widths = static if at is None else at(slot)
+            step.begin(slot, None)
             for j, i in enumerate(self.config.loop.recurrent_layers):
                 target, source = cache.states[i][slot], cache.states[i][slot - 1]
                 if hasattr(target, "copy_new"):
-                    target.copy_new(source, cache, last_in[j].size(1))
+                    target.copy_new(source, cache, step.last_in[j].size(1))
                 else:
-                    _run(blocks[i], last_in[j], cos, sin, cache, target, widths[i])
+                    step.run.apply(i, model.blocks[i], step.last_in[j], step.run.context(i, target, step.widths))
+
+
+class _Slots:
+    """Which state of an inference cache each recurrent layer's iteration uses, and the rewinding shared slots
+    and exit probes need: a layer re-run on the same tokens must start from the state their predecessor left."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.snapshots: dict = {}  # contents of non-idempotent states before this call first wrote them
+
+    def state(self, i: int, iteration: int):
+        cache = self.cache
+        if cache is None:
+            return None
+        slot = iteration % cache.loop_slots
+        if cache.loop_shared:  # a later iteration re-uses the slot: start from the token's predecessor again
+            self.rewind((i, slot), cache.states[i][slot], keep=True)
+        return cache.states[i][slot]
+
+    def rewind(self, key, state, keep: bool) -> None:
+        """Before `state` runs again on this call's tokens: restore what it held before the call, or (`keep`)
+        remember that if this is its first run."""
+        if key in self.snapshots:
+            _restore(state, self.snapshots[key])
+        elif keep:
+            self.snapshots[key] = _snapshot(state)
+
+
+class _Iteration:
+    """The walk's view for one iteration of the recurrent layers: each layer's state slot and the iteration's
+    widths, tokens that stopped iterating re-presenting the input they had at their last iteration, and the
+    sandwich norm after each layer."""
+
+    def __init__(self, run, recurrence: Recurrence, slots: _Slots, at):
+        self.run, self.slots, self.at = run, slots, at
+        self.norms = recurrence.norms
+        self.index = {i: j for j, i in enumerate(recurrence.config.loop.recurrent_layers)}
+        self.last_in: list[torch.Tensor | None] = [None] * len(self.index)  # each layer's latest input per token
+        self.iteration, self.active, self.widths = 0, None, run.widths
+
+    def begin(self, iteration: int, active: torch.Tensor | None) -> None:
+        self.iteration, self.active = iteration, active
+        self.widths = self.run.widths if self.at is None else self.at(iteration)
+
+    def enter(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        j = self.index[i]
+        if self.active is not None and self.iteration > 0:  # stopped tokens re-present their last input
+            h = torch.where(self.active[..., None], h, self.last_in[j])
+        self.last_in[j] = h
+        return self.run.enter(i, h)
+
+    def apply(self, i: int, block, h: torch.Tensor) -> torch.Tensor:
+        ctx = self.run.context(i, self.slots.state(i, self.iteration), self.widths)
+        h = self.run.apply(i, block, h, ctx)
+        return self.norms[self.index[i]](h) if self.norms is not None else h

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import scan_cpu
-from .cache import InferenceCache
+from .context import BlockContext, keep_active
 from .mlp import MLP
 from .norm import rms_norm
 from .scan import cuda_causal_conv1d, selective_scan, sequential_scan
@@ -222,12 +222,18 @@ class SSMBlock(nn.Module):
     def new_state(self, batch: int, capacity: int, device, dtype):
         return self.mixer.new_state(batch, device, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: InferenceCache | None = None, state=None) -> torch.Tensor:
-        x = x + self.mixer(rms_norm(x, self.norm_width), state, cache.valid if cache is not None else None)
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """Always at full width (Matryoshka widths are attention's). Frozen tokens (ctx.frozen, early exit) still
+        advance the state, with their frozen residual as input (exits.py); if every token is frozen, only the
+        state update runs."""
+        if ctx.all_frozen():
+            if ctx.state is not None:
+                self.mixer(rms_norm(x, self.norm_width), ctx.state, ctx.valid, output=False)
+            return x
+        out = x + self.mixer(rms_norm(x, self.norm_width), ctx.state, ctx.valid)
         if self.mlp is not None:
-            x = x + self.mlp(rms_norm(x, self.norm_width))
-        return x
+            out = out + self.mlp(rms_norm(out, self.norm_width))
+        return keep_active(ctx, out, x)
 
 
 class MambaBlock(SSMBlock):

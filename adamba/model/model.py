@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig
 from .attention import AttentionBlock
 from .cache import InferenceCache
-from .exits import AdaptiveHeads, run_adaptive
+from .context import BlockContext
+from .exits import Adaptive, AdaptiveHeads, ExitPolicy
 from .flops import FlopCount, count_flops
+from .forward_pass import ForwardOutput, ForwardPass
 from .looped import Recurrence
 from .mamba import MambaBlock
 from .mamba2 import Mamba2Block
@@ -49,7 +51,6 @@ class AdambaLM(nn.Module):
         self.loop = Recurrence(config) if config.loop is not None else None
         # Adaptive compute (exits.py): exit / expansion gates and the width predictor, where the config has them.
         self.adaptive_heads = AdaptiveHeads(config) if AdaptiveHeads.wanted(config) else None
-        self.last_adaptive = None  # the ExitRecord of the latest forward with exits (exits.py)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = rotary_tables(config.sequence_len, config.model_head_dim, config.rope_base,
                                  device=self.wte.weight.device)
@@ -125,25 +126,47 @@ class AdambaLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: InferenceCache | None = None, width=None, loops=None,
                 loss_reduction: str = "mean", exit_layers: torch.Tensor | None = None,
-                adaptive=None) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored).
+                adaptive: Adaptive | None = None, width_probs: torch.Tensor | None = None,
+                hidden_layers=(), outputs: bool = False):
+        """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored); with
+        `outputs`, a ForwardOutput (logits, loss, the inputs of `hidden_layers`, exit and loop records).
 
         With a `cache`, idx holds the next T tokens of each row: they are appended to the rows' state
         (row b at positions cache.lengths[b] onwards) and only their logits are computed.
         `width` runs attention/MLP layers at a Matryoshka width: an int, a per-layer list, or a compute mode
-        name (config.compute_modes); None is the full model.
+        name (config.compute_modes); None is the full model. `width_probs` (B, n_layer, n_levels): per-row
+        probabilities over the levels, mixing the nested widths' outputs (the width predictor's training).
         `loops` (looped models, see looped.py): iterations of the recurrent layers, an int, a `Loops` plan
         (adaptive exit) or a (B, T) tensor of per-token counts; None is the config's mean_recurrence.
         `exit_layers` (B, T): each token's early-exit layer (n_layer: none); `adaptive`: an `exits.Adaptive` policy
-        (gates decide exits and expansion per token), or a training objective of train/losses.py (see exits.py)."""
-        if self.loop is None:
-            widths = self.config.layer_widths(width)
-            if loops is not None:
-                raise ValueError("loops: this model has no loop (config.loop is None)")
-        elif exit_layers is not None or adaptive is not None:
-            raise ValueError("exit_layers: early exit is not defined for looped models (use loops=Loops(exit=...))")
+        (gates decide exits and expansion per token)."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        x, cos, sin = self.embed(idx, cache)
+        if self.loop is None:
+            if loops is not None:
+                raise ValueError("loops: this model has no loop (config.loop is None)")
+            widths = self.config.layer_widths(width)
+            exits = ExitPolicy(self, idx.shape, idx.device, widths, exit_layers, adaptive) \
+                if exit_layers is not None or adaptive is not None else None
+            run = ForwardPass(self, cos, sin, cache, widths, exits, hidden_layers, width_probs)
+            logits, ran = self.head(self.run_layers(x, range(len(self.blocks)), run)), None
+        else:
+            if exit_layers is not None or adaptive is not None:
+                raise ValueError("exit_layers: early exit is not defined for looped models (use "
+                                 "loops=Loops(exit=...))")
+            run = ForwardPass(self, cos, sin, cache, hidden_layers=hidden_layers, width_probs=width_probs)
+            logits, ran = self.loop(x, self, run, width, loops)
+        if cache is not None:
+            cache.finish(idx.size(1))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                                            ignore_index=-1, reduction=loss_reduction)
+        if outputs:
+            return ForwardOutput(logits, loss, run.hidden, run.exits.record if run.exits is not None else None, ran)
+        return logits if loss is None else loss
+
+    def embed(self, idx: torch.Tensor, cache: InferenceCache | None = None) -> tuple:
+        """(normalised token embeddings (B, T, D), rotary cos, sin of their positions)."""
         T = idx.size(1)
         if cache is None:
             if T > self.config.sequence_len:
@@ -158,25 +181,26 @@ class AdambaLM(nn.Module):
         x = rms_norm(self.wte(idx), self.config.norm_width)
         # the float64 rotary tables, cast once here rather than in every attention layer (a decode step is
         # dominated by per-op overhead)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if self.loop is not None:
-            logits = self.loop(x, self.blocks, cos, sin, cache, width, loops, self.head)
-        elif exit_layers is not None or adaptive is not None:
-            logits = self.head(run_adaptive(self, x, cos, sin, cache, widths, exit_layers, adaptive))
-        else:
-            for i, block in enumerate(self.blocks):
-                state = cache.states[i] if cache is not None else None
-                x = block(x, cos, sin, cache, state) if widths[i] is None else \
-                    block(x, cos, sin, cache, state, widths[i])
-            logits = self.head(x)
-        if cache is not None:
-            cache.finish(T)
-        if targets is None:
-            return logits
-        if hasattr(adaptive, "loss"):  # a training objective (train/losses.py) adds its own terms
-            return adaptive.loss(self, logits, targets, loss_reduction)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+        return x, cos.to(x.dtype), sin.to(x.dtype)
+
+    def run_layers(self, x: torch.Tensor, layers, run) -> torch.Tensor:
+        """The one loop over blocks: blocks `layers` in order on the residual stream x, each preceded by the fixed
+        point where the call's policies act (`run.enter`: exits, expansion, kept hidden states, a loop's stopped
+        tokens) and applied with its context (`run.apply`)."""
+        for i in layers:
+            x = run.apply(i, self.blocks[i], run.enter(i, x))
+        return x
+
+    def context(self, T: int) -> BlockContext:
+        """The context of a plain full forward over T positions, for calling one block alone."""
+        return BlockContext(self.cos[:T], self.sin[:T], levels=tuple(self.config.matryoshka_levels))
+
+    @torch.no_grad()
+    def hidden_after(self, idx: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """h_n: the residual stream after the first n_layers blocks at full width, without a cache (what the width
+        predictor reads)."""
+        x, cos, sin = self.embed(idx)
+        return self.run_layers(x, range(n_layers), ForwardPass(self, cos, sin))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden state: lm_head(norm(x)) in at least float32, softcapped."""

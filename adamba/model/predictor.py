@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ATTENTION, ModelConfig
+from .flops import level_costs
 from .init import init_linear_
 from .norm import rms_norm
 
@@ -80,14 +81,8 @@ def predict_widths(model, idx: torch.Tensor, valid: torch.Tensor | None = None, 
     config = model.config
     if model.adaptive_heads is None or model.adaptive_heads.predictor is None:
         raise ValueError("adaptive.predictor: this model has no LayerDimPredictor (config.predictor_layers is 0)")
-    T = idx.size(1)
-    x = rms_norm(model.wte(idx), config.norm_width)
-    for block in model.blocks[:config.predictor_layers]:
-        x = block(x, model.cos[:T], model.sin[:T])
-    scores = model.adaptive_heads.predictor(x, valid, budget)
+    scores = model.adaptive_heads.predictor(model.hidden_after(idx, config.predictor_layers), valid, budget)
     if price:
-        from ..train.energy import level_costs  # the FLOP counter's per-layer, per-level prices
-
         full, savings = level_costs(config, idx.size(1))
         scores = scores - price * (savings / full).to(scores)
     choice = scores.argmax(-1)

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, run_dir, save_checkpoint, step_dir_name
-from ..common import DistInfo, adamba_home, init_distributed, pick_device, print0
+from ..common import DistInfo, init_distributed, pick_device, print0, write_atomic
 from ..data.corpus import open_corpus
 from ..data.dataset import TokenizedCorpus
 from ..eval.bpb import evaluate_bpb
+from ..eval.report_files import report_dir
 from ..nanochat import load_nanochat
 from ..train.trainer import train
 from . import ops
@@ -35,8 +36,7 @@ class Progress:
         self.device = pick_device(self.config.device)
         self.info: DistInfo = init_distributed(self.device)
         self.data: TokenizedCorpus | None = None
-        self.out = adamba_home() / "reports" / plan.name
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = report_dir(plan.name)
 
     def measure(self, what: str, checkpoint: Path, tokens: int = 0, note: str = "") -> dict:
         ckpt = load_checkpoint(checkpoint, self.device)
@@ -69,9 +69,8 @@ class Progress:
                           "val bpb on held-out data, parameters, forward FLOPs per token at the full context "
                           "(adamba/model/flops.py), tokens trained in the stage.", "", format_rows(self.rows),
                           "", *notes, ""])
-        (self.out / "progressive.json").write_text(json.dumps(self.rows, indent=2))
-        path.write_text(text)
-        return path
+        write_atomic(self.out / "progressive.json", json.dumps(self.rows, indent=2))
+        return write_atomic(path, text)
 
 
 def _on_rank0(info: DistInfo, run: str, write: Callable[[], object]) -> Path:

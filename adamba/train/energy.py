@@ -16,22 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..model.flops import count_flops
-
-
-def level_costs(config: ModelConfig, context: int | None = None) -> tuple[float, torch.Tensor]:
-    """(FLOPs/token of the full model, (n_layer, n_levels) change in FLOPs/token when one layer runs at a level).
-
-    Non-attention layers always run at full width, so their rows are zero."""
-    context = context or config.sequence_len
-    full = count_flops(config, context).forward
-    savings = torch.zeros(config.n_layer, len(config.matryoshka_levels), dtype=torch.float64)
-    for layer in range(config.n_layer):
-        for j, level in enumerate(config.matryoshka_levels):
-            widths: list[int | None] = [None] * config.n_layer
-            widths[layer] = level
-            savings[layer, j] = count_flops(config, context, config.layer_widths(widths)).forward - full
-    return full, savings
+from ..model.flops import level_costs
 
 
 def expected_flops(config: ModelConfig, probs: torch.Tensor, context: int | None = None) -> torch.Tensor:

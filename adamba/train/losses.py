@@ -1,8 +1,9 @@
 """Training objectives of adaptive compute (issue 6): early-exit losses, honest gate labels, the width predictor.
 
-Each objective is passed to the model as `model(x, y, width=..., adaptive=objective)`: it runs the blocks its own
-way (`run`, called by exits.run_adaptive) and returns its loss (`loss`, called by AdambaLM.forward), so the whole
-computation stays inside the model's forward (DDP and torch.compile see one forward, as for plain training).
+Each objective computes its loss from what one forward returns (`model(..., outputs=True)`: the logits and the
+hidden states it was asked for): `objective.loss(train_model, model, x, y, choice)`, where `train_model` is the
+model as the trainer runs it (compiled, DDP) and `model` the module itself, whose `head` turns an exit layer's
+hidden state into logits. Nothing of training runs inside the model.
 
 - Early exit (LayerSkip, Elhoushi et al. 2024, §3.2): the CE of every exit layer's logits -- the shared head on
   h_k, so training makes the truncated models usable -- and/or KL(final || exit), the final layer's distribution
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import ATTENTION, ModelConfig, TrainConfig
 from ..model.flops import count_flops
-from ..model.predictor import allowed_levels, choosable
+from ..model.predictor import choosable
 from .energy import expected_flops
 
 
@@ -76,18 +77,12 @@ class ExitTraining:
         self.hidden: dict[int, torch.Tensor] = {}
         self.terms: dict[str, float] = {}
 
-    def run(self, model, x, cos, sin, cache, widths) -> torch.Tensor:
-        for i, block in enumerate(model.blocks):
-            if i in self.keep:
-                self.hidden[i] = x
-            x = block(x, cos, sin) if widths[i] is None else block(x, cos, sin, None, None, widths[i])
-        return x
-
-    def loss(self, model, logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-        if reduction != "mean":
-            raise ValueError("loss_reduction: adaptive training objectives return a mean")
+    def loss(self, train_model, model, x: torch.Tensor, targets: torch.Tensor, choice: dict) -> torch.Tensor:
+        """The pass at `choice` (width, loops) and its exit and gate terms."""
+        out = train_model(x, targets, **choice, hidden_layers=self.keep, outputs=True)
+        self.hidden = out.hidden
+        logits, ce = out.logits, out.loss
         flat = targets.reshape(-1)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), flat, ignore_index=-1)
         self.ce = ce.detach()
         total = ce
         final = self.final = logits.detach()
@@ -125,9 +120,9 @@ class ExitTraining:
 
 
 class PredictorTraining:
-    """The width predictor's pass: the first predictor_layers blocks at full width, then a straight-through
-    Gumbel-softmax mixture of every allowed level in each choosable attention layer; the loss counts the tokens
-    after the `predictor_context` prompt tokens it read, plus energy_weight * E[FLOPs] / FLOPs(full)."""
+    """The width predictor's pass: a straight-through Gumbel-softmax mixture of every allowed level in each
+    choosable attention layer; the loss counts the tokens after the `predictor_context` prompt tokens it read, plus
+    energy_weight * E[FLOPs] / FLOPs(full)."""
 
     def __init__(self, model: ModelConfig, config: TrainConfig):
         self.config = config
@@ -135,30 +130,17 @@ class PredictorTraining:
         self.probs: torch.Tensor | None = None
         self.terms: dict[str, float] = {}
 
-    def run(self, model, x, cos, sin, cache, widths) -> torch.Tensor:
-        config = model.config
-        P = config.predictor_layers
-        for block in model.blocks[:P]:
-            x = block(x, cos, sin)
-        scores = model.adaptive_heads.predictor(x[:, :self.config.predictor_context])
+    def loss(self, train_model, model, x: torch.Tensor, targets: torch.Tensor, choice: dict) -> torch.Tensor:
+        """The predictor reads the prompt's hidden states after the first predictor_layers blocks (detached: a
+        pass without gradient), picks levels by Gumbel-softmax, and the forward mixes those widths' outputs."""
+        if choice:
+            raise ValueError(f"predictor_weight: the width predictor's pass chooses its own widths, not {choice}")
+        hidden = model.hidden_after(x, model.config.predictor_layers)
+        scores = model.adaptive_heads.predictor(hidden[:, :self.config.predictor_context])
         self.probs = F.gumbel_softmax(scores, tau=self.config.predictor_temperature, hard=True)  # (B, L, levels)
-        allowed = allowed_levels(config, device=x.device).any(0)
-        for i in range(P, config.n_layer):
-            block = model.blocks[i]
-            if config.block_pattern[i] != ATTENTION:
-                x = block(x, cos, sin)
-                continue
-            x = sum(self.probs[:, i, j, None, None].to(x.dtype) *
-                    (block(x, cos, sin) if w == config.n_embd else block(x, cos, sin, None, None, w))
-                    for j, w in enumerate(config.matryoshka_levels) if allowed[j])
-        return x
-
-    def loss(self, model, logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-        if reduction != "mean":
-            raise ValueError("loss_reduction: adaptive training objectives return a mean")
         targets = targets.clone()
         targets[:, :self.config.predictor_context] = -1  # the predictor read these; score what comes after
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        ce = train_model(x, targets, width_probs=self.probs)
         self.ce = ce.detach()
         energy = expected_flops(model.config, self.probs.double()).mean() / self.full
         self.terms = {"predictor_ce": ce.item(), "predictor_flops_frac": energy.item()}
@@ -166,7 +148,8 @@ class PredictorTraining:
 
 
 def mixture_train_flops(model: ModelConfig) -> float:
-    """Training FLOPs per token of a PredictorTraining pass: every allowed level of each choosable layer runs."""
+    """Training FLOPs per token of a PredictorTraining pass: every allowed level of each choosable layer runs, and
+    the predictor's input (the first predictor_layers blocks) is computed once more, forward only."""
     levels = [w for w in model.matryoshka_levels if w != model.n_embd]
     windows = model.attention_windows()
     extra = 0.0
@@ -174,7 +157,9 @@ def mixture_train_flops(model: ModelConfig) -> float:
         for w in levels:
             layer = count_flops(model, layers=[(ATTENTION, windows[i], w)])
             extra += layer.projections + layer.attention
-    return 3 * (count_flops(model).forward + extra)
+    prefix = count_flops(model, layers=[(model.block_pattern[i], windows[i], None)
+                                        for i in range(model.predictor_layers)])
+    return 3 * (count_flops(model).forward + extra) + prefix.forward - prefix.lm_head
 
 
 def exit_train_flops(model: ModelConfig, objective: ExitTraining) -> float:

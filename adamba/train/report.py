@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: reports are written on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..common import adamba_home  # noqa: E402
+from ..common import write_atomic
+from ..eval.report_files import plt, report_dir, save_figure
 
 
 def plot_curves(metrics: list[dict], path: Path, title: str) -> Path:
@@ -25,16 +21,13 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(run: str, *, summary: dict[str, str], metrics: list[dict], samples: list[tuple[str, str]],
                  model_description: str, sections: dict[str, str] | None = None) -> Path:
     """`samples` are (heading, text) pairs; `sections` are extra (title, Markdown) parts before the samples."""
-    out = adamba_home() / "reports" / run
-    out.mkdir(parents=True, exist_ok=True)
+    out = report_dir(run)
     plot = plot_curves(metrics, out / "loss.png", f"adamba run '{run}'")
     val = [m for m in metrics if "val_bpb" in m]
     lines = [f"# Run report: {run}", "", f"Model: `{model_description}`", "", "| | |", "|---|---|"]
@@ -47,6 +40,4 @@ def write_report(run: str, *, summary: dict[str, str], metrics: list[dict], samp
     lines += ["## Samples", ""]
     for heading, text in samples:
         lines += [f"{heading}:", "", "```", text, "```", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out / "report.md", "\n".join(lines))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,21 +20,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, run_dir, save_checkpoint, set_rng_state
-from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything
+from ..checkpoint import Checkpoint, load_checkpoint, run_dir, save_checkpoint, set_rng_state
+from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything, write_atomic
 from ..config import MAMBA, ModelConfig, TrainConfig
+from ..data.dataset import TokenizedCorpus
 from ..data.loader import DataLoader
 from ..data.prepare import prepare_data
+from ..data.tokenizer import Tokenizer
 from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
 from ..surgery.growth import GROWTH, resolve
 from .loops import sample_loops
-from .losses import AdaptiveStep, PredictorTraining, check_adaptive_training, mixture_train_flops
+from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
 from .matryoshka import micro_step_widths
 from .optim import build_optimizers, lr_multiplier, set_schedule
-from .stages import apply_stage
+from .stages import Stage, apply_stage
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -74,13 +77,13 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             self.records = [r for r in kept if r.get("step", 0) <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a") as f:
+        with open(self.path, "a") as f:  # appended line by line: a crash loses at most the line being written
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
@@ -123,8 +126,46 @@ def grad_accum_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
     return config.total_batch_size // per_micro
 
 
-def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
-          progress: bool = True) -> TrainResult:
+# --- setup -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A training run after setup: what train_step needs, and what the loop around it evaluates, logs and saves."""
+
+    config: TrainConfig  # replaced when a time budget re-fits num_iterations
+    info: DistInfo
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype of autocast
+    data: TokenizedCorpus
+    out_dir: Path
+    model: AdambaLM
+    train_model: torch.nn.Module  # what the passes call: the model, compiled and/or wrapped in DDP
+    optimizers: list[torch.optim.Optimizer]
+    loader: DataLoader
+    accum: int  # micro-batches per optimizer step
+    start_step: int = 0
+    stage: Stage | None = None
+    growth: dict | None = None  # the checkpoint's growth record (surgery), saved again with every checkpoint
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, gradients are averaged over ranks at a backward with sync; the others accumulate locally."""
+        return self.train_model.no_sync() if self.info.enabled and not sync else contextlib.nullcontext()
+
+
+def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
+              progress: bool = True) -> Run:
+    """Everything before the first step: device and processes, data, the model (fresh, from init_from, or resumed
+    with its optimizer, loader and RNG state), checks, the training stage, and compile / DDP wrapping."""
     device = pick_device(config.device)
     info: DistInfo = init_distributed(device)
     dtype = pick_dtype(config.dtype, device)
@@ -134,36 +175,69 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     tokenizer_name = config.tokenizer or (str(init.path) if init is not None and init.tokenizer is not None else None)
     data = prepare_data(config.data, tokenizer_name, config.tokenizer_vocab_size, config.val_fraction, info.rank,
                         progress, config.text_field)
-    tokenizer = data.tokenizer
     out_dir = run_dir(config.run_name)
+    checkpoint = _resume_checkpoint(config, out_dir, device) if resume else None
+    model = _model_to_train(model_config, checkpoint, init, data.tokenizer, device)
+    _describe_model(model, device)
+    _check_training(model.config, config, info)
+    accum = grad_accum_steps(config, model.config.sequence_len, info.world_size)
+    _describe_batch(model, config, info, accum, dtype)
+    _describe_energy_penalty(config)
 
-    start_step, checkpoint = 0, None
-    if resume:
-        checkpoint = load_checkpoint(out_dir, device, with_optimizer=True)
-        model, model_config, start_step = checkpoint.model, checkpoint.model.config, checkpoint.step
-        print0(f"resuming {config.run_name} from {checkpoint.path} (step {start_step})")
-        saved = checkpoint.meta.get("train_config") or {}
-        changed = sorted(k for k, v in config.to_dict().items()
-                         if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE)
-        if changed:
-            print0(f"warning: resuming with different {changed} than the checkpoint was trained with; "
-                   "the run will not continue exactly as it would have")
-    elif init is not None:
-        model, model_config = init.model, init.model.config
-        if tokenizer.vocab_size > model_config.vocab_size:
+    source = checkpoint or init
+    growth = source.meta.get("extra", {}).get(GROWTH) if source is not None else None
+    stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
+    if stage is not None:
+        print0(stage.describe())
+    optimizers = build_optimizers(model, config)
+    loader = DataLoader(data, "train", config.device_batch_size, model.config.sequence_len, rank=info.rank,
+                        world_size=info.world_size, seed=config.seed, device=device)
+    if checkpoint is not None:
+        _restore_training_state(checkpoint, optimizers, loader)
+    return Run(config, info, device, dtype, data, out_dir, model, _wrap_for_training(model, config, device, info),
+               optimizers, loader, accum, start_step=checkpoint.step if checkpoint is not None else 0, stage=stage,
+               growth=growth)
+
+
+def _resume_checkpoint(config: TrainConfig, out_dir: Path, device: torch.device) -> Checkpoint:
+    checkpoint = load_checkpoint(out_dir, device, with_optimizer=True)
+    print0(f"resuming {config.run_name} from {checkpoint.path} (step {checkpoint.step})")
+    saved = checkpoint.meta.get("train_config") or {}
+    changed = sorted(k for k, v in config.to_dict().items()
+                     if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE)
+    if changed:
+        print0(f"warning: resuming with different {changed} than the checkpoint was trained with; "
+               "the run will not continue exactly as it would have")
+    return checkpoint
+
+
+def _model_to_train(model_config: ModelConfig, checkpoint: Checkpoint | None, init: Checkpoint | None,
+                    tokenizer: Tokenizer, device: torch.device) -> AdambaLM:
+    """The resumed checkpoint's model, else init_from's, else a fresh one with the tokenizer's vocab_size."""
+    if checkpoint is not None:
+        return checkpoint.model
+    if init is not None:
+        if tokenizer.vocab_size > init.model.config.vocab_size:
             raise ValueError(f"init_from: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-                             f"vocab_size={model_config.vocab_size}; train with the checkpoint's own tokenizer")
+                             f"vocab_size={init.model.config.vocab_size}; train with the checkpoint's own tokenizer")
         print0(f"starting from {init.path}: its weights, with a fresh optimizer and schedule")
-    else:
-        if model_config.vocab_size != tokenizer.vocab_size:
-            print0(f"vocab_size: {model_config.vocab_size} -> {tokenizer.vocab_size}, the tokenizer's size")
-            model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
-        model = AdambaLM.build(model_config, device)
-    print0(f"model: {model_config.describe()}  ({model.num_params():,} parameters)")
-    if MAMBA in model_config.block_pattern and device.type == "cpu":
+        return init.model
+    if model_config.vocab_size != tokenizer.vocab_size:
+        print0(f"vocab_size: {model_config.vocab_size} -> {tokenizer.vocab_size}, the tokenizer's size")
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    return AdambaLM.build(model_config, device)
+
+
+def _describe_model(model: AdambaLM, device: torch.device) -> None:
+    print0(f"model: {model.config.describe()}  ({model.num_params():,} parameters)")
+    if MAMBA in model.config.block_pattern and device.type == "cpu":
         print0("Mamba on the CPU: loading the compiled selective scan (the first build takes about a minute)")
         if not scan_cpu.available():
             print0(f"  unavailable ({scan_cpu.unavailable_reason()}); using the much slower PyTorch scan")
+
+
+def _check_training(model_config: ModelConfig, config: TrainConfig, info: DistInfo) -> None:
+    """What the model config and the train config each accept alone, but not together."""
     model_config.layer_widths(config.width)  # a bad fixed width fails here, not at the first step
     check_adaptive_training(model_config, config)
     if info.enabled and (config.exit_loss_weight or config.exit_kl_weight or config.gate_loss_weight
@@ -174,11 +248,16 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
                          "them in one process")
     if config.fixed_loops and model_config.loop is None:
         raise ValueError(f"fixed_loops: {config.fixed_loops} given, but the model has no loop (config.loop is None)")
-    flops = model.count_flops()
-    accum = grad_accum_steps(config, model_config.sequence_len, info.world_size)
+
+
+def _describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
     print0(f"batch: {config.total_batch_size:,} tokens/step = {config.device_batch_size} rows x "
-           f"{model_config.sequence_len} tokens x {info.world_size} rank(s) x {accum} micro-steps; "
-           f"{flops.train:.3g} training FLOPs/token; compute dtype {dtype}")
+           f"{model.config.sequence_len} tokens x {info.world_size} rank(s) x {accum} micro-steps; "
+           f"{model.count_flops().train:.3g} training FLOPs/token; compute dtype {dtype}")
+
+
+def _describe_energy_penalty(config: TrainConfig) -> None:
+    """Say whether expected FLOPs is trained (a width predictor chooses widths) or only logged."""
     if config.predictor_weight:
         print0(f"energy penalty: the width predictor is trained on its CE + energy_weight={config.energy_weight} x "
                "E[FLOPs]/FLOPs(full) (train/losses.py), so expected FLOPs has a gradient; logged as "
@@ -189,165 +268,298 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         print0(f"energy penalty: widths are {chooser}, not chosen by a trained predictor, so expected FLOPs has "
                f"no gradient here; it is logged as energy_flops and not added to the loss{ignored}")
 
-    source = checkpoint or init
-    growth = source.meta.get("extra", {}).get(GROWTH) if source is not None else None
-    stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
-    stage_summary = stage.describe() if stage is not None else None
-    if stage_summary:
-        print0(stage_summary)
-    optimizers = build_optimizers(model, config)
-    loader = DataLoader(data, "train", config.device_batch_size, model_config.sequence_len, rank=info.rank,
-                        world_size=info.world_size, seed=config.seed, device=device)
-    if checkpoint is not None:
-        for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        loader.load_state_dict(checkpoint.meta["loader"])
-        set_rng_state(checkpoint.optimizer_state["rng"])
 
+def _restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
+                            loader: DataLoader) -> None:
+    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly."""
+    for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    loader.load_state_dict(checkpoint.meta["loader"])
+    set_rng_state(checkpoint.optimizer_state["rng"])
+
+
+def _wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device,
+                       info: DistInfo) -> torch.nn.Module:
+    """The model compiled (by default on CUDA only), and wrapped in DDP under torchrun."""
     train_model: torch.nn.Module = model
-    compile_model = config.compile if config.compile is not None else device.type == "cuda"
-    if compile_model:
+    if config.compile if config.compile is not None else device.type == "cuda":
         train_model = torch.compile(model)
     if info.enabled:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda"
                                               else None)
-    autocast = (contextlib.nullcontext if dtype == torch.float32
-                else lambda: torch.autocast(device.type, dtype=dtype))
+    return train_model
 
-    def evaluate() -> float:
-        return evaluate_bpb(model, data, batch_size=config.device_batch_size, seq_len=model_config.sequence_len,
-                            max_tokens=config.eval_tokens, device=device, rank=info.rank,
-                            world_size=info.world_size, autocast=autocast)
 
-    metrics = MetricsLog(Path(config.metrics_file) if config.metrics_file else out_dir / "metrics.jsonl",
-                         start_step if resume else None, info.is_master,
-                         _wandb_run(config, model_config, info.is_master))
-    result = TrainResult(step=start_step, checkpoint=out_dir, stage=stage_summary)
-    peak = peak_flops(device)
-    tokens_per_step = config.total_batch_size
-    bar = tqdm(total=config.num_iterations, initial=start_step, desc=f"train {config.run_name}", unit="step",
-               disable=not (progress and info.is_master), dynamic_ncols=True)
-    started = time.perf_counter()
-    step, max_iterations = start_step, config.num_iterations
-    all_loops: list[int] = []  # looped models: every loop count sampled in this run
+# --- one optimizer step ------------------------------------------------------------------------------------------
 
-    def save() -> Path:
-        if info.is_master:
-            result.checkpoint = save_checkpoint(
-                out_dir, model, step=step, train_config=config.to_dict(), optimizers=optimizers,
-                loader_state=loader.state_dict(), tokenizer=tokenizer, extra={GROWTH: growth} if growth else None)
-        if info.enabled:
-            dist.barrier()
-        return result.checkpoint
 
-    while True:
-        out_of_time = bool(config.time_budget_s) and time.perf_counter() - started > config.time_budget_s
-        if config.time_budget_s and info.enabled:  # stop together: a rank leaving alone would hang the others
-            flag = torch.tensor(float(out_of_time), device=device)
+@dataclass
+class Pass:
+    """One forward + backward on a micro-batch: its compute choice (None: the default) and the objective it
+    trains (None: the plain CE; ExitTraining: with exit and gate terms; PredictorTraining: the width predictor's
+    mixture of widths)."""
+
+    tokens: int
+    width: list[int] | None = None
+    loops: int | None = None
+    objective: ExitTraining | PredictorTraining | None = None
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did, for its metrics record."""
+
+    loss: float  # each micro-batch's first pass's CE (full width, or the sample), averaged over micro-batches, ranks
+    train_flops: float  # training FLOPs the step spent, all ranks together
+    energy_flops: float | None  # sampled or fixed widths: their expected forward FLOPs/token (train/energy.py)
+    loops: list[int]  # looped models: each micro-batch's loop count
+    adaptive: dict[str, float]  # each adaptive objective's logged terms (train/losses.py)
+
+
+def _pass_loss(run: Run, x: torch.Tensor, y: torch.Tensor, p: Pass) -> torch.Tensor:
+    """The loss of every training pass: the model's cross-entropy, or its objective's (train/losses.py), which
+    computes its terms from the forward's outputs."""
+    choice = ({} if p.width is None else {"width": p.width}) | ({} if p.loops is None else {"loops": p.loops})
+    if p.objective is None:
+        return run.train_model(x, y, **choice)
+    return p.objective.loss(run.train_model, run.model, x, y, choice)
+
+
+def train_step(run: Run, step: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
+    """One optimizer step on run.accum micro-batches from `batches`: every pass of each (its Matryoshka widths,
+    loop count and adaptive objectives), then clipping, the optimizers, the stage's masks and zeroed gradients.
+    The learning rate is the caller's to set (set_schedule)."""
+    config, model_config = run.config, run.model_config
+    adaptive = AdaptiveStep(model_config, config, step)  # exit/gate/predictor terms (train/losses.py)
+    passes: list[Pass] = []
+    choices: list[tuple[list, int | None]] = []  # each micro-batch's widths and loop count
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(run.accum):
+        x, y = next(batches)
+        widths = micro_step_widths(model_config, config, step, micro)
+        # None unless the model loops
+        loops = config.fixed_loops or sample_loops(model_config, config.seed, step, micro)
+        choices.append((widths, loops))
+        loss, micro_passes = _train_micro_batch(run, adaptive, x, y, widths, loops, last=micro == run.accum - 1)
+        loss_sum += loss
+        passes += micro_passes
+    _optimizer_step(run)
+    sampled_or_fixed_widths = config.matryoshka or config.width is not None
+    return StepStats(loss=_mean_over_ranks(run, (loss_sum / run.accum).item()),
+                     train_flops=step_train_flops(run.model, adaptive, passes, run.info.world_size),
+                     energy_flops=expected_forward_flops(run.model, choices) if sampled_or_fixed_widths else None,
+                     loops=[loops for _, loops in choices if loops is not None],
+                     adaptive=adaptive.record())
+
+
+def _train_micro_batch(run: Run, adaptive: AdaptiveStep, x: torch.Tensor, y: torch.Tensor, widths: list,
+                       loops: int | None, last: bool) -> tuple[torch.Tensor, list[Pass]]:
+    """The passes on one micro-batch: one per width, then the width predictor's. Returns the loss to log (the
+    first pass's CE) and the passes run. `last`: the step's last micro-batch, whose last backward syncs DDP."""
+    config = run.config
+    adaptive.next_micro_batch()
+    passes = []
+    for j, width in enumerate(widths):
+        with run.grad_sync(last and j == len(widths) - 1 and not config.predictor_weight), run.autocast():
+            p = Pass(x.numel(), width, loops, adaptive.objective(run.model, x, width))
+            loss = _pass_loss(run, x, y, p)
+            (loss / (run.accum * len(widths))).backward()
+        adaptive.finished(p.objective, width)
+        passes.append(p)
+        if j == 0:  # the logged loss is the first choice's CE: full width, or the sample
+            logged = loss.detach() if p.objective is None else p.objective.ce
+    if config.predictor_weight:  # the width predictor's pass: a mixture of widths + the energy penalty
+        with run.grad_sync(last), run.autocast():
+            p = Pass(x.numel(), objective=PredictorTraining(run.model_config, config))
+            (config.predictor_weight * _pass_loss(run, x, y, p) / run.accum).backward()
+        adaptive.finished(p.objective, None)
+        passes.append(p)
+    return logged, passes
+
+
+def _optimizer_step(run: Run) -> None:
+    """Clip, step every optimizer, put back what the stage masks, and zero the gradients."""
+    if run.config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    for opt in run.optimizers:
+        opt.step()
+    if run.stage is not None:
+        run.stage.after_step()
+    run.model.zero_grad(set_to_none=True)
+
+
+def _mean_over_ranks(run: Run, value: float) -> float:
+    if not run.info.enabled:
+        return value
+    total = torch.tensor(value, device=run.device)
+    dist.all_reduce(total)  # gloo has no AVG: sum, then divide
+    return total.item() / run.info.world_size
+
+
+def pass_train_flops(model: AdambaLM, adaptive: AdaptiveStep, p: Pass) -> float:
+    """Training FLOPs per token of one pass: forward + backward at its width and loop count plus what its
+    objective adds, or, for the width predictor's pass, every width of its mixture."""
+    if isinstance(p.objective, PredictorTraining):
+        return mixture_train_flops(model.config)
+    return model.count_flops(width=p.width, loops=p.loops).train + adaptive.train_flops(p.objective)
+
+
+def step_train_flops(model: AdambaLM, adaptive: AdaptiveStep, passes: list[Pass], world_size: int) -> float:
+    """The training FLOPs a step spent: its passes, run by every rank on its own tokens."""
+    return sum(pass_train_flops(model, adaptive, p) * p.tokens * world_size for p in passes)
+
+
+def expected_forward_flops(model: AdambaLM, choices: list[tuple[list, int | None]]) -> float:
+    """Forward FLOPs/token of a step's compute choices: the mean over each micro-batch's widths (a fixed choice's
+    expected FLOPs, train/energy.py, is its FLOP count), averaged over micro-batches."""
+    energy = 0.0
+    for widths, loops in choices:
+        for width in widths:
+            energy += model.count_flops(width=width, loops=loops).forward / len(widths)
+    return energy / len(choices)
+
+
+# --- the loop: evaluation, samples, time budget, logging, checkpoints ---------------------------------------------
+
+
+class TimeBudget:
+    """time_budget_s: the run stops once it has passed, and re-fits num_iterations to it at the REPLAN_AT steps."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.started = time.perf_counter()
+        self.first_step_at = self.started  # until the first step starts
+        self.max_iterations = run.config.num_iterations
+
+    def out_of_time(self) -> bool:
+        budget = self.run.config.time_budget_s
+        out_of_time = bool(budget) and time.perf_counter() - self.started > budget
+        if budget and self.run.info.enabled:  # stop together: a rank leaving alone would hang the others
+            flag = torch.tensor(float(out_of_time), device=self.run.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = bool(flag.item())
-        last = step >= config.num_iterations or out_of_time
-        if config.eval_every and (step % config.eval_every == 0 or last):
-            bpb = evaluate()
-            if step == 0:
-                result.initial_val_bpb = bpb
-            result.final_val_bpb = bpb
-            metrics.log({"step": step, "val_bpb": bpb})
-            if info.is_master:
-                bar.write(f"step {step:5d} | val bpb {bpb:.4f}")
-        if config.sample_every and (step % config.sample_every == 0 or last) and info.is_master:
-            engine = Engine(model, tokenizer)
-            for prompt in SAMPLE_PROMPTS:
-                text = engine.complete(prompt, 32, SamplingParams(temperature=0.0))
-                bar.write(f"  sample: {prompt!r} -> {text!r}")
+        return out_of_time
+
+    def replan(self, step: int, now: float) -> bool:
+        """Called as each step starts; at a REPLAN_AT step, re-fits run.config.num_iterations and returns True."""
+        run = self.run
+        steps_done = step - run.start_step
+        if steps_done == 0:
+            self.first_step_at = now
+        if not (run.config.time_budget_s and steps_done in REPLAN_AT):
+            return False
+        # every rank must choose the same num_iterations: plan with the slowest rank's clock
+        clocks = torch.tensor([now - self.first_step_at, now - self.started], dtype=torch.float64, device=run.device)
+        if run.info.enabled:
+            dist.all_reduce(clocks, op=dist.ReduceOp.MAX)
+        training_s, elapsed = clocks.tolist()
+        run.config = fit_to_budget(run.config, self.max_iterations, step, run.start_step, training_s / steps_done,
+                                   run.config.time_budget_s - elapsed)
+        return True
+
+
+def _due(every: int, step: int, last: bool) -> bool:
+    """Periodic work (eval_every, sample_every; 0: never) is done every `every` steps and at the end."""
+    return bool(every) and (step % every == 0 or last)
+
+
+def _evaluate(run: Run, step: int, result: TrainResult, metrics: MetricsLog, bar: tqdm) -> None:
+    bpb = evaluate_bpb(run.model, run.data, batch_size=run.config.device_batch_size,
+                       seq_len=run.model_config.sequence_len, max_tokens=run.config.eval_tokens, device=run.device,
+                       rank=run.info.rank, world_size=run.info.world_size, autocast=run.autocast)
+    if step == 0:
+        result.initial_val_bpb = bpb
+    result.final_val_bpb = bpb
+    metrics.log({"step": step, "val_bpb": bpb})
+    if run.info.is_master:
+        bar.write(f"step {step:5d} | val bpb {bpb:.4f}")
+
+
+def _write_samples(run: Run, bar: tqdm) -> None:
+    engine = Engine(run.model, run.data.tokenizer)
+    for prompt in SAMPLE_PROMPTS:
+        text = engine.complete(prompt, 32, SamplingParams(temperature=0.0))
+        bar.write(f"  sample: {prompt!r} -> {text!r}")
+
+
+def _step_record(run: Run, step: int, lr_mult: float, dt: float, stats: StepStats, peak: float | None) -> dict:
+    """The metrics record of a step; `step` counts the steps done, this one included."""
+    tokens_per_step = run.config.total_batch_size
+    record = {"step": step, "loss": stats.loss, "lr_mult": lr_mult, "tokens": step * tokens_per_step,
+              "dt": dt, "tok_per_s": tokens_per_step / dt, "train_flops": stats.train_flops}
+    if stats.energy_flops is not None:
+        record["energy_flops"] = stats.energy_flops
+    record |= stats.adaptive
+    if stats.loops:  # the loop counts this step sampled (their mean over micro-steps)
+        record["loops"] = sum(stats.loops) / len(stats.loops)
+    if peak:
+        record["mfu"] = stats.train_flops / dt / (peak * run.info.world_size)
+    return record
+
+
+def _show_progress(bar: tqdm, record: dict) -> None:
+    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}",
+                    **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
+    bar.update(1)
+
+
+def _save(run: Run, step: int, result: TrainResult) -> None:
+    """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer); the others wait for it."""
+    if run.info.is_master:
+        result.checkpoint = save_checkpoint(
+            run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
+            loader_state=run.loader.state_dict(), tokenizer=run.data.tokenizer,
+            extra={GROWTH: run.growth} if run.growth else None)
+    if run.info.enabled:
+        dist.barrier()
+
+
+def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train for config.num_iterations steps (fewer if time_budget_s runs out), evaluating, sampling and saving
+    as configured; `resume` continues the run's latest checkpoint exactly."""
+    run = setup_run(model_config, config, resume=resume, progress=progress)
+    info = run.info
+    metrics = MetricsLog(Path(config.metrics_file) if config.metrics_file else run.out_dir / "metrics.jsonl",
+                         run.start_step if resume else None, info.is_master,
+                         _wandb_run(config, run.model_config, info.is_master))
+    result = TrainResult(step=run.start_step, checkpoint=run.out_dir,
+                         stage=run.stage.describe() if run.stage is not None else None)
+    peak = peak_flops(run.device)
+    bar = tqdm(total=config.num_iterations, initial=run.start_step, desc=f"train {config.run_name}", unit="step",
+               disable=not (progress and info.is_master), dynamic_ncols=True)
+    budget = TimeBudget(run)
+    step = run.start_step
+    all_loops: list[int] = []  # looped models: every loop count sampled in this run
+    while True:
+        out_of_time = budget.out_of_time()  # on every rank at every step: under torchrun it is a collective
+        last = step >= run.config.num_iterations or out_of_time
+        if _due(run.config.eval_every, step, last):
+            _evaluate(run, step, result, metrics, bar)
+        if _due(run.config.sample_every, step, last) and info.is_master:
+            _write_samples(run, bar)
         if last:
             break
-
         t0 = time.perf_counter()
-        if step == start_step:
-            first_step_at = t0
-        elif config.time_budget_s and step - start_step in REPLAN_AT:
-            # every rank must choose the same num_iterations: plan with the slowest rank's clock
-            clocks = torch.tensor([t0 - first_step_at, t0 - started], dtype=torch.float64, device=device)
-            if info.enabled:
-                dist.all_reduce(clocks, op=dist.ReduceOp.MAX)
-            training_s, elapsed = clocks.tolist()
-            config = fit_to_budget(config, max_iterations, step, start_step, training_s / (step - start_step),
-                                   config.time_budget_s - elapsed)
-            bar.total = config.num_iterations
-        lr_mult = set_schedule(optimizers, step, config)
-        loss_sum = torch.zeros((), device=device)
-        step_flops = energy = 0.0  # training FLOPs actually spent; expected forward FLOPs/token of the widths
-        step_loops: list[int] = []
-        adaptive = AdaptiveStep(model_config, config, step)  # exit/gate/predictor terms (train/losses.py)
-        for micro in range(accum):
-            x, y = next(loader)
-            adaptive.next_micro_batch()
-            widths = micro_step_widths(model_config, config, step, micro)
-            # None unless the model loops
-            loops = config.fixed_loops or sample_loops(model_config, config.seed, step, micro)
-            if loops is not None:
-                step_loops.append(loops)
-            for width in widths:  # a fixed choice's expected FLOPs (train/energy.py) is its FLOP count
-                cost = model.count_flops(width=width, loops=loops)
-                step_flops += cost.train * x.numel() * info.world_size
-                energy += cost.forward / len(widths)
-            for j, width in enumerate(widths):
-                # DDP averages gradients on the step's last backward only
-                sync = not info.enabled or (micro == accum - 1 and j == len(widths) - 1 and not config.predictor_weight)
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    choice = ({} if width is None else {"width": width}) | ({} if loops is None else {"loops": loops})
-                    objective = adaptive.objective(model, x, width)
-                    loss = train_model(x, y, **choice, **({} if objective is None else {"adaptive": objective}))
-                    (loss / (accum * len(widths))).backward()
-                adaptive.finished(objective, width)
-                step_flops += adaptive.train_flops(objective) * x.numel() * info.world_size
-                if j == 0:  # the logged loss is the first choice's CE: full width, or the sample
-                    loss_sum += loss.detach() if objective is None else objective.ce
-            if config.predictor_weight:  # the width predictor's pass: a mixture of widths + the energy penalty
-                sync = not info.enabled or micro == accum - 1
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    objective = PredictorTraining(model_config, config)
-                    (config.predictor_weight * train_model(x, y, adaptive=objective) / accum).backward()
-                adaptive.finished(objective, None)
-                step_flops += mixture_train_flops(model_config) * x.numel() * info.world_size
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        if stage is not None:
-            stage.after_step()
-        model.zero_grad(set_to_none=True)
-        loss_value = (loss_sum / accum).item()
-        if info.enabled:  # gloo has no AVG: sum, then divide
-            loss_tensor = torch.tensor(loss_value, device=device)
-            dist.all_reduce(loss_tensor)
-            loss_value = loss_tensor.item() / info.world_size
+        if budget.replan(step, t0):
+            bar.total = run.config.num_iterations
+        lr_mult = set_schedule(run.optimizers, step, run.config)
+        stats = train_step(run, step, run.loader)
         dt = time.perf_counter() - t0
         step += 1
-        tok_per_s = tokens_per_step / dt
-        record = {"step": step, "loss": loss_value, "lr_mult": lr_mult, "tokens": step * tokens_per_step,
-                  "dt": dt, "tok_per_s": tok_per_s, "train_flops": step_flops}
-        if config.matryoshka or config.width is not None:
-            record["energy_flops"] = energy / accum
-        record |= adaptive.record()
-        if step_loops:  # the loop counts this step sampled (their mean over micro-steps)
-            record["loops"] = sum(step_loops) / len(step_loops)
-            all_loops.extend(step_loops)
-        if peak:
-            record["mfu"] = step_flops / dt / (peak * info.world_size)
+        all_loops.extend(stats.loops)
+        record = _step_record(run, step, lr_mult, dt, stats, peak)
         metrics.log(record)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_s:,.0f}",
-                        **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
-        bar.update(1)
-        if config.save_every and step % config.save_every == 0 and step < config.num_iterations:
-            save()
+        _show_progress(bar, record)
+        if run.config.save_every and step % run.config.save_every == 0 and step < run.config.num_iterations:
+            _save(run, step, result)
     bar.close()
     if all_loops:
         result.mean_loops = sum(all_loops) / len(all_loops)
+        loop = run.model_config.loop
         print0(f"loops: mean r sampled {result.mean_loops:.2f} over {len(all_loops)} micro-steps (mean_recurrence "
-               f"{model_config.loop.mean_recurrence}, clamped to [1, {model_config.loop.r_max}])")
+               f"{loop.mean_recurrence}, clamped to [1, {loop.r_max}])")
     result.step = step
-    save()
+    _save(run, step, result)
     result.metrics = metrics.records
     return result
