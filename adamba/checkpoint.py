@@ -46,6 +46,12 @@ def run_dir(run: str) -> Path:
     return adamba_home() / "checkpoints" / run
 
 
+def resolve_run(name: str | Path) -> Path:
+    """A checkpoint or run folder, or the name of a run under $ADAMBA_HOME/checkpoints."""
+    path = Path(name)
+    return path if path.exists() else run_dir(str(name))
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 

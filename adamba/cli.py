@@ -107,14 +107,6 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(ModelConfig.from_dict(model), TrainConfig.from_dict(train))
 
 
-def resolve_checkpoint(name: str) -> Path:
-    """A checkpoint or run folder, or the name of a run under $ADAMBA_HOME/checkpoints."""
-    from .checkpoint import run_dir
-
-    path = Path(name)
-    return path if path.exists() else run_dir(name)
-
-
 # --- commands ----------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> None:
     from .data.corpus import open_corpus
@@ -154,10 +146,10 @@ def cmd_train(args) -> None:
 
 
 def _load(args):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, resolve_run
     from .common import pick_device
 
-    return load_checkpoint(resolve_checkpoint(args.checkpoint), pick_device(args.device))
+    return load_checkpoint(resolve_run(args.checkpoint), pick_device(args.device))
 
 
 def cmd_eval_bpb(args) -> None:
@@ -332,6 +324,17 @@ def cmd_demo(args) -> None:
     run_demo(minutes=args.minutes, run=args.run)
 
 
+def cmd_progressive(args) -> None:
+    from .surgery.commands import print_plan
+    from .surgery.plan import load_plan
+    from .train.progressive import run_plan
+
+    if args.dry_run:
+        print_plan(args.plan)
+        return
+    run_plan(load_plan(args.plan))
+
+
 # --- parser ------------------------------------------------------------------------------------------
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adamba", description=__doc__,
@@ -445,9 +448,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     de.add_argument("--run", default="demo")
     de.set_defaults(func=cmd_demo)
 
+    pr = commands.add_parser("progressive", help="run a growth plan: surgeries and training stages, with a report")
+    pr.add_argument("plan", help="a plan TOML file (configs/plans/)")
+    pr.add_argument("--dry-run", action="store_true", help="derive every stage and count parameters only")
+    pr.set_defaults(func=cmd_progressive)
+
     from .surgery.commands import add_commands
 
-    add_commands(commands)  # surgery, progressive
+    add_commands(commands)  # surgery
     return parser
 
 

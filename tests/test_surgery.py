@@ -343,7 +343,7 @@ def test_shipped_plans_parse_and_their_counts_hold():
 
 def test_progressive_runs_a_plan_and_reports_each_stage(tmp_path, corpus_dir, adamba_home):
     from adamba.surgery.plan import load_plan
-    from adamba.surgery.progressive import run_plan
+    from adamba.train.progressive import run_plan
 
     plan_file = tmp_path / "mini.toml"
     plan_file.write_text(f"""

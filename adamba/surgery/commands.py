@@ -1,11 +1,11 @@
-"""The `adamba surgery ...` and `adamba progressive` commands (registered by adamba/cli.py).
+"""The `adamba surgery ...` commands (registered by adamba/cli.py; `adamba progressive`, which also trains, is
+cli.py's own).
 
     adamba surgery add-mamba CKPT|--from-nanochat PATH [--pattern P] [--kind M|M2] --out RUN
     adamba surgery widen CKPT --width D' [--init zero|lora|copy-scale|svd] [--rank R] [--scale S] --out RUN
     adamba surgery deepen CKPT --pattern P --out RUN
     adamba surgery ... --dry-run         the new config and parameter counts, from metadata only
     adamba surgery plan PLAN.toml        every stage of a plan, parameter counts on the meta device
-    adamba progressive PLAN.toml         run a plan; val bpb and FLOPs/token after each stage
 """
 
 from __future__ import annotations
@@ -49,13 +49,8 @@ def add_commands(commands) -> None:
     for parser in (am, wi, de, pl):
         parser.set_defaults(func=cmd_surgery)
 
-    pr = commands.add_parser("progressive", help="run a growth plan: surgeries and training stages, with a report")
-    pr.add_argument("plan", help="a plan TOML file (configs/plans/)")
-    pr.add_argument("--dry-run", action="store_true", help="derive every stage and count parameters only")
-    pr.set_defaults(func=cmd_progressive)
 
-
-def _print_plan(path: str) -> None:
+def print_plan(path: str) -> None:
     from .plan import dry_run, format_rows, load_plan
 
     plan = load_plan(path)
@@ -69,7 +64,7 @@ def cmd_surgery(args) -> None:
 
     op = args.surgery_command
     if op == "plan":
-        _print_plan(args.plan)
+        print_plan(args.plan)
         return
     names = {"add-mamba": ("pattern", "kind"), "widen": ("width", "init", "rank", "scale", "seed"),
              "deepen": ("pattern",)}[op]
@@ -93,13 +88,3 @@ def cmd_surgery(args) -> None:
           f"({grown.num_params():,} parameters)")
     print(f"  {grown.config.describe()}" + (f"; new blocks {new_blocks}" if new_blocks else ""))
     print(f"  max |change of logits| on a probe batch: {change:.2g} (float32 rounding only)")
-
-
-def cmd_progressive(args) -> None:
-    from .plan import load_plan
-    from .progressive import run_plan
-
-    if args.dry_run:
-        _print_plan(args.plan)
-        return
-    run_plan(load_plan(args.plan))

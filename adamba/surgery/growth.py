@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, read_meta, run_dir, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_checkpoint, read_meta, resolve_run, run_dir, save_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import Tokenizer
 from ..model import AdambaLM
@@ -42,12 +42,6 @@ class Source:
     description: str
 
 
-def resolve(name: str | Path) -> Path:
-    """A checkpoint or run folder, or the name of a run under $ADAMBA_HOME/checkpoints."""
-    path = Path(name)
-    return path if path.exists() else run_dir(str(name))
-
-
 def load_source(checkpoint: str | None = None, nanochat: str | None = None) -> Source:
     """Load an adamba checkpoint or a nanochat folder (exactly one of them) on the CPU, in float32."""
     if (checkpoint is None) == (nanochat is None):
@@ -55,7 +49,7 @@ def load_source(checkpoint: str | None = None, nanochat: str | None = None) -> S
     if nanochat is not None:
         model, tokenizer = load_nanochat(nanochat)
         return Source(model, tokenizer, None, f"nanochat {nanochat}")
-    ckpt = load_checkpoint(resolve(checkpoint))
+    ckpt = load_checkpoint(resolve_run(checkpoint))
     return Source(ckpt.model, ckpt.tokenizer, ckpt.meta.get("extra", {}).get(GROWTH), str(ckpt.path))
 
 
@@ -66,7 +60,7 @@ def source_config(checkpoint: str | None = None, nanochat: str | None = None) ->
     if nanochat is not None:
         step = find_nanochat_step(nanochat)
         return nanochat_config(json.loads((Path(nanochat) / f"meta_{step:06d}.json").read_text()))
-    found = latest_checkpoint(resolve(checkpoint))
+    found = latest_checkpoint(resolve_run(checkpoint))
     if found is None:
         raise ValueError(f"checkpoint: no checkpoint found at {checkpoint}")
     return ModelConfig.from_dict(read_meta(found)["model_config"])

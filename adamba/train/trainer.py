@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint, load_checkpoint, run_dir, save_checkpoint, set_rng_state
+from ..checkpoint import Checkpoint, load_checkpoint, resolve_run, run_dir, save_checkpoint, set_rng_state
 from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything, write_atomic
 from ..config import MAMBA, ModelConfig, TrainConfig
 from ..data.dataset import TokenizedCorpus
@@ -31,7 +31,7 @@ from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
-from ..surgery.growth import GROWTH, resolve
+from ..surgery.growth import GROWTH
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
 from .matryoshka import micro_step_widths
@@ -171,7 +171,7 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     dtype = pick_dtype(config.dtype, device)
     seed_everything(config.seed + info.rank)
     # A checkpoint to start from (e.g. a surgery's output): its weights and tokenizer, a fresh optimizer and schedule
-    init = load_checkpoint(resolve(config.init_from), device) if config.init_from and not resume else None
+    init = load_checkpoint(resolve_run(config.init_from), device) if config.init_from and not resume else None
     tokenizer_name = config.tokenizer or (str(init.path) if init is not None and init.tokenizer is not None else None)
     data = prepare_data(config.data, tokenizer_name, config.tokenizer_vocab_size, config.val_fraction, info.rank,
                         progress, config.text_field)

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, run_dir, save_checkpoint, step_dir_name
+from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_run, run_dir, save_checkpoint, step_dir_name
 from ..common import DistInfo, init_distributed, pick_device, print0, write_atomic
 from ..data.corpus import open_corpus
 from ..data.dataset import TokenizedCorpus
 from ..eval.bpb import evaluate_bpb
 from ..eval.report_files import report_dir
 from ..nanochat import load_nanochat
-from ..train.trainer import train
-from . import ops
-from .growth import load_source, max_logit_change, record, resolve, save_grown, source_config
-from .plan import Plan, check_params, format_rows, stage_row, start_config
+from ..surgery import ops
+from ..surgery.growth import load_source, max_logit_change, record, save_grown, source_config
+from ..surgery.plan import Plan, check_params, format_rows, stage_row, start_config
+from .trainer import train
 
 
 class Progress:
@@ -86,7 +86,7 @@ def _start(plan: Plan, info: DistInfo, progress: bool) -> tuple[Path, int, str]:
     """(the starting checkpoint, tokens trained to make it, a note)."""
     start, run = plan.start, f"{plan.name}-00-start"
     if "checkpoint" in start:
-        found = latest_checkpoint(resolve(start["checkpoint"]))
+        found = latest_checkpoint(resolve_run(start["checkpoint"]))
         if found is None:
             raise ValueError(f"plan {plan.path}: [start] checkpoint {start['checkpoint']} not found")
         return found, 0, ""
