@@ -29,7 +29,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import ModelConfig, RunConfig, TrainConfig, load_toml, read_toml
+from .config import ModelConfig, RunConfig, TrainConfig, load_toml, parse_width, read_toml, require_loop
 
 
 def _scalar(annotation) -> type:
@@ -204,8 +204,7 @@ def cmd_eval_loops(args) -> None:
 
     ckpt = _load(args)
     model = ckpt.model
-    if model.config.loop is None:
-        raise ValueError(f"{ckpt.path}: the model has no loop (config.loop is None); `eval loops` needs a looped one")
+    require_loop(model.config, f"{ckpt.path}: `eval loops`")
     try:
         counts = tuple(int(r) for r in args.loops.split(","))
     except ValueError:
@@ -247,7 +246,7 @@ def cmd_calibrate(args) -> None:
         raise ValueError(f"{ckpt.path}: the model has no exit layers (min_exit_layer is None); nothing to calibrate")
     data = _validation_data(ckpt, args.data)
     device = next(model.parameters()).device
-    width = int(args.width) if args.width and args.width.isdigit() else args.width
+    width = parse_width(args.width)
     batches = held_out_batches(data, batch_size=args.batch_size, seq_len=model.config.sequence_len,
                                max_tokens=args.tokens, device=device)
     result = calibrate(sweep(model, batches, width=width, token_bytes=data.tokenizer.token_bytes.to(device)),
@@ -295,7 +294,7 @@ def cmd_sample(args) -> None:
         seed = None if args.seed is None else args.seed + i
         print(args.prompt, end="", flush=True)
         tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
-                               width=int(args.mode) if args.mode and args.mode.isdigit() else args.mode,
+                               width=parse_width(args.mode),
                                loops=args.loops, **_adaptive_choice(args.adaptive, ckpt.model))
         for piece in tokenizer.decode_stream(tokens):
             print(piece, end="", flush=True)

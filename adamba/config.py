@@ -88,6 +88,28 @@ def _positive_int(name: str, value: Any) -> None:
         _fail(name, f"must be a positive integer, got {value!r}")
 
 
+def parse_width(value: Any) -> Any:
+    """A compute choice as a user writes it: a mode name ("ghost"), a width ("256") or a per-layer list
+    ("64,64,128"); "" or None is full width (None, its one meaning). Non-strings are returned as they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if not text:
+        return None
+    if "," in text:
+        try:
+            return [int(part) for part in text.split(",")]
+        except ValueError:
+            _fail("width", f"{value!r} is not a comma-separated list of widths", "write e.g. 64,64,128")
+    return int(text) if text.isdigit() else text
+
+
+def require_loop(config: ModelConfig, what: str = "loops") -> None:
+    """The one error for a loop setting given to a model without a loop."""
+    if config.loop is None:
+        _fail(what, "this model has no loop (config.loop is None)")
+
+
 @dataclass
 class LoopConfig:
     """Looped depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning", the Huginn model):
@@ -587,8 +609,7 @@ class TrainConfig:
         if self.width is not None and self.matryoshka:
             _fail("width", "a fixed training width and --matryoshka exclude each other",
                   "use matryoshka to train every width, or width to train one")
-        if isinstance(self.width, str) and self.width.isdigit():
-            self.width = int(self.width)  # from a command-line flag
+        self.width = parse_width(self.width)  # from a command-line flag or a TOML string
         if not isinstance(self.energy_weight, (int, float)) or self.energy_weight < 0:
             _fail("energy_weight", f"must be a non-negative number, got {self.energy_weight!r}")
 

@@ -104,3 +104,13 @@ def test_shipped_configs_are_valid(path):
 
     cfg = load_toml(path)
     assert grad_accum_steps(cfg.train, cfg.model.sequence_len, world_size=1) >= 1
+
+
+def test_widths_written_as_text_parse_in_one_place():
+    from adamba.config import parse_width
+
+    assert parse_width("Ghost") == "ghost" and parse_width("256") == 256 and parse_width(" ") is None
+    assert parse_width("64,64,128") == [64, 64, 128] and parse_width(None) is None and parse_width(32) == 32
+    with pytest.raises(ValueError, match="^width: '64,x' is not a comma-separated list of widths"):
+        parse_width("64,x")
+    assert TrainConfig(width="128").width == 128 and TrainConfig(width="").width is None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common import write_atomic
+from ..config import require_loop
 from ..model.looped import Loops
 from .bpb import BpbEstimate, measure_bpb
 from .plots import place_labels, plot_intervals
@@ -40,8 +41,7 @@ class LoopRow:
 def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, batch_size: int = 8,
               counts=LOOP_COUNTS, sweep: dict | None = None) -> list[LoopRow]:
     config = model.config
-    if config.loop is None:
-        raise ValueError("the checkpoint's model has no loop (config.loop is None); `eval loops` needs a looped model")
+    require_loop(config, "eval loops")
     device = next(model.parameters()).device
     sweep = EXIT_SWEEP if sweep is None else sweep
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, require_loop
 from .flops import FlopCount, count_flops
 from .norm import rms_norm
 
@@ -87,8 +87,7 @@ class Loops:
 
 def as_plan(config: ModelConfig, loops) -> Loops:
     """`loops` as a Loops plan; per-token count tensors are not plans (see Recurrence.forward)."""
-    if config.loop is None:
-        raise ValueError("loops: this model has no loop (config.loop is None)")
+    require_loop(config)
     if loops is None:
         return Loops(config.loop.mean_recurrence)
     if isinstance(loops, Loops):
@@ -103,7 +102,7 @@ def cache_slots(config: ModelConfig, loops) -> tuple[int, bool, bool]:
     """(state slots per recurrent layer, whether iterations share them, warm start) of an inference cache."""
     if config.loop is None:
         if loops is not None:
-            raise ValueError("loops: this model has no loop (config.loop is None)")
+            require_loop(config)
         return 0, False, False
     if isinstance(loops, torch.Tensor):
         raise ValueError("loops: a cache is sized by the most iterations a token may run (an int or a Loops "
@@ -150,7 +149,7 @@ class Recurrence(nn.Module):
         generator = torch.Generator().manual_seed(self.config.loop.init_seed)
         self.noise.copy_(torch.randn(self.noise.shape, generator=generator) * self.config.loop.init_sigma)
 
-    def layer_widths(self, width) -> tuple[list, Callable[[int], list] | None]:
+    def iteration_widths(self, width) -> tuple[list, Callable[[int], list] | None]:
         """(per-layer widths of the prelude and coda, iteration -> per-layer widths or None = the same)."""
         if callable(width):
             memo: dict[int, list] = {}
@@ -166,7 +165,7 @@ class Recurrence(nn.Module):
         r = self.config.loop.mean_recurrence if loops is None else loops
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"loops: FLOPs are counted for a whole number of iterations >= 1, got {loops!r}")
-        static, at = self.layer_widths(width)
+        static, at = self.iteration_widths(width)
         return count_flops(self.config, context, static, loops=r, probes=probes,
                            loop_widths=None if at is None else [at(i) for i in range(r)])
 
@@ -201,7 +200,7 @@ class Recurrence(nn.Module):
         if cache is not None and r > cache.loop_slots and not cache.loop_shared:
             raise ValueError(f"loops: {r} iterations, but the cache holds {cache.loop_slots} slots per recurrent "
                              f"layer; make it with InferenceCache(..., loops={r}), or share slots with kv_budget")
-        static, at = self.layer_widths(width)
+        static, at = self.iteration_widths(width)
         run.widths = static
         x = model.run_layers(x, loop.prelude_layers, run)
         e = rms_norm(x, self.config.norm_width)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig
+from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig, require_loop
 from .attention import AttentionBlock
 from .cache import InferenceCache
 from .context import BlockContext
@@ -119,7 +119,7 @@ class AdambaLM(nn.Module):
         if self.loop is not None:
             return self.loop.count_flops(context, width, loops, probes)
         if loops is not None or probes:
-            raise ValueError("loops: this model has no loop (config.loop is None)")
+            require_loop(self.config)
         return count_flops(self.config, context, self.config.layer_widths(width), exit_layer=exit_layer,
                            gates=gates)
 
@@ -145,7 +145,7 @@ class AdambaLM(nn.Module):
         x, cos, sin = self.embed(idx, cache)
         if self.loop is None:
             if loops is not None:
-                raise ValueError("loops: this model has no loop (config.loop is None)")
+                require_loop(self.config)
             widths = self.config.layer_widths(width)
             exits = ExitPolicy(self, idx.shape, idx.device, widths, exit_layers, adaptive) \
                 if exit_layers is not None or adaptive is not None else None

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, load_checkpoint, resolve_run, run_dir, save_checkpoint, set_rng_state
 from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything, write_atomic
-from ..config import MAMBA, ModelConfig, TrainConfig
+from ..config import MAMBA, ModelConfig, TrainConfig, require_loop
 from ..data.dataset import TokenizedCorpus
 from ..data.loader import DataLoader
 from ..data.prepare import prepare_data
@@ -246,8 +246,8 @@ def _check_training(model_config: ModelConfig, config: TrainConfig, info: DistIn
         # find_unused_parameters and a test that ranks stay in step, which does not exist yet
         raise ValueError("exit_loss_weight: adaptive-compute training terms do not run under torchrun yet; train "
                          "them in one process")
-    if config.fixed_loops and model_config.loop is None:
-        raise ValueError(f"fixed_loops: {config.fixed_loops} given, but the model has no loop (config.loop is None)")
+    if config.fixed_loops:
+        require_loop(model_config, "fixed_loops")
 
 
 def _describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
