@@ -21,7 +21,7 @@ Then, on held-out sequences:
 Prints tables, writes a Markdown report and the adaptive PNG, ends with one JSON line.
 
     python benchmarks/adaptive.py --minutes 30             # the acceptance run (CPU, 2 cores)
-    python benchmarks/adaptive.py --steps 20 --width 64 --depth 4 --sequence-len 64 --eval-tokens 4096   # smoke
+    python benchmarks/adaptive.py --smoke                  # a few seconds, numbers meaningless
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+from bench_utils import parse_args
 
 from adamba.checkpoint import load_checkpoint, run_dir
 from adamba.common import adamba_home, pick_device
@@ -61,7 +62,8 @@ def build(args) -> tuple[ModelConfig, object]:
                                    "compute_modes": None, "block_pattern": "TM", "min_exit_layer": 1,
                                    "predictor_layers": 1})
     config = dataclasses.replace(
-        config, num_iterations=args.steps or config.num_iterations,
+        config, num_iterations=args.steps or config.num_iterations, device_batch_size=args.batch_size,
+        total_batch_size=args.batch_size * model.sequence_len * args.grad_accum,
         time_budget_s=0 if args.steps else args.minutes * 60,
         exit_loss_weight=1.0, gate_loss_weight=1.0, predictor_weight=1.0, energy_weight=args.energy_weight,
         predictor_context=min(64, model.sequence_len // 4), eval_every=0, device=args.device)
@@ -100,12 +102,12 @@ def easy_vs_hard(model, tokenizer, threshold, start: int, device, rows: int = 16
         scored[:, :start] = False  # the predictor's prompt is not scored (as in the report)
         full = model(x).argmax(-1)
         policy = Adaptive(threshold=threshold) if threshold is not None else Adaptive(exit=False)
-        logits = model(x, adaptive=policy)
-        record = model.last_adaptive
+        out = model(x, adaptive=policy, outputs=True)
+        logits, record = out.logits, out.exits
         flops = record.token_flops(config, x.size(1))
         plans = predict_widths(model, x[:, :start])
-        planned = model(x, adaptive=Adaptive(exit=False, row_widths=tuple(map(tuple, plans))))
-        plan_flops = model.last_adaptive.token_flops(config, x.size(1))
+        out = model(x, adaptive=Adaptive(exit=False, row_widths=tuple(map(tuple, plans))), outputs=True)
+        planned, plan_flops = out.logits, out.exits.token_flops(config, x.size(1))
         mask = scored.cpu()
         result[kind] = {
             "tokens": int(mask.sum()),
@@ -119,6 +121,11 @@ def easy_vs_hard(model, tokenizer, threshold, start: int, device, rows: int = 16
     return result
 
 
+def point_json(point) -> dict:
+    """A curve point for the JSON line: its bpb, not the per-batch sums behind its interval (`estimate`)."""
+    return {**{k: v for k, v in vars(point).items() if k != "estimate"}, "bpb": point.bpb}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="training time budget (ignored with --steps)")
@@ -126,6 +133,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=None, help="n_layer (default: the demo's 4)")
     ap.add_argument("--width", type=int, default=None, help="n_embd (default: the demo's 256)")
     ap.add_argument("--sequence-len", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8, help="rows per micro-step (the demo's 8)")
+    ap.add_argument("--grad-accum", type=int, default=2, help="micro-steps per step (the demo's 2)")
     ap.add_argument("--energy-weight", type=float, default=0.2, help="lambda of the predictor's energy penalty")
     ap.add_argument("--eval-tokens", type=int, default=1 << 15, help="held-out tokens (split 50 times)")
     ap.add_argument("--splits", type=int, default=50)
@@ -135,7 +144,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="evaluate the run's latest checkpoint, no training")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke=dict(steps=2, depth=4, width=128, sequence_len=32, batch_size=2, grad_accum=1,
+                                     eval_tokens=512, splits=2))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -208,7 +218,7 @@ def main() -> None:
                       "delta": args.delta, "epsilon": args.epsilon, "splits_valid": float(valid),
                       "flops_saved_mean": float(saved.mean()), "calibrated": dataclasses.asdict(whole),
                       "predictor_margins": margins, "easy_vs_hard": synthetic,
-                      "points": [dataclasses.asdict(p) for p in points]}))
+                      "points": [point_json(p) for p in points]}))
 
 
 if __name__ == "__main__":

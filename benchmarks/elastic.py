@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from bench_utils import cpu_name, randomize, sync
+from bench_utils import cpu_name, parse_args, randomize, sync
 
 from adamba import AdambaLM, ModelConfig
 from adamba.common import pick_device
@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="eager,compiled", help="comma-separated: eager, compiled")
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    # the smoke run decodes eagerly only: the compiled engine runs the same lines of this script, but compiling
+    # takes ~45 s (Engine(compile=True) itself is tested by tests/test_compiled_decode.py)
+    args = parse_args(ap, smoke=dict(depth=2, width=128, pattern="TM", vocab_size=256, context=16, tokens=4,
+                                     repeats=1, engines="eager"))
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     demo = demo_configs("elastic", 0)[0].to_dict()

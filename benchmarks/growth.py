@@ -22,6 +22,7 @@ import json
 import time
 
 import torch
+from bench_utils import parse_args
 
 from adamba import ModelConfig, TrainConfig
 from adamba.checkpoint import load_checkpoint
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--run-prefix", default="growth")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke=dict(base_steps=2, extra_steps=2, sequence_len=32, batch_size=2, eval_tokens=256))
     if not 0 <= args.new_dims_steps < args.extra_steps:
         raise SystemExit("--new-dims-steps: must be below --extra-steps (the rest trains everything)")
     if args.threads:

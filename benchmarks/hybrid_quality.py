@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from bench_utils import parse_args  # noqa: E402
 
 from adamba import AdambaLM, ModelConfig, TrainConfig  # noqa: E402
 from adamba.common import adamba_home  # noqa: E402
@@ -57,9 +58,11 @@ def main() -> None:
     parser.add_argument("--sequence-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per evaluation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parse_args(parser, smoke=dict(steps=2, width=64, transformer_layers=1, hybrid_pattern="TM",
+                                         sequence_len=32, batch_size=2, grad_accum=1, eval_tokens=256))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,8 +86,8 @@ def main() -> None:
         config = TrainConfig(run_name=f"hybrid_quality-{name}", data="embedded", tokenizer_vocab_size=4096,
                              device_batch_size=args.batch_size,
                              total_batch_size=args.batch_size * args.sequence_len * args.grad_accum,
-                             num_iterations=args.steps, eval_every=max(1, args.steps // 6), eval_tokens=65536,
-                             device=args.device)
+                             num_iterations=args.steps, eval_every=max(1, args.steps // 6),
+                             eval_tokens=args.eval_tokens, device=args.device)
         started = time.perf_counter()
         result = train(model_config, config)
         results[name] = {

@@ -54,7 +54,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from bench_utils import cpu_name, randomize, sync
+from bench_utils import cpu_name, parse_args, randomize, sync
 
 from adamba import AdambaLM, ModelConfig
 from adamba.common import pick_device
@@ -64,6 +64,7 @@ from adamba.model.cache import InferenceCache
 
 GREEDY = SamplingParams(temperature=0)
 TARGET_CONTEXT, TARGET_SPEEDUP = 512, 5.0
+CHECK_ROWS, CHECK_PROMPT, CHECK_TOKENS = 2, 16, 24  # the correctness check: rows x prompt tokens, new tokens
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,9 +122,9 @@ def check_greedy(cfg: ModelConfig, device: torch.device, seed: int) -> int:
     model = AdambaLM.build(cfg, device).eval()
     randomize(model, seed)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    ids = torch.randint(cfg.vocab_size, (2, 16), generator=gen).to(device)
-    engine = list(engine_steps(model, ids.tolist(), 24))
-    control = list(recompute_steps(model, ids, 24))
+    ids = torch.randint(cfg.vocab_size, (CHECK_ROWS, CHECK_PROMPT), generator=gen).to(device)
+    engine = list(engine_steps(model, ids.tolist(), CHECK_TOKENS))
+    control = list(recompute_steps(model, ids, CHECK_TOKENS))
     if engine != control:
         if len(engine) != len(control):
             raise SystemExit(f"engine gave {len(engine)} steps, full recompute {len(control)}; comparison is void")
@@ -151,7 +152,8 @@ def main() -> None:
                     help="weights and cache (default: bfloat16 on CUDA when supported, else float32)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke=dict(depth=1, vocab_size=256, contexts=f"16,{TARGET_CONTEXT}", batches="1,2",
+                                     decode_tokens=4, repeats=1))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,12 +171,13 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 check compares exact greedy tokens
     n_recompute = {c: args.recompute_tokens or min(args.decode_tokens, max(2, 4096 // c)) for c in contexts}
-    cfg = ModelConfig(depth=args.depth, head_dim=args.head_dim, vocab_size=args.vocab_size,
-                      sequence_len=max(contexts) + max(args.decode_tokens, *n_recompute.values()))
+    # room for the longest timed generation and for the check's, which does not depend on the flags
+    sequence_len = max(max(contexts) + max(args.decode_tokens, *n_recompute.values()), CHECK_PROMPT + CHECK_TOKENS)
+    cfg = ModelConfig(depth=args.depth, head_dim=args.head_dim, vocab_size=args.vocab_size, sequence_len=sequence_len)
 
     checked = check_greedy(cfg, device, args.seed + 1234)
-    print(f"engine greedy tokens == full-recompute greedy tokens ({checked} tokens, 2 rows x 16-token prompts, "
-          f"float32, random weights)")
+    print(f"engine greedy tokens == full-recompute greedy tokens ({checked} tokens, {CHECK_ROWS} rows x "
+          f"{CHECK_PROMPT}-token prompts, float32, random weights)")
 
     model = AdambaLM.build(cfg, device).eval()
     randomize(model, args.seed)

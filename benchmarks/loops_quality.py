@@ -15,7 +15,7 @@ Prints both tables, writes a PNG under $ADAMBA_HOME/reports/, ends with one JSON
 
     python benchmarks/loops_quality.py                                    # defaults below: ~1 hour on 2 CPU cores
     python benchmarks/loops_quality.py --device cuda --steps 2000 --parity-steps 4000
-    python benchmarks/loops_quality.py --steps 3 --parity-steps 3 --eval-tokens 2048   # smoke run
+    python benchmarks/loops_quality.py --smoke                            # a few seconds, numbers meaningless
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from bench_utils import parse_args  # noqa: E402
 
 from adamba import AdambaLM, ModelConfig, TrainConfig  # noqa: E402
 from adamba.checkpoint import load_checkpoint  # noqa: E402
@@ -143,7 +144,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-corpus", action="store_true")
     parser.add_argument("--skip-parity", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke=dict(steps=2, size=1, sequence_len=32, batch_size=2, grad_accum=1, eval_tokens=256,
+                                         parity_steps=2, parity_length=4, parity_width=32, parity_batch=4,
+                                         parity_eval=8))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

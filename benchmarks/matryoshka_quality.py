@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from bench_utils import parse_args  # noqa: E402
 
 from adamba import ModelConfig, TrainConfig  # noqa: E402
 from adamba.checkpoint import load_checkpoint  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--rules", default="sandwich,sample", help="Matryoshka rules to train")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parse_args(parser, smoke=dict(steps=2, depth=2, width=128, sequence_len=32, batch_size=2, eval_tokens=256))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -66,7 +66,7 @@ import sys
 import time
 
 import torch
-from bench_utils import cpu_name
+from bench_utils import cpu_name, parse_args, randomize
 
 from adamba.model import scan_cpu
 from adamba.model.scan import sequential_scan
@@ -235,32 +235,28 @@ def fmt_ms(v: float | None, note: str = "") -> str:
 def decode_latency(args) -> list[dict]:
     """Per-token latency of one Mamba, one Mamba-2 and one attention block (d_model = d_inner / 2), batch 1,
     decoding through the inference cache after `context` tokens. Mamba's states have a fixed size; attention
-    reads a cache that grows with the context."""
-    from adamba.model.attention import AttentionBlock
+    reads a cache that grows with the context. Each block is the only layer of an AdambaLM, so its cache, rotary
+    angles and block context are made by the model's own code; only the block's call is timed."""
+    from adamba import AdambaLM, ModelConfig
     from adamba.model.cache import InferenceCache
-    from adamba.model.mamba import MambaBlock
-    from adamba.model.mamba2 import Mamba2Block
+    from adamba.model.forward_pass import ForwardPass
 
     d_model = args.d_inner // 2
     contexts = [int(v) for v in args.decode_contexts.split(",")]
     capacity = max(contexts) + args.decode_steps + 1
-    blocks = {"mamba": MambaBlock(d_model, args.d_state, 4, 2, "auto", None),
-              "mamba2": Mamba2Block(d_model, args.d_state, 4, 2, SSD_HEADDIM, 1, SSD_CHUNK, None),
-              "attention": AttentionBlock(d_model, d_model // 64, d_model // 64, 4 * d_model, None)}
-
-    cos, sin = (torch.ones(1, 1, 32), torch.zeros(1, 1, 32))  # rotary angle 0: its cost, not its values
-
-    class OneBlock(torch.nn.Module):  # what InferenceCache reads from a model, for a single block
-        def __init__(self, block):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList([block])
-            self.config = type("C", (), {"sequence_len": capacity, "matryoshka_levels": [d_model], "loop": None})()
-            self.cos, self.sin = cos, sin
+    models = {}
+    for name, kind in (("mamba", "M"), ("mamba2", "M2"), ("attention", "T")):
+        config = ModelConfig(n_layer=1, n_embd=d_model, head_dim=64, block_pattern=kind, vocab_size=256,
+                             sequence_len=capacity, mamba_d_state=args.d_state, mamba2_d_state=args.d_state,
+                             mamba2_headdim=SSD_HEADDIM, mamba2_chunk_size=SSD_CHUNK)
+        models[name] = AdambaLM.build(config).eval()
+        randomize(models[name], args.seed)  # random weights: the output projections would start at zero
+    token = torch.zeros(1, 1, dtype=torch.long)
     rows = []
     for context in contexts:
         row = {"context": context}
-        for name, block in blocks.items():
-            cache = InferenceCache(OneBlock(block), 1, capacity)
+        for name, model in models.items():
+            cache = InferenceCache(model, 1, capacity)
             state = cache.states[0]
             if name == "attention":  # a cache holding `context` tokens
                 state.k[:, :, :context].normal_()
@@ -271,9 +267,10 @@ def decode_latency(args) -> list[dict]:
             x = torch.randn(1, 1, d_model)
             times = []
             for _ in range(args.decode_steps):
-                cache.begin(1)
+                _, cos, sin = model.embed(token, cache)  # the next position's rotary angles
+                ctx = ForwardPass(model, cos, sin, cache).context(0)
                 t0 = time.perf_counter()
-                block(x, cos, sin, cache, state)
+                model.blocks[0](x, ctx)
                 times.append(time.perf_counter() - t0)
                 cache.lengths.fill_(context)  # stay at this context
             row[f"{name}_us"] = statistics.median(times) * 1e6
@@ -296,7 +293,10 @@ def main() -> None:
     ap.add_argument("--decode-contexts", default="128,512,2048,8192", help="contexts of the decode-latency table")
     ap.add_argument("--decode-steps", type=int, default=200, help="timed single-token steps per context")
     ap.add_argument("--memory-probe", nargs=3, metavar=("METHOD", "MODE", "L"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    # d_inner 128: decode blocks of d_model 64, one attention head and two SSD heads. No peak-memory probes:
+    # each is a fresh process (~4 s of imports), ten of them.
+    args = parse_args(ap, smoke=dict(lengths=f"64,{TARGET_L}", batch=1, d_inner=128, d_state=4, repeats=1,
+                                     memory_length=0, decode_contexts="16,64", decode_steps=2))
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         memory_probe(args)

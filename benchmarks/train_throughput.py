@@ -40,7 +40,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bench_utils import cpu_name, randomize, sync
+from bench_utils import cpu_name, parse_args, randomize, sync
 
 from adamba import AdambaLM, ModelConfig, TrainConfig
 from adamba.common import pick_device
@@ -201,7 +201,8 @@ def main() -> None:
                          "adamw: plain torch AdamW on all parameters for both")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 same-function check")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke=dict(depth=1, sequence_len=32, batch_size=2, vocab_size=256, steps=1, warmup=1,
+                                     repeats=1))
 
     if args.threads:
         torch.set_num_threads(args.threads)
