@@ -456,6 +456,15 @@ class ModelConfig:
         return [None if kind != ATTENTION or w in (None, self.n_embd) else w
                 for kind, w in zip(self.block_pattern, widths, strict=True)]
 
+    def width_values(self, width: Any = None) -> list[int]:
+        """layer_widths as numbers, n_embd for full width: the form tensors and level tables need (blocks take
+        layer_widths, where full width is None; `block_width` turns a number back)."""
+        return [w or self.n_embd for w in self.layer_widths(width)]
+
+    def block_width(self, width: int) -> int | None:
+        """A width as a number (n_embd = full) in the form blocks take (None = full)."""
+        return None if width == self.n_embd else width
+
     def distinct_modes(self) -> list[list[str]]:
         """The compute modes grouped by the widths they run (at small n_embd Ghost and Whisper are one width):
         one computation, and one row in every report, per group."""

@@ -114,3 +114,9 @@ def test_widths_written_as_text_parse_in_one_place():
     with pytest.raises(ValueError, match="^width: '64,x' is not a comma-separated list of widths"):
         parse_width("64,x")
     assert TrainConfig(width="128").width == 128 and TrainConfig(width="").width is None
+
+
+def test_full_width_is_none_for_blocks_and_n_embd_as_a_number():
+    config = ModelConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=512, sequence_len=32, block_pattern="TM")
+    assert config.layer_widths("ghost") == [16, None] and config.width_values("ghost") == [16, 64]
+    assert config.width_values() == [64, 64] and config.block_width(64) is None and config.block_width(32) == 32

@@ -135,7 +135,7 @@ def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = 
                                    dtype=torch.float64)
             exit_layer = record.exit_layer.cpu() if record is not None else torch.full((B, T), L)
             widths = record.widths.cpu() if record is not None else torch.tensor(
-                [w or config.n_embd for w in config.layer_widths(kwargs.get("width"))]).expand(B, T, L)
+                config.width_values(kwargs.get("width"))).expand(B, T, L)
             keep = scored.cpu()
             rows["disagree"].append(((logits.argmax(-1) != full) & scored).sum(1).cpu().numpy())
             rows["flops"].append((flops[:, keep] + run.extra).sum(1).numpy())

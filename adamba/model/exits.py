@@ -220,12 +220,12 @@ class ExitPolicy:
         if self.expand is not None and not self.heads.expansion_gates:
             raise ValueError("adaptive.expand: this model has no ExpansionGates (config.expansion_gates is false)")
         if adaptive is not None and adaptive.row_widths is not None:
-            rows = [[w or d for w in config.layer_widths(list(plan))] for plan in adaptive.row_widths]
+            rows = [config.width_values(list(plan)) for plan in adaptive.row_widths]
             if len(rows) != B:
                 raise ValueError(f"adaptive.row_widths: {len(rows)} rows of widths for a batch of {B}")
             token_widths = torch.tensor(rows, device=device)[:, None, :].expand(B, T, L).clone()
         else:
-            token_widths = torch.tensor([w or d for w in widths], device=device).expand(B, T, L).clone()
+            token_widths = torch.tensor(config.width_values(widths), device=device).expand(B, T, L).clone()
         exit_at = self.exit_layers if self.exit_layers is not None else \
             torch.full((B, T), L, dtype=torch.long, device=device)
         self.record = ExitRecord(exit_at, torch.zeros(B, T, dtype=torch.long, device=device), token_widths)
@@ -265,8 +265,7 @@ class ExitPolicy:
         frozen = None if self.active is None or bool(self.active.all()) else ~self.active
         if self.mixed:
             return {"width": None, "token_widths": self.record.widths[..., i], "frozen": frozen}
-        width = int(self.record.widths[0, 0, i])
-        return {"width": None if width == self.config.n_embd else width, "frozen": frozen}
+        return {"width": self.config.block_width(int(self.record.widths[0, 0, i])), "frozen": frozen}
 
 
 def _checked_exit_layers(exit_layers, adaptive, shape, n_layer: int, device) -> torch.Tensor | None:

@@ -70,7 +70,6 @@ class ForwardPass:
         ctx = self.context(i) if ctx is None else ctx
         if self.width_probs is None or i not in self.mixed_layers:
             return block(x, ctx)
-        n_embd = self.config.n_embd
         return sum(self.width_probs[:, i, j, None, None].to(x.dtype) *
-                   block(x, ctx.at(width=None if w == n_embd else w))
+                   block(x, ctx.at(width=self.config.block_width(w)))
                    for j, w in enumerate(self.config.matryoshka_levels) if self.allowed[j])

@@ -30,7 +30,7 @@ def allowed_levels(config: ModelConfig, budget=None, device=None) -> torch.Tenso
     """(n_layer, n_levels) bool: the levels each layer may run at. Pinned layers: only full width; choosable
     layers: every level up to the budget's width (a mode name or a width; None: n_embd)."""
     levels = torch.tensor(config.matryoshka_levels, device=device)
-    cap = config.n_embd if budget is None else config.layer_widths(budget)[choosable(config)[0]] or config.n_embd
+    cap = config.width_values(budget)[choosable(config)[0]]
     allowed = (levels == config.n_embd).expand(config.n_layer, -1).clone()
     allowed[choosable(config)] = levels <= cap
     return allowed

@@ -34,7 +34,7 @@ def expected_flops(config: ModelConfig, probs: torch.Tensor, context: int | None
 
 def choice_probs(config: ModelConfig, width) -> torch.Tensor:
     """One-hot (n_layer, n_levels) probabilities of a fixed compute choice (see ModelConfig.layer_widths)."""
-    widths = [w or config.n_embd for w in config.layer_widths(width)]
+    widths = config.width_values(width)
     probs = torch.zeros(config.n_layer, len(config.matryoshka_levels), dtype=torch.float64)
     for layer, w in enumerate(widths):
         probs[layer, config.matryoshka_levels.index(w)] = 1.0
