@@ -24,9 +24,12 @@ seeds' fixed 0.95). An ExpansionGate after each block k >= 0.75 n_layer gives P(
 full-width model); below its threshold (the seeds' 0.5) the token's remaining attention layers run at twice their
 width, capped at n_embd.
 
-Compute: the reference paths here run a block on every token and select (exact and simple); the FLOP counter
-(`count_flops(exit_layer=..., gates=...)`) counts what each token's decisions require -- the block for active
-tokens, only the state update for exited ones -- which is what a decode step does when its rows agree (batch 1).
+The decisions are made by an `ExitPolicy` at the fixed point before each block of the forward's one loop
+(forward_pass.py) and reach the block as its context's `frozen` tokens and widths; each block kind implements the
+rule itself (attention.py, mamba.py). Compute: a block with some active tokens runs on every token and keeps the
+frozen ones' input (exact and simple); the FLOP counter (`count_flops(exit_layer=..., gates=...)`) counts what
+each token's decisions require -- the block for active tokens, only the state update for exited ones -- which is
+what a decode step does when its rows agree (batch 1).
 """
 
 from __future__ import annotations
