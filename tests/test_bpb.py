@@ -100,3 +100,11 @@ def test_labels_of_nearby_points_do_not_overlap(tmp_path):
     frame = ax.get_window_extent(renderer)
     assert all(frame.x0 <= box.x0 and box.x1 <= frame.x1 for box in boxes)  # none sticks out over the ticks
     plt.close(fig)
+
+
+def test_batches_without_spread_give_a_zero_width_interval_not_nan():
+    same = BpbEstimate(np.full(4, 100.0), np.full(4, 50))
+    want = 100 / (math.log(2) * 50)
+    assert same.interval() == pytest.approx((want, want)) and same.describe() == f"{want:.4f} ({want:.4f}-{want:.4f})"
+    delta, low, high = same.difference(BpbEstimate(np.full(4, 101.0), np.full(4, 50)))
+    assert delta == pytest.approx(-1 / (math.log(2) * 50)) and low == pytest.approx(delta) == high

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.stats import bootstrap
+from scipy.stats import DegenerateDataWarning, bootstrap
 
 from ..data.dataset import TokenizedCorpus
 from ..data.loader import DataLoader
@@ -30,6 +31,21 @@ RESAMPLES = 2000
 
 def _bpb(nats, n_bytes, axis=-1):
     return np.sum(nats, axis=axis) / (math.log(2) * np.maximum(np.sum(n_bytes, axis=axis), 1))
+
+
+def _interval(samples: tuple, statistic, confidence: float, seed: int) -> tuple[float, float]:
+    """Bootstrap interval of `statistic` over the batches (the paired rows of `samples`): BCa, or the percentile
+    interval where BCa is undefined (batches without spread, e.g. all equal)."""
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateDataWarning)  # and BCa's 0/0 on such batches:
+            warnings.simplefilter("ignore", RuntimeWarning)  # both end in a NaN interval, handled below
+            ci = bootstrap(samples, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
+                           confidence_level=confidence, method=method,
+                           rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            break
+    return float(ci.low), float(ci.high)
 
 
 @dataclass
@@ -48,9 +64,7 @@ class BpbEstimate:
         """Bootstrap interval of bpb over the validation batches."""
         if len(self.nats) < 2:
             return self.bpb, self.bpb  # one batch: nothing to resample
-        ci = bootstrap((self.nats, self.bytes), _bpb, paired=True, vectorized=True, n_resamples=RESAMPLES,
-                       confidence_level=confidence, method="BCa", rng=np.random.default_rng(seed)).confidence_interval
-        return float(ci.low), float(ci.high)
+        return _interval((self.nats, self.bytes), _bpb, confidence, seed)
 
     def difference(self, control: BpbEstimate, confidence: float = CONFIDENCE,
                    seed: int = 0) -> tuple[float, float, float]:
@@ -65,10 +79,7 @@ class BpbEstimate:
         def statistic(nats, n_bytes, control_nats, control_bytes, axis=-1):
             return _bpb(nats, n_bytes, axis) - _bpb(control_nats, control_bytes, axis)
 
-        ci = bootstrap((self.nats, self.bytes, control.nats, control.bytes), statistic, paired=True,
-                       vectorized=True, n_resamples=RESAMPLES, confidence_level=confidence, method="BCa",
-                       rng=np.random.default_rng(seed)).confidence_interval
-        return delta, float(ci.low), float(ci.high)
+        return delta, *_interval((self.nats, self.bytes, control.nats, control.bytes), statistic, confidence, seed)
 
     def describe(self) -> str:
         low, high = self.interval()
