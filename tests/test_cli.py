@@ -1,6 +1,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from adamba.checkpoint import run_dir
 from adamba.cli import main
 
@@ -123,8 +125,6 @@ def test_one_plain_text_file_is_a_corpus(tmp_path, capsys):
 
 def _help_defaults(argv: list[str], monkeypatch, capsys) -> dict[str, str]:
     """Each config flag of `adamba train ... --help` -> its help text (one line: the terminal is wide)."""
-    import pytest
-
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit):
         main(argv)

@@ -235,7 +235,8 @@ class ExitPolicy:
         self.active: torch.Tensor | None = None  # (B, T) once a token may have exited; None: every token is active
         # tokens may run attention at different widths (expansion, per-row plans): then they are given per token
         self.mixed = bool((token_widths != token_widths[:1, :1]).any())
-        self._doubled = torch.tensor([_level_above(config, 2 * w) for w in range(d + 1)], device=device)
+        if self.expand is not None:  # width -> the level twice as wide, as a lookup table
+            self._doubled = torch.tensor([_level_above(config, 2 * w) for w in range(d + 1)], device=device)
 
     def _live(self, x: torch.Tensor) -> torch.Tensor:
         return self.active if self.active is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
