@@ -29,7 +29,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import ModelConfig, RunConfig, TrainConfig, load_toml, parse_width, read_toml, require_loop
+from .config import ModelConfig, RunConfig, TrainConfig, load_toml, read_toml, require_loop
 
 
 def _scalar(annotation) -> type:
@@ -217,28 +217,10 @@ def cmd_eval_loops(args) -> None:
     print(f"report: {write_loops_report(ckpt.path.parent.name, rows, reference, context, str(ckpt.path))}")
 
 
-def _adaptive_choice(spec: str | None, model) -> dict:
-    """--adaptive: off (default), calibrated (the checkpoint's thresholds, else 0.95), seeds (exit >= 0.95, and
-    expand < 0.5 where the model has ExpansionGates), predictor (per-row widths, calibrated exits), or an exit
-    threshold."""
-    from .model.exits import SEED_EXIT_THRESHOLD, SEED_EXPAND_THRESHOLD, Adaptive
-
-    if spec is None or spec == "off":
-        return {}
-    seeds = Adaptive(threshold=SEED_EXIT_THRESHOLD,
-                     expand=SEED_EXPAND_THRESHOLD if model.config.expansion_gates else None)
-    choices = {"calibrated": Adaptive(), "seeds": seeds, "predictor": Adaptive(predictor=True)}
-    if spec in choices:
-        return {"adaptive": choices[spec]}
-    try:
-        return {"adaptive": Adaptive(threshold=float(spec))}
-    except ValueError:
-        raise ValueError(f"--adaptive: {spec!r} is not off, calibrated, seeds, predictor or a threshold") from None
-
-
 def cmd_calibrate(args) -> None:
     from .checkpoint import save_calibration
     from .eval.calibrate import calibrate, held_out_batches, sweep
+    from .model.compute import Compute
 
     ckpt = _load(args)
     model = ckpt.model
@@ -246,7 +228,7 @@ def cmd_calibrate(args) -> None:
         raise ValueError(f"{ckpt.path}: the model has no exit layers (min_exit_layer is None); nothing to calibrate")
     data = _validation_data(ckpt, args.data)
     device = next(model.parameters()).device
-    width = parse_width(args.width)
+    width = Compute.parse(model.config, width=args.width, names={"width": "--width"}).width
     batches = held_out_batches(data, batch_size=args.batch_size, seq_len=model.config.sequence_len,
                                max_tokens=args.tokens, device=device)
     result = calibrate(sweep(model, batches, width=width, token_bytes=data.tokenizer.token_bytes.to(device)),
@@ -282,20 +264,22 @@ def cmd_eval_adaptive(args) -> None:
 def cmd_sample(args) -> None:
     from .infer.engine import Engine
     from .infer.sampling import SamplingParams
+    from .model.compute import Compute
 
     ckpt = _load(args)
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; sampling needs one")
     tokenizer = ckpt.tokenizer
     engine = Engine(ckpt.model, tokenizer, compile=args.compile)
+    compute = Compute.parse(ckpt.model.config, width=args.mode, loops=args.loops, adaptive=args.adaptive,
+                            names={"width": "--mode", "loops": "--loops", "adaptive": "--adaptive"})
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     prompt = tokenizer.encode(args.prompt, bos=True)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         print(args.prompt, end="", flush=True)
         tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
-                               width=parse_width(args.mode),
-                               loops=args.loops, **_adaptive_choice(args.adaptive, ckpt.model))
+                               compute=compute)
         for piece in tokenizer.decode_stream(tokens):
             print(piece, end="", flush=True)
         print()
@@ -406,8 +390,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sa.add_argument("--adaptive", default=None,
                     help="early exit / expansion per token: off, calibrated, seeds (0.95 / 0.5), predictor, or an "
                          "exit threshold")
-    sa.add_argument("--loops", type=int, default=None, help="looped models: iterations per token (default: the "
-                    "config's mean_recurrence)")
+    sa.add_argument("--loops", default=None, help="looped models: iterations per token, or an exit criterion "
+                    "(kl, latent, kl:16 = at most 16); default: the config's mean_recurrence")
     sa.add_argument("--compile", action="store_true",
                     help="decode with one compiled graph per step (torch.compile: seconds to compile per mode, then "
                          "about twice as fast for small models; not with --adaptive or looped models)")

@@ -14,6 +14,7 @@ from .data.dataset import TokenizedCorpus
 from .eval.elastic_report import INTERVAL_NOTE, markdown_table, mode_rows
 from .infer.engine import Engine
 from .infer.sampling import SamplingParams
+from .model.compute import Compute
 from .train.report import write_report
 from .train.trainer import train
 
@@ -42,7 +43,7 @@ def run_demo(minutes: float = 8.0, run: str = "demo") -> None:
     engine = Engine(model, tokenizer)
     samples = [(f"{row.mode} ({model.config.compute_modes[row.modes[0]]} wide)",
                 DEMO_PROMPT + engine.complete(DEMO_PROMPT, 96, SamplingParams(temperature=0.8, top_k=50), seed=0,
-                                              width=row.modes[0]))
+                                              compute=Compute(row.modes[0])))
                for row in modes]
     before, after = result.initial_val_bpb, result.final_val_bpb
     throughputs = sorted(m["tok_per_s"] for m in result.metrics if "loss" in m)

@@ -44,6 +44,7 @@ from adamba.data.dataset import TokenizedCorpus
 from adamba.demo import demo_configs
 from adamba.eval.adaptive_report import adaptive_points, margin_at_equal_flops, markdown, plot
 from adamba.eval.calibrate import calibrate, held_out_batches, sweep
+from adamba.model.compute import Compute
 from adamba.model.exits import Adaptive
 from adamba.model.predictor import predict_widths
 from adamba.train.trainer import train
@@ -102,11 +103,12 @@ def easy_vs_hard(model, tokenizer, threshold, start: int, device, rows: int = 16
         scored[:, :start] = False  # the predictor's prompt is not scored (as in the report)
         full = model(x).argmax(-1)
         policy = Adaptive(threshold=threshold) if threshold is not None else Adaptive(exit=False)
-        out = model(x, adaptive=policy, outputs=True)
+        out = model(x, compute=Compute(adaptive=policy), outputs=True)
         logits, record = out.logits, out.exits
         flops = record.token_flops(config, x.size(1))
         plans = predict_widths(model, x[:, :start])
-        out = model(x, adaptive=Adaptive(exit=False, row_widths=tuple(map(tuple, plans))), outputs=True)
+        planned_policy = Adaptive(exit=False, row_widths=tuple(map(tuple, plans)))
+        out = model(x, compute=Compute(adaptive=planned_policy), outputs=True)
         planned, plan_flops = out.logits, out.exits.token_flops(config, x.size(1))
         mask = scored.cpu()
         result[kind] = {

@@ -29,6 +29,7 @@ from adamba.common import pick_device
 from adamba.demo import demo_configs
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams
+from adamba.model.compute import Compute
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
     def decode_seconds(kind: str, mode: str) -> float:
         """Seconds per decoded token (prefill excluded: the clock starts at the first token)."""
         stamps = []
-        for _ in engines[kind].steps(prompts, args.tokens, greedy, width=mode):
+        for _ in engines[kind].steps(prompts, args.tokens, greedy, compute=Compute(mode)):
             sync(device)
             stamps.append(time.perf_counter())
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
@@ -91,7 +92,7 @@ def main() -> None:
     for kind in kinds:
         for mode in modes:
             s = statistics.median(runs[kind, mode])
-            predicted = full_flops / model.count_flops(args.context, width=mode).forward
+            predicted = full_flops / model.count_flops(args.context, compute=Compute(mode)).forward
             measured = statistics.median(t / m for t, m in zip(runs[kind, "think"], runs[kind, mode], strict=True))
             realised = (measured - 1) / (predicted - 1) if predicted > 1 else None
             rows.append({"engine": kind, "mode": mode, "widths": config.layer_widths(mode), "ms_per_token": 1e3 * s,

@@ -38,6 +38,7 @@ from adamba.common import adamba_home, pick_device  # noqa: E402
 from adamba.data.corpus import open_corpus  # noqa: E402
 from adamba.data.dataset import TokenizedCorpus  # noqa: E402
 from adamba.eval.bpb import evaluate_bpb  # noqa: E402
+from adamba.model.compute import Compute
 from adamba.train.loops import sample_loops  # noqa: E402
 from adamba.train.optim import build_optimizers, set_schedule  # noqa: E402
 from adamba.train.trainer import train  # noqa: E402
@@ -65,11 +66,12 @@ def corpus_part(args, device) -> dict:
         ckpt = load_checkpoint(result.checkpoint, device)
         data = TokenizedCorpus(open_corpus("embedded"), ckpt.tokenizer, config.val_fraction)
         bpb = {r: evaluate_bpb(ckpt.model, data, batch_size=args.batch_size, seq_len=args.sequence_len,
-                               max_tokens=args.eval_tokens, device=device, loops=r)
+                               max_tokens=args.eval_tokens, device=device, compute=Compute(loops=r))
                for r in loop_counts(args.mean_recurrence)}
         results[name] = {"bpb": bpb, "mean_loops": result.mean_loops if fixed == 0 else float(fixed),
                          "minutes": (time.perf_counter() - started) / 60,
-                         "train_flops_per_token": ckpt.model.count_flops(loops=args.mean_recurrence).train}
+                         "train_flops_per_token": ckpt.model.count_flops(
+                             compute=Compute(loops=args.mean_recurrence)).train}
     return {"model": model_config.describe(), **results}
 
 
@@ -96,7 +98,7 @@ def parity_part(args, device) -> dict:
     for step in range(args.parity_steps):
         set_schedule(optimizers, step, train_config)
         idx, targets = parity_batch(generator, args.parity_batch, args.parity_length, device)
-        loss = model(idx, targets, loops=sample_loops(config, args.seed, step, 0))
+        loss = model(idx, targets, compute=Compute(loops=sample_loops(config, args.seed, step, 0)))
         loss.backward()
         for opt in optimizers:
             opt.step()
@@ -110,7 +112,7 @@ def parity_part(args, device) -> dict:
             idx, targets = parity_batch(test, args.parity_eval, length, device)
             accuracy[length] = {}
             for r in loop_counts(args.mean_recurrence):
-                correct = model(idx, loops=r)[:, 1:, :2].argmax(-1) == targets[:, 1:]
+                correct = model(idx, compute=Compute(loops=r))[:, 1:, :2].argmax(-1) == targets[:, 1:]
                 accuracy[length][r] = {"all": correct.float().mean().item(),
                                        "beyond_training": correct[:, args.parity_length:].float().mean().item()
                                        if length > args.parity_length else float("nan")}

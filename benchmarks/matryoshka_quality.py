@@ -38,6 +38,7 @@ from adamba.common import adamba_home, pick_device  # noqa: E402
 from adamba.data.corpus import open_corpus  # noqa: E402
 from adamba.data.dataset import TokenizedCorpus  # noqa: E402
 from adamba.eval.bpb import evaluate_bpb  # noqa: E402
+from adamba.model.compute import Compute
 from adamba.train.trainer import train  # noqa: E402
 
 MODES = ("ghost", "normal", "think")
@@ -79,11 +80,12 @@ def main() -> None:
         modes = MODES if name.startswith("matryoshka") else (overrides["width"],)
         results[name] = {
             "bpb": {mode: evaluate_bpb(ckpt.model, data, batch_size=args.batch_size, seq_len=args.sequence_len,
-                                       max_tokens=args.eval_tokens, device=device, width=mode) for mode in modes},
+                                       max_tokens=args.eval_tokens, device=device, compute=Compute(mode))
+                    for mode in modes},
             "train_flops": sum(m["train_flops"] for m in result.metrics if "train_flops" in m),
             "minutes": (time.perf_counter() - started) / 60,
         }
-        flops = {mode: ckpt.model.count_flops(width=mode).forward for mode in MODES}
+        flops = {mode: ckpt.model.count_flops(compute=Compute(mode)).forward for mode in MODES}
 
     matryoshka = [name for name in results if name.startswith("matryoshka")]
     rows, checks = [], {}

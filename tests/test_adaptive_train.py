@@ -8,6 +8,7 @@ import torch
 
 from adamba import AdambaLM, TrainConfig
 from adamba.checkpoint import load_checkpoint
+from adamba.model.compute import Compute
 from adamba.train.energy import expected_flops
 from adamba.train.losses import ExitTraining, PredictorTraining, check_adaptive_training, exit_weights
 from adamba.train.optim import build_optimizers
@@ -54,7 +55,7 @@ def test_exit_and_gate_losses_use_the_truncated_models_and_the_honest_label():
     config = TrainConfig(exit_loss_weight=0.5, gate_loss_weight=2.0, exit_curriculum="none")
     x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     objective = ExitTraining(model.config, config, 0, narrow=False)
-    loss = objective.loss(model, model, x, y, {})
+    loss = objective.loss(model, model, x, y, Compute())
     final = model(x)
     ce = torch.nn.functional.cross_entropy(final.flatten(0, 1), y.flatten())
     exit_ce = {k: torch.nn.functional.cross_entropy(model(x, exit_layers=torch.full((2, 16), k)).flatten(0, 1),
@@ -74,7 +75,7 @@ def test_exit_and_gate_losses_use_the_truncated_models_and_the_honest_label():
     # the gate input is detached: with only the gate loss, no block of the language model gets a gradient
     model.zero_grad()
     only_gates = ExitTraining(model.config, TrainConfig(gate_loss_weight=1.0), 0, narrow=False)
-    only_gates.loss(model, model, x, y, {}).backward()
+    only_gates.loss(model, model, x, y, Compute()).backward()
     ce_only = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
                and not n.startswith("adaptive_heads")}
     model.zero_grad()
@@ -108,7 +109,7 @@ def test_the_energy_penalty_moves_the_predictor_toward_cheaper_widths():
     for i in range(20):
         opt.zero_grad()
         objective = PredictorTraining(model.config, config)
-        objective.loss(model, model, x, y, {}).backward()
+        objective.loss(model, model, x, y, Compute()).backward()
         if i == 0:  # the energy term and the CE reach the predictor (later its softmax saturates)
             assert predictor.out.weight.grad.abs().sum() > 0
         opt.step()

@@ -73,8 +73,8 @@ def test_modes_of_identical_widths_are_one_row_measured_once(corpus_dir, tokeniz
     measured = []
     real = elastic_report.measure_bpb
     monkeypatch.setattr(elastic_report, "measure_bpb",
-                        lambda *args, width=None, **kwargs: measured.append(width) or real(*args, width=width,
-                                                                                           **kwargs))
+                        lambda *args, compute, **kwargs: measured.append(compute.width) or real(*args, compute=compute,
+                                                                                                **kwargs))
     rows = elastic_report.mode_rows(model, data, tokens=128, batch_size=2)
     assert [r.mode for r in rows] == ["ghost = whisper", "normal", "think"] and measured == [None, "ghost", "normal"]
     assert rows[0].widths == [16, "full"] and rows[2].estimate is rows[2].full

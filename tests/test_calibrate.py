@@ -10,6 +10,7 @@ import torch
 from adamba.checkpoint import CALIBRATION, CheckpointError, load_checkpoint, run_dir
 from adamba.cli import main
 from adamba.eval.calibrate import Run, calibrate, learn_then_test, measure, sweep
+from adamba.model.compute import Compute
 from adamba.model.exits import Adaptive
 from tests.test_cli import TINY
 from tests.test_exits import random_model
@@ -46,7 +47,7 @@ def test_sweep_counts_what_the_adaptive_forward_does():
     for g, t in enumerate((0.99, 0.6)):
         disagree = flops = exited = 0
         for x, _ in batches:
-            out = model(x, adaptive=Adaptive(threshold=t), outputs=True)
+            out = model(x, compute=Compute(adaptive=Adaptive(threshold=t)), outputs=True)
             logits, record = out.logits, out.exits
             disagree += int((logits.argmax(-1) != model(x).argmax(-1)).sum())
             flops += float(record.token_flops(model.config, 16).sum())

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from adamba import AdambaLM, ModelConfig
 from adamba.model.cache import InferenceCache
+from adamba.model.compute import Compute
 from adamba.model.exits import Adaptive
 from adamba.model.flops import count_flops
 from tests.conftest import tiny_config
@@ -68,8 +69,8 @@ def test_decode_with_gated_exits_equals_the_full_forward_with_the_same_decisions
     policy = Adaptive(threshold=0.6)  # random gates: tokens exit after every layer, or run them all
     idx = torch.randint(0, 512, (batch, 24))
     cache = InferenceCache(model, batch, 24)
-    steps = [model(idx[:, :6], cache=cache, adaptive=policy, outputs=True)]
-    steps += [model(idx[:, t:t + 1], cache=cache, adaptive=policy, outputs=True) for t in range(6, 24)]
+    steps = [model(idx[:, :6], cache=cache, compute=Compute(adaptive=policy), outputs=True)]
+    steps += [model(idx[:, t:t + 1], cache=cache, compute=Compute(adaptive=policy), outputs=True) for t in range(6, 24)]
     out, decisions = [s.logits for s in steps], [s.exits.exit_layer for s in steps]
     decisions = torch.cat(decisions, dim=1)
     assert set(decisions.unique().tolist()) == {1, 2, 3, 4}  # every exit layer, and no exit, occur
@@ -79,7 +80,7 @@ def test_decode_with_gated_exits_equals_the_full_forward_with_the_same_decisions
     reference = model(idx, exit_layers=decisions)
     torch.testing.assert_close(torch.cat(out, dim=1), reference, atol=tol, rtol=tol)
     # a full forward whose gates decide on the fly decides the same (each decision reads only earlier layers)
-    adaptive_full = model(idx, adaptive=policy, outputs=True)
+    adaptive_full = model(idx, compute=Compute(adaptive=policy), outputs=True)
     if dtype == torch.float64:
         assert torch.equal(adaptive_full.exits.exit_layer, decisions)
         torch.testing.assert_close(adaptive_full.logits, reference, atol=1e-12, rtol=1e-12)
@@ -206,14 +207,14 @@ def test_adaptive_inputs_fail_with_clear_errors():
     with pytest.raises(ValueError, match="^exit_layers: must be an integer tensor"):
         model(idx, exit_layers=torch.ones(1, 3))
     with pytest.raises(ValueError, match="^adaptive.threshold: layers"):
-        model(idx, adaptive=Adaptive(threshold={0: 0.5}))
+        model(idx, compute=Compute(adaptive=Adaptive(threshold={0: 0.5})))
     with pytest.raises(ValueError, match="^adaptive.expand: this model has no ExpansionGates"):
-        model(idx, adaptive=Adaptive(expand=0.5))
+        model(idx, compute=Compute(adaptive=Adaptive(expand=0.5)))
     with pytest.raises(ValueError, match="^adaptive: this model has no gates"):
-        AdambaLM(tiny_config())(idx, adaptive=Adaptive())
+        AdambaLM(tiny_config())(idx, compute=Compute(adaptive=Adaptive()))
     with pytest.raises(ValueError, match="^adaptive.threshold: this model has no exit gates"):
         expanding_only = random_model(block_pattern="MMMT", min_exit_layer=None, expansion_gates=True)
-        expanding_only(idx, adaptive=Adaptive(threshold=0.5))
+        expanding_only(idx, compute=Compute(adaptive=Adaptive(threshold=0.5)))
 
 
 def test_calibrated_thresholds_are_the_default_and_the_seeds_stay_selectable():
@@ -236,23 +237,23 @@ def expansion_model() -> AdambaLM:
 def test_expansion_gives_each_token_the_width_the_per_token_reference_computes():
     model = expansion_model()
     idx = torch.randint(0, 512, (1, 14))
-    out = model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=0.5), outputs=True)
+    out = model(idx, compute=Compute(width="ghost", adaptive=Adaptive(exit=False, expand=0.5)), outputs=True)
     logits, widths = out.logits, out.exits.widths[0, :, 3].tolist()
     assert set(widths) == {16, 32}  # ghost is 16 wide; unsure tokens double to 32
     torch.testing.assert_close(logits[0], per_token_width_reference(model, idx[0].tolist(), widths),
                                atol=1e-9, rtol=1e-9)
     # decoding decides the same per token, and gives the same logits
     cache = InferenceCache(model, 1, 14)
-    steps = [model(idx[:, :4], cache=cache, width="ghost", adaptive=Adaptive(exit=False, expand=0.5), outputs=True)]
-    steps += [model(idx[:, t:t + 1], cache=cache, width="ghost", adaptive=Adaptive(exit=False, expand=0.5),
-                    outputs=True) for t in range(4, 14)]
+    expanding = Compute(width="ghost", adaptive=Adaptive(exit=False, expand=0.5))
+    steps = [model(idx[:, :4], cache=cache, compute=expanding, outputs=True)]
+    steps += [model(idx[:, t:t + 1], cache=cache, compute=expanding, outputs=True) for t in range(4, 14)]
     assert torch.cat([s.exits.widths[0, :, 3] for s in steps]).tolist() == widths
     torch.testing.assert_close(torch.cat([s.logits for s in steps], 1), logits, atol=1e-10, rtol=1e-10)
     # threshold 0: nobody expands (the plain ghost model); 1: everybody does (the 32-wide model)
-    torch.testing.assert_close(model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=0.0)),
-                               model(idx, width="ghost"))
-    torch.testing.assert_close(model(idx, width="ghost", adaptive=Adaptive(exit=False, expand=1.0)),
-                               model(idx, width=32))
+    torch.testing.assert_close(model(idx, compute=Compute(width="ghost", adaptive=Adaptive(exit=False, expand=0.0))),
+                               model(idx, compute=Compute("ghost")))
+    torch.testing.assert_close(model(idx, compute=Compute(width="ghost", adaptive=Adaptive(exit=False, expand=1.0))),
+                               model(idx, compute=Compute(32)))
 
 
 @torch.no_grad()
@@ -268,13 +269,13 @@ def test_engine_decodes_with_exits_and_predicted_widths_as_each_row_alone_would(
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 9, 6, 12)]
     plans = [predict_widths(model, torch.tensor([p]))[0] for p in prompts]
     assert len({tuple(p) for p in plans}) > 1  # rows run at different widths in one batch
-    rows = Engine(model).generate(prompts, 10, SamplingParams(temperature=0), adaptive=policy)
+    rows = Engine(model).generate(prompts, 10, SamplingParams(temperature=0), compute=Compute(adaptive=policy))
     exits = set()
     for prompt, plan, row in zip(prompts, plans, rows, strict=True):
         ids = list(prompt)
         for _ in range(10):  # greedy, one full forward per token, the row alone
-            out = model(torch.tensor([ids]), adaptive=Adaptive(threshold=0.6, row_widths=(tuple(plan),)),
-                        outputs=True)
+            alone = Compute(adaptive=Adaptive(threshold=0.6, row_widths=(tuple(plan),)))
+            out = model(torch.tensor([ids]), compute=alone, outputs=True)
             exits |= set(out.exits.exit_layer[0, len(prompt):].tolist())
             ids.append(int(out.logits[0, -1].argmax()))
         assert row.tokens == ids[len(prompt):]
@@ -290,11 +291,12 @@ def test_decode_with_gated_exits_at_a_matryoshka_width_equals_the_full_forward(w
     policy = Adaptive(threshold=0.6)
     idx = torch.randint(0, 512, (3, 24))
     cache = InferenceCache(model, 3, 24)
-    steps = [model(idx[:, :6], cache=cache, width=width, adaptive=policy, outputs=True)]
-    steps += [model(idx[:, t:t + 1], cache=cache, width=width, adaptive=policy, outputs=True) for t in range(6, 24)]
+    compute = Compute(width=width, adaptive=policy)
+    steps = [model(idx[:, :6], cache=cache, compute=compute, outputs=True)]
+    steps += [model(idx[:, t:t + 1], cache=cache, compute=compute, outputs=True) for t in range(6, 24)]
     out, decisions = [s.logits for s in steps], [s.exits.exit_layer for s in steps]
     decisions = torch.cat(decisions, dim=1)
     assert set(decisions.unique().tolist()) == {1, 2, 3, 4}
     assert any(bool((decisions[:, t] < 4).all()) for t in range(6, 24))  # a step where every row exits early
-    reference = model(idx, width=width, exit_layers=decisions)
+    reference = model(idx, compute=Compute(width), exit_layers=decisions)
     torch.testing.assert_close(torch.cat(out, dim=1), reference, atol=1e-10, rtol=1e-10)

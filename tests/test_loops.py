@@ -16,6 +16,7 @@ from adamba.config import load_toml
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams
 from adamba.model.cache import InferenceCache
+from adamba.model.compute import Compute
 from adamba.model.looped import LATENT_EXIT_THRESHOLD, Loops
 from adamba.model.norm import rms_norm
 from adamba.train.loops import sample_loops
@@ -51,9 +52,10 @@ def random_model(config: ModelConfig, seed: int = 0, std: float = 0.15, state_st
 def decode(model, seq, prompt_len, loops_per_call, cache_loops):
     """Prefill seq[:, :prompt_len], then feed one token at a time; return the logits of every position and
     the iterations each token ran (the forward's `loops` output)."""
-    cache = InferenceCache(model, seq.size(0), seq.size(1), loops=cache_loops)
-    steps = [model(seq[:, :prompt_len], cache=cache, loops=loops_per_call(0, prompt_len), outputs=True)]
-    steps += [model(seq[:, t:t + 1], cache=cache, loops=loops_per_call(t, t + 1), outputs=True)
+    cache = InferenceCache(model, seq.size(0), seq.size(1), compute=Compute(loops=cache_loops))
+    steps = [model(seq[:, :prompt_len], cache=cache, compute=Compute(loops=loops_per_call(0, prompt_len)),
+                   outputs=True)]
+    steps += [model(seq[:, t:t + 1], cache=cache, compute=Compute(loops=loops_per_call(t, t + 1)), outputs=True)
               for t in range(prompt_len, seq.size(1))]
     return torch.cat([s.logits for s in steps], dim=1), torch.cat([s.loops for s in steps], dim=1)
 
@@ -100,18 +102,18 @@ def test_invalid_loops_arguments_name_the_problem():
     for bad, match in [(0, "loops.r"), (torch.zeros(2, 5, dtype=torch.long), "at least one"),
                        (torch.ones(2, 4, dtype=torch.long), "shaped"), (2.5, "expected an int")]:
         with pytest.raises(ValueError, match=match):
-            model(idx, loops=bad)
+            model(idx, compute=Compute(loops=bad))
     for fields, name in [(dict(exit="entropy"), "loops.exit"), (dict(threshold=0.1), "loops.threshold"),
                          (dict(exit="kl", threshold=-1.0), "loops.threshold"), (dict(kv_budget=0), "loops.kv_budget")]:
         with pytest.raises(ValueError, match=rf"^{name}:"):
             Loops(**fields)
     with pytest.raises(ValueError, match="holds 2 slots"):
-        model(idx, cache=InferenceCache(model, 2, 8, loops=2), loops=3)
+        model(idx, cache=InferenceCache(model, 2, 8, compute=Compute(loops=2)), compute=Compute(loops=3))
     plain = AdambaLM(tiny_config())
     with pytest.raises(ValueError, match="no loop"):
-        plain(idx, loops=2)
+        plain(idx, compute=Compute(loops=2))
     with pytest.raises(ValueError, match="no loop"):
-        InferenceCache(plain, 2, 8, loops=2)
+        InferenceCache(plain, 2, 8, compute=Compute(loops=2))
 
 
 # --- the looped forward ------------------------------------------------------------------------------------
@@ -132,10 +134,10 @@ def test_inject_init_reads_only_the_input_so_r1_is_a_plain_stack_with_two_norms(
         if i == 3:
             x = rms_norm(x)  # the norm after the loop
     reference = 15 * torch.tanh(model.lm_head(rms_norm(x)) / 15)
-    torch.testing.assert_close(model(idx, loops=1), reference, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(model(idx, loops=7), reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(idx, compute=Compute(loops=1)), reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(idx, compute=Compute(loops=7)), reference, rtol=1e-12, atol=1e-12)
     model.config.loop.init_state = "random"
-    torch.testing.assert_close(model(idx, loops=2), reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(idx, compute=Compute(loops=2)), reference, rtol=1e-12, atol=1e-12)
 
 
 @torch.no_grad()
@@ -160,7 +162,7 @@ def test_looped_forward_matches_the_equations_in_float64():
             h = h / torch.sqrt((h * h).mean(-1, keepdim=True) + torch.finfo(h.dtype).eps) * norm.weight
         s = rms_norm(h)
     reference = plain.head(plain.blocks[3](s, plain.context(T)))
-    torch.testing.assert_close(model(idx, loops=4), reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model(idx, compute=Compute(loops=4)), reference, rtol=1e-10, atol=1e-10)
 
 
 def test_truncated_backprop_equals_restarting_from_the_detached_state(monkeypatch):
@@ -171,13 +173,13 @@ def test_truncated_backprop_equals_restarting_from_the_detached_state(monkeypatc
     states = []
     hook = model.blocks[3].register_forward_pre_hook(lambda module, args: states.append(args[0]))
     with torch.no_grad():
-        model(idx, loops=2)
+        model(idx, compute=Compute(loops=2))
     hook.remove()
-    model(idx, targets, loops=3).backward()
+    model(idx, targets, compute=Compute(loops=3)).backward()
     truncated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     monkeypatch.setattr(model.loop, "initial_state", lambda e, cache: states[0].detach())
-    model(idx, targets, loops=1).backward()
+    model(idx, targets, compute=Compute(loops=1)).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(truncated[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -193,7 +195,7 @@ def test_decode_with_a_slot_per_iteration_equals_full_forward(pattern, loop):
     model = random_model(looped_config(pattern, **loop))
     seq = torch.randint(0, V, (2, 20))
     for r in (1, 4):
-        reference = model(seq, loops=r)
+        reference = model(seq, compute=Compute(loops=r))
         for prompt_len in (1, 7):
             logits, _ = decode(model, seq, prompt_len, lambda t, u, r=r: r, r)
             torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
@@ -210,7 +212,7 @@ def test_decode_with_per_token_loops_equals_full_forward_with_the_same_counts(pa
     counts = torch.randint(1, 6, seq.shape)
     logits, ran = decode(model, seq, 5, lambda t, u: counts[:, t:u], 6)
     assert torch.equal(ran, counts)
-    torch.testing.assert_close(logits, model(seq, loops=counts), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(logits, model(seq, compute=Compute(loops=counts)), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("criterion, threshold", [("latent", 1e-2), ("kl", 1e-4)])
@@ -222,21 +224,22 @@ def test_decode_with_adaptive_exit_equals_full_forward_with_the_same_per_token_l
     plan = Loops(12, exit=criterion, threshold=threshold)
     logits, ran = decode(model, seq, 4, lambda t, u: plan, plan)
     assert 1 < ran.min() and len(ran.unique()) >= 3 and ran.max() <= 12, ran  # the test means something
-    torch.testing.assert_close(logits, model(seq, loops=ran), atol=1e-5, rtol=1e-5)
-    full = model(seq, loops=plan, outputs=True)  # adaptive exit in one pass over the whole sequence
+    torch.testing.assert_close(logits, model(seq, compute=Compute(loops=ran)), atol=1e-5, rtol=1e-5)
+    full = model(seq, compute=Compute(loops=plan), outputs=True)  # adaptive exit in one pass over the whole sequence
     if criterion == "latent":  # decided by each token's own loop: the same counts as decoding
         assert torch.equal(full.loops, ran)
         torch.testing.assert_close(full.logits, logits, atol=1e-5, rtol=1e-5)
     else:  # its probes run the coda while earlier tokens still iterate: counts may differ, never the rule
-        torch.testing.assert_close(full.logits, model(seq, loops=full.loops), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full.logits, model(seq, compute=Compute(loops=full.loops)), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
 def test_adaptive_exit_default_threshold_is_named():
     model = random_model(looped_config("T"), state_std=0.05)
     idx = torch.randint(0, V, (1, 8))
-    default = model(idx, loops=Loops(10, exit="latent"), outputs=True).loops
-    given = model(idx, loops=Loops(10, exit="latent", threshold=LATENT_EXIT_THRESHOLD), outputs=True).loops
+    default = model(idx, compute=Compute(loops=Loops(10, exit="latent")), outputs=True).loops
+    explicit = Loops(10, exit="latent", threshold=LATENT_EXIT_THRESHOLD)
+    given = model(idx, compute=Compute(loops=explicit), outputs=True).loops
     assert torch.equal(given, default)
 
 
@@ -261,12 +264,13 @@ def test_warm_start_decode_equals_full_forwards_started_from_the_previous_final_
     monkeypatch.setattr(model.loop, "initial_state", initial_state)
     model.blocks[3].register_forward_pre_hook(lambda module, args: finals.append(args[0]))
     for t in range(prompt_len, seq.size(1)):
-        model(seq[:, :t], loops=r)
+        model(seq[:, :t], compute=Compute(loops=r))
         overrides[t] = finals[-1][:, t - 1]
-    reference = model(seq, loops=r)
+    reference = model(seq, compute=Compute(loops=r))
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
     overrides.clear()
-    assert not torch.allclose(logits[:, prompt_len:], model(seq, loops=r)[:, prompt_len:], atol=1e-3)  # it matters
+    # it matters
+    assert not torch.allclose(logits[:, prompt_len:], model(seq, compute=Compute(loops=r))[:, prompt_len:], atol=1e-3)
 
 
 @torch.no_grad()
@@ -276,13 +280,13 @@ def test_kv_budget_shares_slots():
     model = random_model(looped_config("TM"))
     seq = torch.randint(0, V, (2, 10))
     logits, _ = decode(model, seq, 3, lambda t, u: 3, Loops(3, kv_budget=5))
-    torch.testing.assert_close(logits, model(seq, loops=3), atol=1e-5, rtol=1e-5)
-    cache = InferenceCache(model, 2, 10, loops=Loops(3, kv_budget=1))
+    torch.testing.assert_close(logits, model(seq, compute=Compute(loops=3)), atol=1e-5, rtol=1e-5)
+    cache = InferenceCache(model, 2, 10, compute=Compute(loops=Loops(3, kv_budget=1)))
     assert cache.loop_slots == 1 and cache.loop_shared and len(cache.states[1]) == 1
     shared, _ = decode(model, seq, 3, lambda t, u: 3, Loops(3, kv_budget=1))
-    assert shared.isfinite().all() and not torch.allclose(shared, model(seq, loops=3), atol=1e-3)
+    assert shared.isfinite().all() and not torch.allclose(shared, model(seq, compute=Compute(loops=3)), atol=1e-3)
     one, _ = decode(model, seq, 3, lambda t, u: 1, Loops(3, kv_budget=1))
-    torch.testing.assert_close(one, model(seq, loops=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one, model(seq, compute=Compute(loops=1)), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -295,13 +299,14 @@ def test_per_iteration_widths_decode_exactly_and_count_their_flops():
     def width(i):
         return schedule[i]
     seq = torch.randint(0, V, (2, 14))
-    reference = model(seq, loops=4, width=width)
-    assert not torch.allclose(reference, model(seq, loops=4), atol=1e-3)  # the widths change the function
-    cache = InferenceCache(model, 2, 14, loops=4)
-    steps = [model(seq[:, :5], cache=cache, loops=4, width=width)]
-    steps += [model(seq[:, t:t + 1], cache=cache, loops=4, width=width) for t in range(5, 14)]
+    reference = model(seq, compute=Compute(width=width, loops=4))
+    # the widths change the function
+    assert not torch.allclose(reference, model(seq, compute=Compute(loops=4)), atol=1e-3)
+    cache = InferenceCache(model, 2, 14, compute=Compute(loops=4))
+    steps = [model(seq[:, :5], cache=cache, compute=Compute(width=width, loops=4))]
+    steps += [model(seq[:, t:t + 1], cache=cache, compute=Compute(width=width, loops=4)) for t in range(5, 14)]
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, atol=1e-5, rtol=1e-5)
-    full, narrow = model.count_flops(loops=4), model.count_flops(loops=4, width=width)
+    full, narrow = model.count_flops(compute=Compute(loops=4)), model.count_flops(compute=Compute(width=width, loops=4))
     per_layer = {w: 2 * w * (3 * w) + 2 * w * w + 2 * 2 * w * 4 * w for w in (16, 32, 64)}  # q, k, v, o, MLP
     # two recurrent layers, each at 16 in iterations 0 and 3 and at 32 in iteration 1
     saved = 2 * (2 * (per_layer[64] - per_layer[16]) + per_layer[64] - per_layer[32])
@@ -313,11 +318,11 @@ def test_engine_generates_with_loops_like_full_recompute():
     model = random_model(looped_config("TM"))
     prompts = [[1, 2, 3], [7]]
     for loops in (2, Loops(8, exit="latent", threshold=1e-2)):
-        rows = Engine(model).generate(prompts, 6, SamplingParams(temperature=0), loops=loops)
+        rows = Engine(model).generate(prompts, 6, SamplingParams(temperature=0), compute=Compute(loops=loops))
         for prompt, row in zip(prompts, rows, strict=True):
             ids = list(prompt)
             for _ in range(6):
-                ids.append(int(model(torch.tensor([ids]), loops=loops)[0, -1].argmax()))
+                ids.append(int(model(torch.tensor([ids]), compute=Compute(loops=loops))[0, -1].argmax()))
             assert row.tokens == ids[len(prompt):]
 
 
@@ -333,13 +338,13 @@ def test_flop_counter_matches_a_hand_count():
     inject = 2 * d * d
     model = AdambaLM(config)
     for r, probes in [(1, 0), (4, 0), (6, 0), (6, 5)]:
-        count = model.count_flops(loops=r, probes=probes)
+        count = model.count_flops(compute=Compute(loops=r), probes=probes)
         forward = (2 + probes) * layer + 2 * r * layer + (r + 1) * inject + (1 + probes) * 2 * d * V
         no_grad = max(r - 3, 0) * (2 * layer + inject)
         assert count.forward == pytest.approx(forward)
         assert count.no_grad == pytest.approx(no_grad)
         assert count.train == pytest.approx(3 * forward - 2 * no_grad)  # backward for min(r, k) iterations
-    assert model.count_flops() == model.count_flops(loops=4)  # default: mean_recurrence
+    assert model.count_flops() == model.count_flops(compute=Compute(loops=4))  # default: mean_recurrence
 
 
 # --- training -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from adamba.config import parse_block_pattern
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams
 from adamba.model.cache import InferenceCache
+from adamba.model.compute import Compute
 from adamba.model.mamba2 import Mamba2
 from adamba.model.ssd import cuda_chunk_scan, segsum, ssd_chunked, ssd_scan, ssd_sequential
 from tests.conftest import tiny_config
@@ -242,12 +243,12 @@ def test_matryoshka_modes_keep_mamba2_at_full_width_and_decode_equals_forward():
     for mode in config.compute_modes:
         widths = config.layer_widths(mode)
         assert widths[1] is None  # the M2 layer stays at full width in every mode
-        reference = model(idx, width=mode)
+        reference = model(idx, compute=Compute(mode))
         cache = InferenceCache(model, 1, 20)
-        out = [model(idx[:, :7], cache=cache, width=mode)]
-        out += [model(idx[:, t:t + 1], cache=cache, width=mode) for t in range(7, 20)]
+        out = [model(idx[:, :7], cache=cache, compute=Compute(mode))]
+        out += [model(idx[:, t:t + 1], cache=cache, compute=Compute(mode)) for t in range(7, 20)]
         torch.testing.assert_close(torch.cat(out, 1), reference, atol=1e-10, rtol=1e-10)
-        assert model.count_flops(20, width=mode).scan == full.scan
+        assert model.count_flops(20, compute=Compute(mode)).scan == full.scan
 
 
 def test_optimizer_groups_and_flops_count_the_mixer():

@@ -4,6 +4,7 @@ import torch
 from adamba import AdambaLM, ModelConfig
 from adamba.model.attention import AttentionBlock
 from adamba.model.cache import InferenceCache
+from adamba.model.compute import Compute
 from tests.conftest import tiny_config
 
 
@@ -61,13 +62,14 @@ def test_width_choices_and_errors():
         torch.nn.init.normal_(p, std=0.2)
     idx = torch.randint(0, 512, (1, 12))
     full = model(idx)
-    assert torch.equal(model(idx, width="think"), full) and torch.equal(model(idx, width=64), full)
-    assert not torch.allclose(model(idx, width="ghost"), full, atol=1e-3)
-    torch.testing.assert_close(model(idx, width=[32, 16]), model(idx, width=32))
+    assert torch.equal(model(idx, compute=Compute("think")), full)
+    assert torch.equal(model(idx, compute=Compute(64)), full)
+    assert not torch.allclose(model(idx, compute=Compute("ghost")), full, atol=1e-3)
+    torch.testing.assert_close(model(idx, compute=Compute([32, 16])), model(idx, compute=Compute(32)))
     for bad, message in ((24, "24 is not a Matryoshka level"), ("fast", "unknown compute mode 'fast'"),
                          ([16], "a per-layer list needs 2 widths")):
         with pytest.raises(ValueError, match=f"^width: {message}"):
-            model(idx, width=bad)
+            model(idx, compute=Compute(bad))
     with pytest.raises(ValueError, match="^matryoshka_levels"):
         tiny_config(matryoshka_levels=[24, 64])
     with pytest.raises(ValueError, match="^compute_modes"):
@@ -80,7 +82,7 @@ def test_narrow_width_trains_only_its_nested_slice():
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     idx = torch.randint(0, 512, (2, 8))
-    model(idx, idx, width=16).backward()
+    model(idx, idx, compute=Compute(16)).backward()
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     assert attn.c_q.weight.grad[:16, :16].abs().sum() > 0
     for grad in (attn.c_q.weight.grad[16:], attn.c_q.weight.grad[:, 16:], attn.c_proj.weight.grad[16:],
@@ -101,9 +103,9 @@ def test_flop_counter_matches_a_hand_count_at_every_mode():
         64: 2 * 64 * (64 + 2 * 32) + 2 * 64 * 64 + 4 * 64 * 256 + 4 * 64 * 16.5,
     }
     for mode, width in cfg.compute_modes.items():
-        f = model.count_flops(32, width=mode)
+        f = model.count_flops(32, compute=Compute(mode))
         assert f.forward == pytest.approx(hand[width] + mamba + lm_head), mode
-    assert model.count_flops(32, width="ghost").forward < model.count_flops(32).forward
+    assert model.count_flops(32, compute=Compute("ghost")).forward < model.count_flops(32).forward
 
 
 def test_levels_from_a_command_line_flag():
@@ -143,7 +145,7 @@ def test_matryoshka_training_makes_narrow_slices_useful(corpus_dir):
         ckpt = load_checkpoint(result.checkpoint)
         data = TokenizedCorpus(local_corpus(corpus_dir), ckpt.tokenizer, 0.1, progress=False)
         bpb[flag] = {w: evaluate_bpb(ckpt.model, data, batch_size=4, seq_len=32, max_tokens=1024,
-                                     device=torch.device("cpu"), width=w) for w in (16, 64)}
+                                     device=torch.device("cpu"), compute=Compute(w)) for w in (16, 64)}
     # the 16-wide slice of a Matryoshka-trained model beats the same slice of a model trained at full width only
     # (measured: 1.34 vs 1.43 bpb), while the full width loses little (1.35 vs 1.33)
     assert bpb[True][16] < 0.95 * bpb[False][16]
@@ -225,10 +227,10 @@ def test_decode_equals_full_forward_at_every_mode(static):
     model = random_matryoshka_model(block_pattern="TM", n_kv_head=2)
     idx = torch.randint(0, 512, (1, 20))
     for mode in model.config.compute_modes:
-        reference = model(idx, width=mode)
+        reference = model(idx, compute=Compute(mode))
         cache = InferenceCache(model, 1, 20, static=static)
-        out = [model(idx[:, :7], cache=cache, width=mode)]
-        out += [model(idx[:, t:t + 1], cache=cache, width=mode) for t in range(7, 20)]
+        out = [model(idx[:, :7], cache=cache, compute=Compute(mode))]
+        out += [model(idx[:, t:t + 1], cache=cache, compute=Compute(mode)) for t in range(7, 20)]
         torch.testing.assert_close(torch.cat(out, 1), reference, atol=1e-10, rtol=1e-10)
 
 
@@ -241,8 +243,8 @@ def test_decode_with_widths_going_up_and_down_equals_the_per_token_reference(pat
     idx = torch.randint(0, 512, (len(widths),)).tolist()
     reference = per_token_width_reference(model, idx, widths)
     cache = InferenceCache(model, 1, 16, static=static)
-    got = [model(torch.tensor([idx[:3]]), cache=cache, width=16)[0]]
-    got += [model(torch.tensor([[idx[t]]]), cache=cache, width=widths[t])[0] for t in range(3, len(widths))]
+    got = [model(torch.tensor([idx[:3]]), cache=cache, compute=Compute(16))[0]]
+    got += [model(torch.tensor([[idx[t]]]), cache=cache, compute=Compute(widths[t]))[0] for t in range(3, len(widths))]
     torch.testing.assert_close(torch.cat(got), reference, atol=1e-9, rtol=1e-9)
     # the same full-width model evaluated uniformly agrees with the reference too (a check of the reference)
     torch.testing.assert_close(per_token_width_reference(model, idx, [64] * len(widths)),
@@ -254,8 +256,8 @@ def test_engine_generates_at_a_compute_mode():
     from adamba.infer.sampling import SamplingParams
 
     model = random_matryoshka_model(block_pattern="TM", n_kv_head=2)
-    [row] = Engine(model).generate([[1, 2, 3]], 6, SamplingParams(temperature=0), width="ghost")
+    [row] = Engine(model).generate([[1, 2, 3]], 6, SamplingParams(temperature=0), compute=Compute("ghost"))
     ids = [1, 2, 3]
     for _ in range(6):
-        ids.append(int(model(torch.tensor([ids]), width="ghost")[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids]), compute=Compute("ghost"))[0, -1].argmax()))
     assert row.tokens == ids[3:]

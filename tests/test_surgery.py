@@ -14,6 +14,7 @@ from adamba import AdambaLM, ModelConfig
 from adamba.checkpoint import load_checkpoint, run_dir
 from adamba.cli import main
 from adamba.model.cache import InferenceCache
+from adamba.model.compute import Compute
 from adamba.surgery import INITS, add_mamba, deepen, widen
 from adamba.surgery.growth import GROWTH, count_params, record, save_grown
 from adamba.surgery.plan import dry_run, load_plan
@@ -70,7 +71,7 @@ def test_add_mamba_keeps_logits_bitwise(overrides, kind, pattern):
     assert torch.equal(grown.eval()(idx), model(idx))  # x + 0 is x: the new blocks add exact zeros
     if model.config.loop is not None:
         assert (grown.config.loop.prelude, grown.config.loop.recur, grown.config.loop.coda) == (2, 3, 2)
-        assert torch.equal(grown(idx, loops=3), model(idx, loops=3))
+        assert torch.equal(grown(idx, compute=Compute(loops=3)), model(idx, compute=Compute(loops=3)))
     kept = [i for i in range(len(kinds)) if i not in new]
     for i, j in enumerate(kept):  # old blocks moved unchanged
         for (name, a), (_, b) in zip(model.blocks[i].named_parameters(), grown.blocks[j].named_parameters(),
@@ -102,7 +103,7 @@ def test_deepen_keeps_logits_of_hybrid_and_looped_stacks(overrides, pattern):
     grown = deepen(model, pattern)[0].eval()
     assert torch.equal(grown(idx), model(idx))
     if model.config.loop is not None:
-        assert torch.equal(grown(idx, loops=2), model(idx, loops=2))
+        assert torch.equal(grown(idx, compute=Compute(loops=2)), model(idx, compute=Compute(loops=2)))
 
 
 def test_insertion_errors_name_the_problem():
@@ -134,7 +135,8 @@ def test_widen_keeps_logits(name, init):
     assert grown.config.n_embd == 128 and grown.config.norm_width == 64
     torch.testing.assert_close(grown(idx), model(idx), atol=1e-5, rtol=0)
     if model.config.loop is not None:
-        torch.testing.assert_close(grown(idx, loops=3), model(idx, loops=3), atol=1e-5, rtol=0)
+        three = Compute(loops=3)
+        torch.testing.assert_close(grown(idx, compute=three), model(idx, compute=three), atol=1e-5, rtol=0)
     # in float64 the only differences left are rounding: the growth is exact, not merely close
     torch.testing.assert_close(widen(model.double(), 128, init, seed=3).eval()(idx), model(idx), atol=1e-12,
                                rtol=0)
@@ -146,9 +148,9 @@ def test_widened_model_holds_the_old_model_as_its_slices():
     idx = tokens(model.config)
     grown = widen(model, 128, "svd").eval()
     assert grown.config.matryoshka_levels == [16, 32, 64, 128]
-    torch.testing.assert_close(grown(idx, width=64), model(idx), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grown(idx, compute=Compute(64)), model(idx), atol=1e-5, rtol=0)
     for w in (16, 32):
-        torch.testing.assert_close(grown(idx, width=w), model(idx, width=w), atol=1e-5, rtol=0)
+        torch.testing.assert_close(grown(idx, compute=Compute(w)), model(idx, compute=Compute(w)), atol=1e-5, rtol=0)
     again = widen(grown, 192, "copy-scale").eval()  # widening twice keeps the first width's norms
     assert again.config.norm_width == 64 and 128 in again.config.matryoshka_levels
     torch.testing.assert_close(again(idx), model(idx), atol=1e-5, rtol=0)
@@ -180,11 +182,11 @@ def test_widened_hybrid_decodes_like_the_old_model_at_every_width():
     idx = tokens(model.config, 16)[:1]
     widths = [16, 16, 16, 128, 32, 128, 64, 16, 128, 32, 64, 128, 16]  # first three prefilled together
     cache_new, cache_old = InferenceCache(grown, 1, 16), InferenceCache(model, 1, 16)
-    new = [grown(idx[:, :3], cache=cache_new, width=16)]
-    old = [model(idx[:, :3], cache=cache_old, width=16)]
+    new = [grown(idx[:, :3], cache=cache_new, compute=Compute(16))]
+    old = [model(idx[:, :3], cache=cache_old, compute=Compute(16))]
     for t, w in enumerate(widths[3:], start=3):
-        new.append(grown(idx[:, t:t + 1], cache=cache_new, width=w))
-        old.append(model(idx[:, t:t + 1], cache=cache_old, width=min(w, 64)))
+        new.append(grown(idx[:, t:t + 1], cache=cache_new, compute=Compute(w)))
+        old.append(model(idx[:, t:t + 1], cache=cache_old, compute=Compute(min(w, 64))))
     torch.testing.assert_close(torch.cat(new, 1), torch.cat(old, 1), atol=1e-10, rtol=0)
     cache = InferenceCache(grown, 1, 16)
     steps = [grown(idx[:, :5], cache=cache)] + [grown(idx[:, t:t + 1], cache=cache) for t in range(5, 16)]

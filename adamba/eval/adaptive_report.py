@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..common import write_atomic
+from ..model.compute import Compute
 from ..model.exits import Adaptive
 from ..model.flops import count_flops
 from ..model.predictor import predict_widths, predictor_flops
@@ -59,7 +60,7 @@ def predictor_runs(model, start: int, context: int) -> list[Run]:
     def plan(budget=None, price: float = 0.0):
         def kwargs(x: torch.Tensor) -> dict:
             plans = predict_widths(model, x[:, :start], budget=budget, price=price)
-            return {"adaptive": Adaptive(exit=False, row_widths=tuple(tuple(p) for p in plans))}
+            return {"compute": Compute(adaptive=Adaptive(exit=False, row_widths=tuple(tuple(p) for p in plans)))}
         return kwargs
 
     runs = [Run(f"budget {' = '.join(modes)}", plan(budget=modes[0]), extra=per_token)
@@ -72,12 +73,12 @@ def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -
     config = model.config
     heads = model.adaptive_heads
     windows = config.attention_windows()
-    curves: dict[str, list[Run]] = {"width": [Run(" = ".join(modes), {"width": modes[0]})
+    curves: dict[str, list[Run]] = {"width": [Run(" = ".join(modes), {"compute": Compute(modes[0])})
                                               for modes in config.distinct_modes()]}
     if config.exit_layers:
-        exit_runs = [Run(f">= {t:g}", {"adaptive": Adaptive(threshold=t)}) for t in thresholds]
+        exit_runs = [Run(f">= {t:g}", {"compute": Compute(adaptive=Adaptive(threshold=t))}) for t in thresholds]
         if heads.thresholds is not None:
-            exit_runs.append(Run("calibrated", {"adaptive": Adaptive()}))
+            exit_runs.append(Run("calibrated", {"compute": Compute(adaptive=Adaptive())}))
         curves["exit"] = exit_runs
         depth = []
         for k in [*config.exit_layers, config.n_layer]:
@@ -90,7 +91,7 @@ def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -
         curves["predictor"] = predictor_runs(model, start, context)
     if heads is not None and heads.expansion_gates:
         curves["expand"] = [Run(f"{' = '.join(modes)} < {t:g}",
-                                {"width": modes[0], "adaptive": Adaptive(exit=False, expand=t)})
+                                {"compute": Compute(modes[0], adaptive=Adaptive(exit=False, expand=t))})
                             for modes in config.distinct_modes() if config.compute_modes[modes[0]] < config.n_embd
                             for t in (0.3, 0.5, 0.7, 0.9)]
     return curves

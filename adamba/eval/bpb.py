@@ -94,9 +94,9 @@ def evaluate_bpb(model, data: TokenizedCorpus, **kwargs) -> float:
 @torch.no_grad()
 def measure_bpb(model, data: TokenizedCorpus, *, batch_size: int, seq_len: int, max_tokens: int,
                 device: torch.device, rank: int = 0, world_size: int = 1,
-                autocast=contextlib.nullcontext, width=None, loops=None) -> BpbEstimate:
-    """Per-batch sums of (the first `max_tokens` tokens of) the validation split, summed across ranks; `width` is
-    a Matryoshka compute choice and `loops` a looped model's iterations (see AdambaLM.forward)."""
+                autocast=contextlib.nullcontext, compute=None) -> BpbEstimate:
+    """Per-batch sums of (the first `max_tokens` tokens of) the validation split, summed across ranks, at a
+    compute choice (model/compute.py; None: the full model)."""
     loader = DataLoader(data, "val", batch_size, seq_len, rank=rank, world_size=world_size, shuffle=False,
                         device=device)
     per_epoch = sum(loader.batches_in(0, shard) for shard in range(len(data)))
@@ -113,7 +113,7 @@ def measure_bpb(model, data: TokenizedCorpus, *, batch_size: int, seq_len: int, 
     for step in range(steps):
         x, y = next(loader)
         with autocast():
-            out = model(x, y, width=width, loops=loops, loss_reduction="none", outputs=True)
+            out = model(x, y, compute=compute, loss_reduction="none", outputs=True)
         loss = out.loss.view(-1)
         if out.loops is not None:
             ran, count = out.loops.flatten().unique(return_counts=True)

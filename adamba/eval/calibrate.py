@@ -31,6 +31,7 @@ from scipy.stats import binom
 
 from ..config import ATTENTION
 from ..data.loader import DataLoader
+from ..model.compute import Compute
 from ..model.exits import Adaptive
 from .bpb import BpbEstimate
 
@@ -54,9 +55,9 @@ def held_out_batches(data, *, batch_size: int, seq_len: int, max_tokens: int,
 @dataclass
 class Run:
     """One compute choice to measure: a label, and the model's keyword arguments for a batch x (a dict, or a
-    function of x). `flops`: its forward FLOPs per token when the forward's own record does not say (None: the
-    record of an adaptive forward, else the FLOP counter at the forward's `width`); `extra`: FLOPs per token
-    outside the forward (the width predictor's MLP)."""
+    function of x; its `compute` a Compute). `flops`: its forward FLOPs per token when the forward's own record
+    does not say (None: the record of an adaptive forward, else the FLOP counter at the forward's `compute`);
+    `extra`: FLOPs per token outside the forward (the width predictor's MLP)."""
 
     label: str
     kwargs: dict | Callable[[torch.Tensor], dict] = field(default_factory=dict)
@@ -101,8 +102,8 @@ class Sweep:
 @torch.no_grad()
 def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = None, start: int = 0,
             reference=None) -> Sweep:
-    """Run every compute choice on held-out batches [(x, y)] and compare each with the model at width `reference`
-    without exits (None: the full model)."""
+    """Run every compute choice on held-out batches [(x, y)] and compare each with the model at `reference` (a
+    Compute without exits; None: the full model)."""
     config = model.config
     L, levels = config.n_layer, config.matryoshka_levels
     attention = torch.tensor([kind == ATTENTION for kind in config.block_pattern])
@@ -116,7 +117,7 @@ def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = 
         if not 0 <= start < T:
             raise ValueError(f"start: {start} leaves no token to score in rows of {T}")
         scored = torch.arange(T, device=x.device) >= start
-        full = model(x, width=reference).argmax(-1)
+        full = model(x, compute=reference).argmax(-1)
         target_bytes = token_bytes[y] if token_bytes is not None else torch.ones_like(y)
         counted = (target_bytes > 0) & scored
         per["tokens"].append(np.full(B, T - start))
@@ -131,11 +132,11 @@ def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = 
             elif record is not None:
                 flops = record.token_flops(config, T)
             else:
-                flops = torch.full((B, T), model.count_flops(T, width=kwargs.get("width")).forward,
+                flops = torch.full((B, T), model.count_flops(T, kwargs.get("compute")).forward,
                                    dtype=torch.float64)
             exit_layer = record.exit_layer.cpu() if record is not None else torch.full((B, T), L)
             widths = record.widths.cpu() if record is not None else torch.tensor(
-                config.width_values(kwargs.get("width"))).expand(B, T, L)
+                config.width_values((kwargs.get("compute") or Compute()).width)).expand(B, T, L)
             keep = scored.cpu()
             rows["disagree"].append(((logits.argmax(-1) != full) & scored).sum(1).cpu().numpy())
             rows["flops"].append((flops[:, keep] + run.extra).sum(1).numpy())
@@ -151,15 +152,15 @@ def measure(model, batches, runs: list[Run], token_bytes: torch.Tensor | None = 
     cat = {k: np.concatenate(v, axis=-1) for k, v in per.items()}
     return Sweep([run.label for run in runs], cat["tokens"], cat["disagree"], cat["flops"], cat["exited"],
                  cat["exit_sum"], exit_hist, width_hist, cat["nats"], cat["bytes"],
-                 model.count_flops(batches[0][0].size(1), width=reference).forward,
+                 model.count_flops(batches[0][0].size(1), reference).forward,
                  np.cumsum([0] + [x.size(0) for x, _ in batches[:-1]]))
 
 
 def sweep(model, batches, thresholds=DEFAULT_GRID, width=None, token_bytes: torch.Tensor | None = None) -> Sweep:
     """The adaptive forward at every exit threshold (and `width`), for calibration: disagreement and FLOPs saved
     are measured against the model at the same width without exits."""
-    runs = [Run(f"exit >= {t:g}", {"width": width, "adaptive": Adaptive(threshold=t)}) for t in thresholds]
-    result = measure(model, batches, runs, token_bytes, reference=width)
+    runs = [Run(f"exit >= {t:g}", {"compute": Compute(width, adaptive=Adaptive(threshold=t))}) for t in thresholds]
+    result = measure(model, batches, runs, token_bytes, reference=Compute(width))
     result.thresholds = list(thresholds)
     return result
 

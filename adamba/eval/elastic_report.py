@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common import write_atomic
+from ..model.compute import Compute
 from .bpb import BpbEstimate, measure_bpb
 from .plots import plot_intervals
 from .report_files import plt, report_dir, save_figure
@@ -40,7 +41,7 @@ def mode_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
         if data is None or not tokens:
             return None
         return measure_bpb(model, data, batch_size=batch_size, seq_len=config.sequence_len, max_tokens=tokens,
-                           device=device, width=width)
+                           device=device, compute=Compute(width))
 
     full_flops = model.count_flops(context).forward
     full = estimate(None)
@@ -49,7 +50,7 @@ def mode_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
         layer_widths = config.layer_widths(modes[0])
         widths = [w or (config.n_embd if kind == "T" else "full")
                   for kind, w in zip(config.block_pattern, layer_widths, strict=True)]
-        flops = model.count_flops(context, width=modes[0]).forward
+        flops = model.count_flops(context, Compute(modes[0])).forward
         at_full = all(w is None for w in layer_widths)
         rows.append(ModeRow(modes, widths, flops, flops / full_flops, full if at_full else estimate(modes[0]), full))
     return rows

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..common import write_atomic
 from ..config import require_loop
+from ..model.compute import Compute
 from ..model.looped import Loops
 from .bpb import BpbEstimate, measure_bpb
 from .plots import place_labels, plot_intervals
@@ -45,20 +46,22 @@ def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
     device = next(model.parameters()).device
     sweep = EXIT_SWEEP if sweep is None else sweep
 
-    def bpb(**choice) -> BpbEstimate | None:
+    def bpb(compute: Compute) -> BpbEstimate | None:
         if data is None or not tokens:
             return None
         return measure_bpb(model, data, batch_size=batch_size, seq_len=config.sequence_len, max_tokens=tokens,
-                            device=device, **choice)
+                           device=device, compute=compute)
 
-    rows = [LoopRow("fixed", f"r = {r}", r, model.count_flops(context, loops=r).forward, bpb(loops=r))
+    rows = [LoopRow("fixed", f"r = {r}", r, model.count_flops(context, Compute(loops=r)).forward,
+                    bpb(Compute(loops=r)))
             for r in counts]
     for criterion, thresholds in sweep.items():
         for threshold in thresholds:
-            value = bpb(loops=Loops(max(counts), exit=criterion, threshold=threshold))
+            value = bpb(Compute(loops=Loops(max(counts), exit=criterion, threshold=threshold)))
             histogram = dict(value.loops) if value is not None else {max(counts): 1}  # unmeasured: count the cap
             n = sum(histogram.values())
-            flops = sum(c * model.count_flops(context, loops=r, probes=r - 1 if criterion == "kl" else 0).forward
+            probes = {r: r - 1 if criterion == "kl" else 0 for r in histogram}
+            flops = sum(c * model.count_flops(context, Compute(loops=r), probes=probes[r]).forward
                         for r, c in histogram.items()) / n
             rows.append(LoopRow("exit", f"exit {criterion} < {threshold:g} (r <= {max(counts)})",
                                 sum(r * c for r, c in histogram.items()) / n, flops, value))
@@ -68,7 +71,7 @@ def loop_rows(model, data=None, *, context: int | None = None, tokens: int = 0, 
         def width(i: int) -> int | None:
             return half if i < r_bar // 2 else None
         rows.append(LoopRow("width", f"r = {r_bar}, iterations 0-{r_bar // 2 - 1} at width {half}", r_bar,
-                            model.count_flops(context, width, loops=r_bar).forward, bpb(loops=r_bar, width=width)))
+                            model.count_flops(context, Compute(width, r_bar)).forward, bpb(Compute(width, r_bar))))
     return rows
 
 

@@ -9,11 +9,12 @@ max_new_tokens, or the model's context); a finished row stays in the batch but n
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..model.cache import InferenceCache
+from ..model.compute import Compute
 from .sampling import SamplingParams, sample
 
 
@@ -38,7 +39,14 @@ class Engine:
         self.decode_step = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+    def _check(self, prompts: Sequence[Sequence[int]], compute: Compute, stop_strings: Sequence[str]) -> Compute:
+        """The call's compute choice, once its prompts, compute and stop strings are checked."""
+        compute.check(self.model.config)
+        if self.compiled and compute.adaptive is not None:
+            raise ValueError("adaptive: a compiled engine (compile=True) decodes at fixed widths; use an Engine "
+                             "without compile for adaptive exits")
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
         if not prompts:
             raise ValueError("prompts: give at least one prompt")
         context = self.model.config.sequence_len
@@ -48,27 +56,23 @@ class Engine:
             if len(prompt) > context:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's context of "
                                  f"{context} (sequence_len); shorten the prompt")
+        return compute
 
     @torch.no_grad()
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
               *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
-              completions: list[Completion] | None = None, width=None,
-              loops=None, adaptive=None) -> Iterator[list[tuple[int, int]]]:
+              completions: list[Completion] | None = None,
+              compute: Compute | None = None) -> Iterator[list[tuple[int, int]]]:
         """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
 
         Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
-        its row and is not part of the completion. `width` is a Matryoshka compute choice (a mode name, a
-        width or a per-layer list; see AdambaLM.forward) used for every token; `loops` (looped models) the
-        iterations per token, an int or a `looped.Loops` plan (adaptive exit, kv_budget, warm start).
-        `adaptive` (an `exits.Adaptive` policy): gates decide per token whether to exit early (exited tokens still
-        leave their state in every later layer) or expand; with `predictor`, each row's widths are chosen from its
-        prompt before prefill, within `width` as a budget. Rows may exit or run at different widths in one step."""
-        self._check_prompts(prompts)
-        if self.compiled and adaptive is not None:
-            raise ValueError("adaptive: a compiled engine (compile=True) decodes at fixed widths; use an Engine "
-                             "without compile for adaptive exits")
-        if stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
+        its row and is not part of the completion. `compute` (model/compute.py) is used for every token: a
+        Matryoshka width, a looped model's iterations per token (an int or a `looped.Loops` plan: adaptive exit,
+        kv_budget, warm start), and an adaptive policy whose gates decide per token whether to exit early (exited
+        tokens still leave their state in every later layer) or expand; with its `predictor`, each row's widths are
+        chosen from its prompt before prefill, within the width as a budget. Rows may exit or run at different
+        widths in one step."""
+        compute = self._check(prompts, compute or Compute(), stop_strings)
         params = params or SamplingParams()
         model = self.model
         device = next(model.parameters()).device
@@ -76,8 +80,8 @@ class Engine:
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         capacity = min(model.config.sequence_len, int(lengths.max()) + max_new_tokens)
         # A compiled step holds K/V for the whole context: one graph serves every generation of this batch size.
-        cache = InferenceCache(model, B, model.config.sequence_len if self.compiled else capacity, loops=loops,
-                               static=self.compiled)
+        cache = InferenceCache(model, B, model.config.sequence_len if self.compiled else capacity,
+                               compute=compute, static=self.compiled)
         ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
@@ -87,13 +91,13 @@ class Engine:
         stops = set(stop_tokens)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         any_parked = False
-        extra = {} if adaptive is None else {"adaptive": adaptive.for_prompts(model, ids, lengths, width)}
+        if compute.adaptive is not None:
+            compute = replace(compute, adaptive=compute.adaptive.for_prompts(model, ids, lengths, compute.width))
         was_training = model.training
         model.eval()
         try:
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
-            logits = model(ids, cache=cache, width=width, loops=loops, **extra)[torch.arange(B, device=device),
-                                                                                 lengths - 1]
+            logits = model(ids, cache=cache, compute=compute)[torch.arange(B, device=device), lengths - 1]
             for _ in range(max_new_tokens):
                 next_ids = sample(logits, params, generator)
                 tokens = next_ids.tolist()
@@ -121,7 +125,7 @@ class Engine:
                 if all(row.finish_reason for row in rows):
                     break
                 parked = cache.lengths.clone() if any_parked else None
-                logits = self.decode_step(next_ids[:, None], cache=cache, width=width, loops=loops, **extra)[:, -1]
+                logits = self.decode_step(next_ids[:, None], cache=cache, compute=compute)[:, -1]
                 if parked is not None:
                     cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:

@@ -90,10 +90,11 @@ class InferenceCache:
     at its own position, and reads nothing back to the host (`begin` skips its capacity check: the caller keeps
     every row within `capacity`, as the engine does). Steps of several tokens (prefill) are unchanged."""
 
-    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None, loops=None,
+    def __init__(self, model, batch: int, capacity: int, *, device=None, dtype=None, compute=None,
                  static: bool = False):
-        """`loops` (looped models): the most iterations a forward on this cache will run, an int or a
-        `looped.Loops` plan (which may share slots with kv_budget, or warm-start); None: the config's mean."""
+        """`compute` (compute.py), for looped models: its `loops` are the most iterations a forward on this cache
+        will run, an int or a `looped.Loops` plan (which may share slots with kv_budget, or warm-start); None:
+        the config's mean."""
         if capacity > model.config.sequence_len:
             raise ValueError(f"capacity: {capacity} tokens exceeds the model's context "
                              f"(sequence_len={model.config.sequence_len})")
@@ -104,7 +105,7 @@ class InferenceCache:
         self.rotary = (model.cos, model.sin)  # for K/V heads computed later at earlier positions
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         # Looped models: each recurrent layer holds a list of states, one per slot (looped.py).
-        self.loop_slots, self.loop_shared, self.warm_start = cache_slots(model.config, loops)
+        self.loop_slots, self.loop_shared, self.warm_start = cache_slots(model.config, compute)
         recurrent = model.config.loop.recurrent_layers if model.config.loop is not None else range(0)
         self.states = [[block.new_state(batch, capacity, device, dtype) for _ in range(self.loop_slots)]
                        if i in recurrent else block.new_state(batch, capacity, device, dtype)

@@ -106,7 +106,8 @@ class AdaptiveHeads(nn.Module):
 
 @dataclass(frozen=True)
 class Adaptive:
-    """A test-time compute policy: `model(idx, adaptive=Adaptive(...))`, `Engine.generate(..., adaptive=...)`.
+    """A test-time compute policy: `model(idx, compute=Compute(adaptive=Adaptive(...)))`, and
+    the same `compute=` of `Engine.generate`.
 
     exit: use the ConfidenceGates (per-token early exit).
     threshold: exit where the gate's confidence >= threshold: a float for every exit layer, a {layer: float}
@@ -115,9 +116,9 @@ class Adaptive:
     predictor: choose per-row widths with the LayerDimPredictor from the prompt (`Engine.steps` does, through
         `predictor.predict_widths`); `budget` caps its choice (a compute mode name or a width), `price` moves it
         toward cheaper (> 0) or wider (< 0) levels.
-    row_widths: per row, per-layer widths (the predictor's choice, fixed for the whole generation); they replace
-        the forward's `width`. Rows at different widths run together: attention treats each token at its own width
-        (`AttentionBlock.mixed`), which is exact since rows never attend to each other."""
+    row_widths: per row, per-layer widths (the predictor's choice, fixed for the whole generation); they
+        replace the compute choice's `width`. Rows at different widths run together: attention treats each token
+        at its own width (`AttentionBlock.mixed`), which is exact since rows never attend to each other."""
 
     exit: bool = True
     threshold: float | dict | None = None

@@ -9,16 +9,17 @@ Depth Approach", the Huginn model): prelude -> recurrent block x r -> coda, with
 
 `inject` is one Linear(2D -> D) initialised to [I | 0], so an untrained loop reads only its input and every r
 gives the same output; training teaches it to use the state. Its input half is applied once per call, not once
-per iteration (the same numbers: W [e; s] = W_e e + W_s s). Widths: prelude and coda layers take `width` as a
-non-looped model does; a callable `width(i)` gives iteration i's choice for the recurrent layers (anything
-`ModelConfig.layer_widths` takes; prelude and coda then run at full width). `inject` always runs at full width.
+per iteration (the same numbers: W [e; s] = W_e e + W_s s). Widths (a `Compute`'s width): prelude and coda layers
+take it as a non-looped model does; a callable `width(i)` gives iteration i's choice for the recurrent layers
+(anything `ModelConfig.layer_widths` takes; prelude and coda then run at full width). `inject` always runs at full
+width.
 
-The number of iterations, `loops`, is an int, a `Loops` plan (adaptive exit, cache options) or a (B, T) tensor of
-per-token counts. A token that stops after n iterations presents itself to every later iteration as it was at its
-last one: each recurrent layer reads, for that token, the input it had at iteration n - 1. For attention this is
-Huginn's "latest available" K/V; a full forward with per-token counts computes it by substituting those inputs,
-and decoding reproduces it exactly (tests/test_loops.py). Adaptive exit decides each token's count as it goes.
-The "latent" criterion depends only on the token's own loop, so a multi-token call decides what token-by-token
+The number of iterations (a `Compute`'s `loops`) is an int, a `Loops` plan (adaptive exit, cache options) or a
+(B, T) tensor of per-token counts. A token that stops after n iterations presents itself to every later iteration as it
+was at its last one: each recurrent layer reads, for that token, the input it had at iteration n - 1. For attention
+this is Huginn's "latest available" K/V; a full forward with per-token counts computes it by substituting those
+inputs, and decoding reproduces it exactly (tests/test_loops.py). Adaptive exit decides each token's count as it
+goes. The "latent" criterion depends only on the token's own loop, so a multi-token call decides what token-by-token
 decoding would; "kl" probes the coda, which in a multi-token call sees earlier tokens of the same call while they
 still iterate, so there its counts can differ from decoding's (the output is still that of the counts it chose).
 
@@ -52,8 +53,8 @@ EXIT_THRESHOLDS = {"kl": KL_EXIT_THRESHOLD, "latent": LATENT_EXIT_THRESHOLD}
 
 @dataclass(frozen=True)
 class Loops:
-    """A test-time compute plan for a looped model: `model(idx, loops=Loops(...))`, `Engine.generate(...,
-    loops=...)`, `InferenceCache(model, ..., loops=...)`.
+    """A test-time compute plan for a looped model: `model(idx, compute=Compute(loops=Loops(...)))`, and
+    the same `compute=` of `Engine.generate` and `InferenceCache`.
 
     r: iterations (with `exit`, the most any token runs); None means the config's mean_recurrence.
     exit: None, "kl" or "latent": stop each token once successive iterations agree within `threshold`
@@ -98,11 +99,13 @@ def as_plan(config: ModelConfig, loops) -> Loops:
     raise ValueError(f"loops: expected an int, a Loops plan or a (batch, time) tensor of counts, got {loops!r}")
 
 
-def cache_slots(config: ModelConfig, loops) -> tuple[int, bool, bool]:
-    """(state slots per recurrent layer, whether iterations share them, warm start) of an inference cache."""
+def cache_slots(config: ModelConfig, compute) -> tuple[int, bool, bool]:
+    """(state slots per recurrent layer, whether iterations share them, warm start) of an inference cache for
+    a compute choice (None: the default)."""
+    if compute is not None:
+        compute.check(config)
+    loops = compute.loops if compute is not None else None
     if config.loop is None:
-        if loops is not None:
-            require_loop(config)
         return 0, False, False
     if isinstance(loops, torch.Tensor):
         raise ValueError("loops: a cache is sized by the most iterations a token may run (an int or a Loops "
@@ -161,11 +164,12 @@ class Recurrence(nn.Module):
             return [None] * self.config.n_layer, at
         return self.config.layer_widths(width), None
 
-    def count_flops(self, context: int | None, width, loops: int | None, probes: int) -> FlopCount:
+    def count_flops(self, context: int | None, compute, probes: int) -> FlopCount:
+        loops = compute.loops
         r = self.config.loop.mean_recurrence if loops is None else loops
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"loops: FLOPs are counted for a whole number of iterations >= 1, got {loops!r}")
-        static, at = self.iteration_widths(width)
+        static, at = self.iteration_widths(compute.width)
         return count_flops(self.config, context, static, loops=r, probes=probes,
                            loop_widths=None if at is None else [at(i) for i in range(r)])
 
@@ -188,19 +192,21 @@ class Recurrence(nn.Module):
     # Under torch.compile, trace the blocks but not this loop (as Huginn does): a traced loop would be compiled
     # again for every r that training draws, and the exit/cache bookkeeping is data-dependent Python anyway.
     @torch._dynamo.disable(recursive=False)
-    def forward(self, x: torch.Tensor, model, run, width, loops) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, model, run, compute) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, iterations each token ran (B, T)) of the looped model for the embedded, normalised tokens x
-        (B, T, D); the blocks run through `model.run_layers` with the call's walk `run` (forward_pass.py)."""
+        (B, T, D) at `compute` (its width and loops); the blocks run through `model.run_layers` with the call's
+        walk `run` (forward_pass.py)."""
         loop = self.config.loop
         B, T, D = x.shape
-        counts, plan = self._plan(loops, B, T, x.device)
+        counts, plan = self._plan(compute.loops, B, T, x.device)
         r, exit = plan.r, plan.exit
         threshold = plan.threshold or EXIT_THRESHOLDS.get(exit)
         cache = run.cache
         if cache is not None and r > cache.loop_slots and not cache.loop_shared:
             raise ValueError(f"loops: {r} iterations, but the cache holds {cache.loop_slots} slots per recurrent "
-                             f"layer; make it with InferenceCache(..., loops={r}), or share slots with kv_budget")
-        static, at = self.iteration_widths(width)
+                             f"layer; make it with InferenceCache(..., compute=Compute(loops={r})), or share slots "
+                             "with kv_budget")
+        static, at = self.iteration_widths(compute.width)
         run.widths = static
         x = model.run_layers(x, loop.prelude_layers, run)
         e = rms_norm(x, self.config.norm_width)

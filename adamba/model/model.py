@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig, require_loop
 from .attention import AttentionBlock
 from .cache import InferenceCache
+from .compute import Compute
 from .context import BlockContext
-from .exits import Adaptive, AdaptiveHeads, ExitPolicy
+from .exits import AdaptiveHeads, ExitPolicy
 from .flops import FlopCount, count_flops
 from .forward_pass import ForwardOutput, ForwardPass
 from .looped import Recurrence
@@ -111,52 +112,51 @@ class AdambaLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def count_flops(self, context: int | None = None, width=None, *, loops: int | None = None,
-                    probes: int = 0, exit_layer: int | None = None, gates: int = 0) -> FlopCount:
-        """Looped models: `loops` iterations (None: mean_recurrence) and `probes` extra coda + lm_head passes
-        per token (adaptive exit's "kl" criterion); `width` may then be a callable per iteration (looped.py).
+    def count_flops(self, context: int | None = None, compute: Compute | None = None, *, probes: int = 0,
+                    exit_layer: int | None = None, gates: int = 0) -> FlopCount:
+        """FLOPs per token at a compute choice (its width and, for looped models, its whole number of loops;
+        None: mean_recurrence). `probes`: extra coda + lm_head passes per token (a looped model's "kl" exit).
         `exit_layer` / `gates`: a token that exits after that block, having evaluated that many gates (exits.py)."""
+        compute = compute or Compute()
+        compute.check(self.config)
         if self.loop is not None:
-            return self.loop.count_flops(context, width, loops, probes)
-        if loops is not None or probes:
-            require_loop(self.config)
-        return count_flops(self.config, context, self.config.layer_widths(width), exit_layer=exit_layer,
+            return self.loop.count_flops(context, compute, probes)
+        if probes:
+            require_loop(self.config, "probes")
+        return count_flops(self.config, context, compute.layer_widths(self.config), exit_layer=exit_layer,
                            gates=gates)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: InferenceCache | None = None, width=None, loops=None,
-                loss_reduction: str = "mean", exit_layers: torch.Tensor | None = None,
-                adaptive: Adaptive | None = None, width_probs: torch.Tensor | None = None,
+                compute: Compute | None = None, cache: InferenceCache | None = None, loss_reduction: str = "mean",
+                exit_layers: torch.Tensor | None = None, width_probs: torch.Tensor | None = None,
                 hidden_layers=(), outputs: bool = False):
         """Logits (B, T, vocab) in float32, or with `targets` the cross-entropy (targets -1 are ignored); with
         `outputs`, a ForwardOutput (logits, loss, the inputs of `hidden_layers`, exit and loop records).
 
+        `compute` (compute.py): the width, loop count and adaptive policy to run at; None is the full model.
         With a `cache`, idx holds the next T tokens of each row: they are appended to the rows' state
         (row b at positions cache.lengths[b] onwards) and only their logits are computed.
-        `width` runs attention/MLP layers at a Matryoshka width: an int, a per-layer list, or a compute mode
-        name (config.compute_modes); None is the full model. `width_probs` (B, n_layer, n_levels): per-row
-        probabilities over the levels, mixing the nested widths' outputs (the width predictor's training).
-        `loops` (looped models, see looped.py): iterations of the recurrent layers, an int, a `Loops` plan
-        (adaptive exit) or a (B, T) tensor of per-token counts; None is the config's mean_recurrence.
-        `exit_layers` (B, T): each token's early-exit layer (n_layer: none); `adaptive`: an `exits.Adaptive` policy
-        (gates decide exits and expansion per token)."""
+        `width_probs` (B, n_layer, n_levels): per-row probabilities over the levels, mixing the nested widths'
+        outputs (the width predictor's training). `exit_layers` (B, T): each token's early-exit layer (n_layer:
+        none), decisions given instead of taken by the gates."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        compute = compute or Compute()
+        compute.check(self.config)
         x, cos, sin = self.embed(idx, cache)
         if self.loop is None:
-            if loops is not None:
-                require_loop(self.config)
-            widths = self.config.layer_widths(width)
+            widths = compute.layer_widths(self.config)
+            adaptive = compute.adaptive
             exits = ExitPolicy(self, idx.shape, idx.device, widths, exit_layers, adaptive) \
                 if exit_layers is not None or adaptive is not None else None
             run = ForwardPass(self, cos, sin, cache, widths, exits, hidden_layers, width_probs)
             logits, ran = self.head(self.run_layers(x, range(len(self.blocks)), run)), None
         else:
-            if exit_layers is not None or adaptive is not None:
+            if exit_layers is not None:
                 raise ValueError("exit_layers: early exit is not defined for looped models (use "
-                                 "loops=Loops(exit=...))")
+                                 "Compute(loops=Loops(exit=...)))")
             run = ForwardPass(self, cos, sin, cache, hidden_layers=hidden_layers, width_probs=width_probs)
-            logits, ran = self.loop(x, self, run, width, loops)
+            logits, ran = self.loop(x, self, run, compute)
         if cache is not None:
             cache.finish(idx.size(1))
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),

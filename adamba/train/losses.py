@@ -1,7 +1,7 @@
 """Training objectives of adaptive compute (issue 6): early-exit losses, honest gate labels, the width predictor.
 
 Each objective computes its loss from what one forward returns (`model(..., outputs=True)`: the logits and the
-hidden states it was asked for): `objective.loss(train_model, model, x, y, choice)`, where `train_model` is the
+hidden states it was asked for): `objective.loss(train_model, model, x, y, compute)`, where `train_model` is the
 model as the trainer runs it (compiled, DDP) and `model` the module itself, whose `head` turns an exit layer's
 hidden state into logits. Nothing of training runs inside the model.
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ATTENTION, ModelConfig, TrainConfig
+from ..model.compute import Compute
 from ..model.flops import count_flops
 from ..model.predictor import choosable
 from .energy import expected_flops
@@ -77,9 +78,9 @@ class ExitTraining:
         self.hidden: dict[int, torch.Tensor] = {}
         self.terms: dict[str, float] = {}
 
-    def loss(self, train_model, model, x: torch.Tensor, targets: torch.Tensor, choice: dict) -> torch.Tensor:
-        """The pass at `choice` (width, loops) and its exit and gate terms."""
-        out = train_model(x, targets, **choice, hidden_layers=self.keep, outputs=True)
+    def loss(self, train_model, model, x: torch.Tensor, targets: torch.Tensor, compute: Compute) -> torch.Tensor:
+        """The pass at `compute` (width, loops) and its exit and gate terms."""
+        out = train_model(x, targets, compute=compute, hidden_layers=self.keep, outputs=True)
         self.hidden = out.hidden
         logits, ce = out.logits, out.loss
         flat = targets.reshape(-1)
@@ -130,11 +131,11 @@ class PredictorTraining:
         self.probs: torch.Tensor | None = None
         self.terms: dict[str, float] = {}
 
-    def loss(self, train_model, model, x: torch.Tensor, targets: torch.Tensor, choice: dict) -> torch.Tensor:
+    def loss(self, train_model, model, x: torch.Tensor, targets: torch.Tensor, compute: Compute) -> torch.Tensor:
         """The predictor reads the prompt's hidden states after the first predictor_layers blocks (detached: a
         pass without gradient), picks levels by Gumbel-softmax, and the forward mixes those widths' outputs."""
-        if choice:
-            raise ValueError(f"predictor_weight: the width predictor's pass chooses its own widths, not {choice}")
+        if compute != Compute():
+            raise ValueError(f"predictor_weight: the width predictor's pass chooses its own widths, not {compute}")
         hidden = model.hidden_after(x, model.config.predictor_layers)
         scores = model.adaptive_heads.predictor(hidden[:, :self.config.predictor_context])
         self.probs = F.gumbel_softmax(scores, tau=self.config.predictor_temperature, hard=True)  # (B, L, levels)

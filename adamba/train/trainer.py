@@ -31,6 +31,7 @@ from ..eval.bpb import evaluate_bpb
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
+from ..model.compute import Compute
 from ..surgery.growth import GROWTH
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
@@ -295,13 +296,11 @@ def _wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.devic
 
 @dataclass
 class Pass:
-    """One forward + backward on a micro-batch: its compute choice (None: the default) and the objective it
-    trains (None: the plain CE; ExitTraining: with exit and gate terms; PredictorTraining: the width predictor's
-    mixture of widths)."""
+    """One forward + backward on a micro-batch: its compute choice and the objective it trains (None: the plain
+    CE; ExitTraining: with exit and gate terms; PredictorTraining: the width predictor's mixture of widths)."""
 
     tokens: int
-    width: list[int] | None = None
-    loops: int | None = None
+    compute: Compute = field(default_factory=Compute)
     objective: ExitTraining | PredictorTraining | None = None
 
 
@@ -319,10 +318,9 @@ class StepStats:
 def _pass_loss(run: Run, x: torch.Tensor, y: torch.Tensor, p: Pass) -> torch.Tensor:
     """The loss of every training pass: the model's cross-entropy, or its objective's (train/losses.py), which
     computes its terms from the forward's outputs."""
-    choice = ({} if p.width is None else {"width": p.width}) | ({} if p.loops is None else {"loops": p.loops})
     if p.objective is None:
-        return run.train_model(x, y, **choice)
-    return p.objective.loss(run.train_model, run.model, x, y, choice)
+        return run.train_model(x, y, compute=p.compute)
+    return p.objective.loss(run.train_model, run.model, x, y, p.compute)
 
 
 def train_step(run: Run, step: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
@@ -332,15 +330,14 @@ def train_step(run: Run, step: int, batches: Iterator[tuple[torch.Tensor, torch.
     config, model_config = run.config, run.model_config
     adaptive = AdaptiveStep(model_config, config, step)  # exit/gate/predictor terms (train/losses.py)
     passes: list[Pass] = []
-    choices: list[tuple[list, int | None]] = []  # each micro-batch's widths and loop count
+    choices: list[list[Compute]] = []  # each micro-batch's compute choices: its widths at its loop count
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(run.accum):
         x, y = next(batches)
-        widths = micro_step_widths(model_config, config, step, micro)
-        # None unless the model loops
+        # loops: None unless the model loops
         loops = config.fixed_loops or sample_loops(model_config, config.seed, step, micro)
-        choices.append((widths, loops))
-        loss, micro_passes = _train_micro_batch(run, adaptive, x, y, widths, loops, last=micro == run.accum - 1)
+        choices.append([Compute(width, loops) for width in micro_step_widths(model_config, config, step, micro)])
+        loss, micro_passes = _train_micro_batch(run, adaptive, x, y, choices[-1], last=micro == run.accum - 1)
         loss_sum += loss
         passes += micro_passes
     _optimizer_step(run)
@@ -348,23 +345,23 @@ def train_step(run: Run, step: int, batches: Iterator[tuple[torch.Tensor, torch.
     return StepStats(loss=_mean_over_ranks(run, (loss_sum / run.accum).item()),
                      train_flops=step_train_flops(run.model, adaptive, passes, run.info.world_size),
                      energy_flops=expected_forward_flops(run.model, choices) if sampled_or_fixed_widths else None,
-                     loops=[loops for _, loops in choices if loops is not None],
+                     loops=[computes[0].loops for computes in choices if computes[0].loops is not None],
                      adaptive=adaptive.record())
 
 
-def _train_micro_batch(run: Run, adaptive: AdaptiveStep, x: torch.Tensor, y: torch.Tensor, widths: list,
-                       loops: int | None, last: bool) -> tuple[torch.Tensor, list[Pass]]:
-    """The passes on one micro-batch: one per width, then the width predictor's. Returns the loss to log (the
+def _train_micro_batch(run: Run, adaptive: AdaptiveStep, x: torch.Tensor, y: torch.Tensor,
+                       computes: list[Compute], last: bool) -> tuple[torch.Tensor, list[Pass]]:
+    """The passes on one micro-batch: one per compute choice, then the width predictor's. Returns the loss to log (the
     first pass's CE) and the passes run. `last`: the step's last micro-batch, whose last backward syncs DDP."""
     config = run.config
     adaptive.next_micro_batch()
     passes = []
-    for j, width in enumerate(widths):
-        with run.grad_sync(last and j == len(widths) - 1 and not config.predictor_weight), run.autocast():
-            p = Pass(x.numel(), width, loops, adaptive.objective(run.model, x, width))
+    for j, compute in enumerate(computes):
+        with run.grad_sync(last and j == len(computes) - 1 and not config.predictor_weight), run.autocast():
+            p = Pass(x.numel(), compute, adaptive.objective(run.model, x, compute.width))
             loss = _pass_loss(run, x, y, p)
-            (loss / (run.accum * len(widths))).backward()
-        adaptive.finished(p.objective, width)
+            (loss / (run.accum * len(computes))).backward()
+        adaptive.finished(p.objective, compute.width)
         passes.append(p)
         if j == 0:  # the logged loss is the first choice's CE: full width, or the sample
             logged = loss.detach() if p.objective is None else p.objective.ce
@@ -401,7 +398,7 @@ def pass_train_flops(model: AdambaLM, adaptive: AdaptiveStep, p: Pass) -> float:
     objective adds, or, for the width predictor's pass, every width of its mixture."""
     if isinstance(p.objective, PredictorTraining):
         return mixture_train_flops(model.config)
-    return model.count_flops(width=p.width, loops=p.loops).train + adaptive.train_flops(p.objective)
+    return model.count_flops(compute=p.compute).train + adaptive.train_flops(p.objective)
 
 
 def step_train_flops(model: AdambaLM, adaptive: AdaptiveStep, passes: list[Pass], world_size: int) -> float:
@@ -409,13 +406,13 @@ def step_train_flops(model: AdambaLM, adaptive: AdaptiveStep, passes: list[Pass]
     return sum(pass_train_flops(model, adaptive, p) * p.tokens * world_size for p in passes)
 
 
-def expected_forward_flops(model: AdambaLM, choices: list[tuple[list, int | None]]) -> float:
-    """Forward FLOPs/token of a step's compute choices: the mean over each micro-batch's widths (a fixed choice's
+def expected_forward_flops(model: AdambaLM, choices: list[list[Compute]]) -> float:
+    """Forward FLOPs/token of a step's compute choices: the mean over each micro-batch's choices (a fixed choice's
     expected FLOPs, train/energy.py, is its FLOP count), averaged over micro-batches."""
     energy = 0.0
-    for widths, loops in choices:
-        for width in widths:
-            energy += model.count_flops(width=width, loops=loops).forward / len(widths)
+    for computes in choices:
+        for compute in computes:
+            energy += model.count_flops(compute=compute).forward / len(computes)
     return energy / len(choices)
 
 
