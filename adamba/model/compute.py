@@ -17,10 +17,8 @@ strings (CLI flags, TOML, HTTP fields) become one in `Compute.parse`. Its three 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from ..config import ModelConfig, parse_width, require_loop
 from .exits import SEED_EXIT_THRESHOLD, SEED_EXPAND_THRESHOLD, Adaptive
