@@ -18,68 +18,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
-import io
 import re
 import sys
-import textwrap
-import tokenize
-import types
-import typing
 from pathlib import Path
 
+from .cli_chat import add_chat_commands
+from .cli_flags import add_config_flags, config_overrides
 from .config import ModelConfig, RunConfig, TrainConfig, load_toml, read_toml, require_loop
-
-
-def _scalar(annotation) -> type:
-    """The scalar type behind annotations like `int | None`."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0] if args else str
-    return annotation if annotation in (int, float, str, bool) else str
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def field_comments(cls) -> dict[str, str]:
-    """The comment at the end of each field's line in the dataclass's source: the help text of its flag."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # no source shipped: flags keep their defaults only
-        return {}
-    comments, names = {}, {f.name for f in dataclasses.fields(cls)}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            name = token.line.split(":", 1)[0].strip()
-            if name in names and token.line.strip() != token.string:
-                comments[name] = token.string.lstrip("# ").strip()
-    return comments
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str, file_values: dict | None = None,
-                     file_name: str | None = None) -> None:
-    """One --flag per dataclass field; unset flags stay None so a config file's values survive. Each help line
-    shows the value a run would get: the config file's (`file_values`, a TOML table) or else the dataclass's."""
-    group = parser.add_argument_group(f"{cls.__name__} fields")
-    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
-    comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        kind = _scalar(hints[f.name])
-        if file_values and f.name in file_values:
-            shown = f"(default: {file_values[f.name]!r}, from {file_name})"
-        else:
-            shown = f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else ""
-        text = " ".join(t for t in (comments.get(f.name, ""), shown) if t)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{prefix}{f.name}", default=None,
-                           type=_parse_bool if kind is bool else kind, metavar=kind.__name__.upper(),
-                           help=text.replace("%", "%%") or None)
 
 
 def _config_file(argv: list[str] | None) -> tuple[dict, str | None]:
@@ -94,10 +39,6 @@ def _config_file(argv: list[str] | None) -> tuple[dict, str | None]:
         return read_toml(path), path
     except ValueError:
         return {}, None
-
-
-def config_overrides(args: argparse.Namespace, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -439,6 +380,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .surgery.commands import add_commands
 
     add_commands(commands)  # surgery
+    add_chat_commands(commands, ev_commands)
     return parser
 
 

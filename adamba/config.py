@@ -659,6 +659,48 @@ def _from_dict(cls, data: dict, what: str):
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (train/sft.py): what to fine-tune on what. The batch, learning rates, schedule,
+    Matryoshka and checkpointing are a TrainConfig's, with SFT's defaults (SFT_TRAIN_DEFAULTS); its data, tokenizer
+    and num_iterations fields are not used (SFT_IGNORED: the conversations and the base's tokenizer replace them)."""
+
+    base: str = ""  # the checkpoint to fine-tune: run name, run folder or checkpoint folder (nanochat imports too)
+    mixture: str = "offline"  # training conversations (adamba/tasks/mixtures.py): offline, or smoltalk (hf:)
+    num_epochs: int = 1  # passes over the mixture, when num_iterations is 0
+    num_iterations: int = 0  # optimizer steps; 0: num_epochs over the mixture
+    init_lr_frac: float = 0.02  # nanochat: fine-tuning starts at this fraction of the configured learning rates
+    val_conversations: int = 256  # held-out conversations (the tasks' test splits) for the validation loss
+    chat_eval_every: int = 0  # steps between small chat evaluations; 0: only at the end
+    chat_eval_items: int = 32  # items per task in those evaluations
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            _fail("base", "no checkpoint to fine-tune", "give a run name, run folder or checkpoint folder")
+        for name in ("num_epochs", "val_conversations", "chat_eval_items"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_iterations", "chat_eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                _fail(name, f"must be a non-negative integer, got {value!r}")
+        if not isinstance(self.init_lr_frac, (int, float)) or not 0 < self.init_lr_frac <= 1:
+            _fail("init_lr_frac", f"must be in (0, 1], got {self.init_lr_frac!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SFTConfig:
+        return _from_dict(cls, data, "sft config")
+
+
+# nanochat's chat_sft schedule: no warmup, linear decay to 0 over the whole run; small batches of conversations.
+SFT_TRAIN_DEFAULTS = dict(run_name="sft", warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
+                          device_batch_size=4, eval_every=50, eval_tokens=16384)
+SFT_IGNORED = ("data", "text_field", "tokenizer", "tokenizer_vocab_size", "val_fraction", "num_iterations",
+               "init_from", "time_budget_s", "sample_every")
+
+
+@dataclass
 class RunConfig:
     """A TOML file with optional [model] and [train] tables."""
 

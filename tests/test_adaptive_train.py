@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_train_config
 
 from adamba import AdambaLM, TrainConfig
 from adamba.checkpoint import load_checkpoint
@@ -13,7 +14,6 @@ from adamba.train.energy import expected_flops
 from adamba.train.losses import ExitTraining, PredictorTraining, check_adaptive_training, exit_weights
 from adamba.train.optim import build_optimizers
 from adamba.train.trainer import train
-from tests.conftest import tiny_config, tiny_train_config
 
 ADAPTIVE = dict(block_pattern="TMT", n_layer=3, min_exit_layer=1, predictor_layers=1)
 

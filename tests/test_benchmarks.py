@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "bench_utils")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from adamba import AdambaLM
 from adamba.data.corpus import local_corpus
@@ -14,7 +15,6 @@ from adamba.data.dataset import TokenizedCorpus
 from adamba.data.loader import DataLoader
 from adamba.eval import elastic_report
 from adamba.eval.bpb import BpbEstimate, measure_bpb
-from tests.conftest import tiny_config
 
 
 def test_per_batch_sums_equal_a_recompute_of_each_batch(corpus_dir, tokenizer):

@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from adamba import AdambaLM
 from adamba.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.conftest import tiny_config
 
 
 def trained_model():

@@ -4,12 +4,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_documents
 
 from adamba.data.corpus import PIECE_CHARS, embedded_corpus, local_corpus, read_text_file, text_pieces
 from adamba.data.dataset import TokenizedCorpus
 from adamba.data.loader import DataLoader, pack_rows, split_pieces
 from adamba.data.tokenizer import MIN_VOCAB, Tokenizer
-from tests.conftest import make_documents
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_train_config
 
 from adamba import AdambaLM
 from adamba.checkpoint import load_checkpoint
@@ -11,7 +12,6 @@ from adamba.model.flops import count_flops
 from adamba.train.energy import choice_probs, expected_flops, level_costs
 from adamba.train.matryoshka import micro_step_widths
 from adamba.train.trainer import train
-from tests.conftest import tiny_config, tiny_train_config
 
 
 def test_expected_flops_of_a_fixed_choice_is_the_flop_count_of_that_choice():

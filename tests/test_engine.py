@@ -1,11 +1,11 @@
 import pytest
 import torch
+from conftest import tiny_config
 
 from adamba import AdambaLM
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams, sample
 from adamba.model.cache import InferenceCache
-from tests.conftest import tiny_config
 
 
 def random_model(**overrides) -> AdambaLM:

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from adamba import AdambaLM, ModelConfig
 from adamba.model.cache import InferenceCache
 from adamba.model.compute import Compute
 from adamba.model.exits import Adaptive
 from adamba.model.flops import count_flops
-from tests.conftest import tiny_config
 from tests.test_matryoshka import per_token_width_reference
 
 KEEP_INIT = ("A_log", "dt_proj.bias", "mixer.D", "dt_bias")  # Mamba's timescales keep their init

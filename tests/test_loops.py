@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from adamba import AdambaLM, ModelConfig
 from adamba.config import load_toml
@@ -20,7 +21,6 @@ from adamba.model.compute import Compute
 from adamba.model.looped import LATENT_EXIT_THRESHOLD, Loops
 from adamba.model.norm import rms_norm
 from adamba.train.loops import sample_loops
-from tests.conftest import tiny_config
 
 V = 64
 

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from adamba import AdambaLM, TrainConfig
 from adamba.model.cache import InferenceCache
 from adamba.model.mamba import Mamba
 from adamba.train.optim import build_optimizers
-from tests.conftest import tiny_config
 
 
 def reference_causal_conv_silu(sd: dict, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from adamba import AdambaLM
 from adamba.config import parse_block_pattern
@@ -12,7 +13,6 @@ from adamba.model.cache import InferenceCache
 from adamba.model.compute import Compute
 from adamba.model.mamba2 import Mamba2
 from adamba.model.ssd import cuda_chunk_scan, segsum, ssd_chunked, ssd_scan, ssd_sequential
-from tests.conftest import tiny_config
 from tests.test_mamba import assert_no_decay_group, reference_causal_conv_silu
 
 

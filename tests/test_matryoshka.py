@@ -1,11 +1,11 @@
 import pytest
 import torch
+from conftest import tiny_config
 
 from adamba import AdambaLM, ModelConfig
 from adamba.model.attention import AttentionBlock
 from adamba.model.cache import InferenceCache
 from adamba.model.compute import Compute
-from tests.conftest import tiny_config
 
 
 def standalone_slice(block: AttentionBlock, width: int, group: int) -> AttentionBlock:

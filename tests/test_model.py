@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from adamba import AdambaLM
 from adamba.model.attention import AttentionBlock
-from tests.conftest import tiny_config
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_train_config
 
 from adamba import AdambaLM, ModelConfig
 from adamba.checkpoint import load_checkpoint, run_dir
@@ -21,7 +22,6 @@ from adamba.surgery.plan import dry_run, load_plan
 from adamba.train.optim import build_optimizers
 from adamba.train.stages import apply_stage
 from adamba.train.trainer import train
-from tests.conftest import tiny_config, tiny_train_config
 
 LOOP = "prelude=1,recur=2,coda=1"
 

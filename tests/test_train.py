@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV, tiny_config, tiny_train_config
 
 from adamba import AdambaLM
 from adamba.checkpoint import load_checkpoint, run_dir
@@ -19,7 +20,6 @@ from adamba.data.loader import DataLoader
 from adamba.eval.bpb import evaluate_bpb
 from adamba.train.optim import lr_multiplier
 from adamba.train.trainer import train
-from tests.conftest import SUBPROCESS_ENV, tiny_config, tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_FLAGS = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--sequence-len", "32"]

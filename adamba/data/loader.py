@@ -34,8 +34,12 @@ def split_pieces(docs: list[np.ndarray], row_len: int, bos_id: int) -> list[np.n
     return pieces
 
 
-def pack_rows(pieces: list[np.ndarray], row_len: int, buffer: int = PACK_BUFFER) -> np.ndarray:
-    """Best-fit packing of pieces (each at most row_len long) into rows of exactly row_len tokens."""
+def pack_rows(pieces: list[np.ndarray], row_len: int, buffer: int = PACK_BUFFER, pad=None) -> np.ndarray:
+    """Best-fit packing of pieces (each at most row_len long on their last axis) into rows of exactly row_len.
+
+    When no buffered piece fits the space left, the shortest is cropped to fill it (pretraining: no token is
+    wasted), or, with `pad`, the space is filled with `pad` (a value, or one per leading row of a piece, e.g.
+    [bos, 0] for (ids, mask) pieces): fine-tuning never cuts a conversation in two."""
     rows = []
     pending = iter(pieces)
     pool: list[tuple[int, int, np.ndarray]] = []  # sorted by (length, arrival)
@@ -47,7 +51,7 @@ def pack_rows(pieces: list[np.ndarray], row_len: int, buffer: int = PACK_BUFFER)
             piece = next(pending, None)
             if piece is None:
                 return
-            bisect.insort(pool, (len(piece), arrival, piece), key=lambda t: (t[0], t[1]))
+            bisect.insort(pool, (piece.shape[-1], arrival, piece), key=lambda t: (t[0], t[1]))
             arrival += 1
 
     refill()
@@ -55,16 +59,20 @@ def pack_rows(pieces: list[np.ndarray], row_len: int, buffer: int = PACK_BUFFER)
         row, space = [], row_len
         while space > 0 and pool:
             i = bisect.bisect_right(pool, space, key=lambda t: t[0]) - 1  # largest piece that fits
-            if i < 0:
-                row.append(pool.pop(0)[2][:space])  # none fits: crop the shortest
-                space = 0
-            else:
+            if i >= 0:
                 piece = pool.pop(i)[2]
-                row.append(piece)
-                space -= len(piece)
+            elif pad is None:
+                piece = pool.pop(0)[2][..., :space]  # none fits: crop the shortest
+            else:
+                piece = np.repeat(np.asarray(pad, dtype=pool[0][2].dtype)[..., None], space, axis=-1)
+            row.append(piece)
+            space -= piece.shape[-1]
             refill()
+        if space and pad is not None:  # the last row
+            row.append(np.repeat(np.asarray(pad, dtype=row[0].dtype)[..., None], space, axis=-1))
+            space = 0
         if space == 0:
-            rows.append(np.concatenate(row))
+            rows.append(np.concatenate(row, axis=-1))
     return np.stack(rows) if rows else np.zeros((0, row_len), dtype=np.int64)
 
 

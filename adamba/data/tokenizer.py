@@ -92,6 +92,10 @@ class Tokenizer:
     def special_id(self, token: str) -> int:
         return self.enc.encode_single_token(token)
 
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.enc._special_tokens.values())
+
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self.enc.encode_ordinary(text)
         return [self.bos_id, *ids] if bos else ids
@@ -105,14 +109,22 @@ class Tokenizer:
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Text pieces as token ids arrive; a character whose bytes span several tokens comes out whole."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = self.incremental_decoder()
         for i in ids:
-            piece = decoder.decode(self.enc.decode_single_token_bytes(i))
+            piece = self.token_piece(decoder, i)
             if piece:
                 yield piece
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
+
+    def incremental_decoder(self) -> codecs.IncrementalDecoder:
+        """A UTF-8 decoder for token bytes fed one token at a time (`token_piece`)."""
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def token_piece(self, decoder: codecs.IncrementalDecoder, token: int) -> str:
+        """The text one more token completes (possibly ""), for a caller that pushes tokens as they come."""
+        return decoder.decode(self.enc.decode_single_token_bytes(token))
 
     @cached_property
     def token_bytes(self) -> torch.Tensor:

@@ -16,12 +16,25 @@ import torch
 from ..model.cache import InferenceCache
 from ..model.compute import Compute
 from .sampling import SamplingParams, sample
+from .tool_use import Tool, ToolCall, ToolUse
 
 
 @dataclass
 class Completion:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (stop token or string), "length" (max_new_tokens or context)
+    forced: list[bool] = field(default_factory=list)  # per token: forced by a tool call, not sampled
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """When a row stops: a stop token or string, max_new_tokens, or no room left in the cache."""
+
+    stop_tokens: frozenset
+    stop_strings: Sequence[str]
+    max_new_tokens: int
+    capacity: int
 
 
 class Engine:
@@ -38,6 +51,10 @@ class Engine:
             raise ValueError("compile: looped models (config.loop) decode eagerly; use Engine(model) without compile")
         self.decode_step = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
+        # A model's vocabulary may be padded past its tokenizer's (nanochat rounds it up to a multiple of 64 for
+        # fast matmuls): ids past the tokenizer's are never sampled, so every token can be decoded.
+        padded = tokenizer is not None and model.config.vocab_size > tokenizer.vocab_size
+        self.vocab = tokenizer.vocab_size if padded else None
 
     def _check(self, prompts: Sequence[Sequence[int]], compute: Compute, stop_strings: Sequence[str]) -> Compute:
         """The call's compute choice, once its prompts, compute and stop strings are checked."""
@@ -45,8 +62,8 @@ class Engine:
         if self.compiled and compute.adaptive is not None:
             raise ValueError("adaptive: a compiled engine (compile=True) decodes at fixed widths; use an Engine "
                              "without compile for adaptive exits")
-        if stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer: Engine(model, tokenizer)")
+        if stop_strings:
+            self._need_tokenizer("stop_strings")
         if not prompts:
             raise ValueError("prompts: give at least one prompt")
         context = self.model.config.sequence_len
@@ -61,8 +78,8 @@ class Engine:
     @torch.no_grad()
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
               *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
-              completions: list[Completion] | None = None,
-              compute: Compute | None = None) -> Iterator[list[tuple[int, int]]]:
+              completions: list[Completion] | None = None, compute: Compute | None = None,
+              tool: Tool | None = None) -> Iterator[list[tuple[int, int]]]:
         """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
 
         Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
@@ -71,7 +88,8 @@ class Engine:
         kv_budget, warm start), and an adaptive policy whose gates decide per token whether to exit early (exited
         tokens still leave their state in every later layer) or expand; with its `predictor`, each row's widths are
         chosen from its prompt before prefill, within the width as a budget. Rows may exit or run at different
-        widths in one step."""
+        widths in one step. `tool` (e.g. tools.calculator.calculate): run on each row's <|python_start|> ...
+        <|python_end|> call, its result forced into the row (tool_use.py); None: tool calls are not executed."""
         compute = self._check(prompts, compute or Compute(), stop_strings)
         params = params or SamplingParams()
         model = self.model
@@ -88,7 +106,8 @@ class Engine:
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         rows = completions if completions is not None else []
         rows[:] = [Completion() for _ in range(B)]
-        stops = set(stop_tokens)
+        limits = _Limits(frozenset(stop_tokens), stop_strings, max_new_tokens, capacity)
+        tools = ToolUse(self._need_tokenizer("tool"), tool, B) if tool is not None else None
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         any_parked = False
         if compute.adaptive is not None:
@@ -99,23 +118,13 @@ class Engine:
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
             logits = model(ids, cache=cache, compute=compute)[torch.arange(B, device=device), lengths - 1]
             for _ in range(max_new_tokens):
-                next_ids = sample(logits, params, generator)
-                tokens = next_ids.tolist()
-                held = cache.lengths.tolist()  # one read per step, not one per row
-                produced = []
-                for b, token in enumerate(tokens):
-                    row = rows[b]
-                    if row.finish_reason:
-                        continue
-                    if token in stops:
-                        row.finish_reason = "stop"
-                        continue
-                    row.tokens.append(token)
-                    produced.append((b, token))
-                    if stop_strings and any(s in self.tokenizer.decode(row.tokens[-64:]) for s in stop_strings):
-                        row.finish_reason = "stop"
-                    elif len(row.tokens) == max_new_tokens or held[b] >= capacity:
-                        row.finish_reason = "length"  # no room left in the context for this token
+                if self.vocab is not None:
+                    logits[:, self.vocab:] = float("-inf")
+                next_ids, forced = sample(logits, params, generator), None
+                if tools is not None:
+                    next_ids, forced = tools.choose(next_ids)
+                # lengths: one read per step, not one per row
+                produced = self._record(rows, next_ids.tolist(), forced, tools, limits, cache.lengths.tolist())
                 for b, row in enumerate(rows):
                     if row.finish_reason and not finished[b]:
                         finished[b] = any_parked = True
@@ -130,6 +139,36 @@ class Engine:
                     cache.lengths.copy_(torch.where(finished, parked, cache.lengths))
         finally:
             model.train(was_training)
+
+    def _record(self, rows: list[Completion], tokens: list[int], forced: list[bool] | None, tools: ToolUse | None,
+                limits: _Limits, held: list[int]) -> list[tuple[int, int]]:
+        """Append each unfinished row's token (a stop token ends the row instead, unless a tool forced it) and
+        end rows that reach a limit; returns the (row, token) pairs produced."""
+        produced = []
+        for b, token in enumerate(tokens):
+            row = rows[b]
+            if row.finish_reason:
+                continue
+            was_forced = forced is not None and forced[b]
+            if token in limits.stop_tokens and not was_forced:
+                row.finish_reason = "stop"
+                continue
+            row.tokens.append(token)
+            row.forced.append(was_forced)
+            produced.append((b, token))
+            call = tools.observe(b, token) if tools is not None else None
+            if call is not None:
+                row.tool_calls.append(call)
+            if limits.stop_strings and any(s in self.tokenizer.decode(row.tokens[-64:]) for s in limits.stop_strings):
+                row.finish_reason = "stop"
+            elif len(row.tokens) == limits.max_new_tokens or held[b] >= limits.capacity:
+                row.finish_reason = "length"  # no room left in the context for this token
+        return produced
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer: Engine(model, tokenizer)")
+        return self.tokenizer
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  params: SamplingParams | None = None, **kwargs) -> list[Completion]:
@@ -148,8 +187,7 @@ class Engine:
     def complete(self, prompt: str, max_new_tokens: int, params: SamplingParams | None = None,
                  stop_strings: Sequence[str] = (), **kwargs) -> str:
         """Text in, text out: the prompt starts with <|bos|>; the result ends before any stop string."""
-        if self.tokenizer is None:
-            raise ValueError("complete() needs a tokenizer: Engine(model, tokenizer)")
+        self._need_tokenizer("complete()")
         stops = [self.tokenizer.bos_id, *kwargs.pop("stop_tokens", ())]
         [completion] = self.generate([self.tokenizer.encode(prompt, bos=True)], max_new_tokens, params,
                                      stop_tokens=stops, stop_strings=stop_strings, **kwargs)

@@ -138,16 +138,17 @@ class Run:
     info: DistInfo
     device: torch.device
     dtype: torch.dtype  # the compute dtype of autocast
-    data: TokenizedCorpus
+    data: TokenizedCorpus | None  # pretraining's corpus; None when fine-tuning (its loader holds conversations)
     out_dir: Path
     model: AdambaLM
     train_model: torch.nn.Module  # what the passes call: the model, compiled and/or wrapped in DDP
     optimizers: list[torch.optim.Optimizer]
-    loader: DataLoader
+    loader: Iterator[tuple[torch.Tensor, torch.Tensor]]  # with state_dict / load_state_dict, for exact resume
     accum: int  # micro-batches per optimizer step
     start_step: int = 0
     stage: Stage | None = None
     growth: dict | None = None  # the checkpoint's growth record (surgery), saved again with every checkpoint
+    tokenizer: Tokenizer | None = None  # saved with every checkpoint
 
     @property
     def model_config(self) -> ModelConfig:
@@ -177,12 +178,12 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     data = prepare_data(config.data, tokenizer_name, config.tokenizer_vocab_size, config.val_fraction, info.rank,
                         progress, config.text_field)
     out_dir = run_dir(config.run_name)
-    checkpoint = _resume_checkpoint(config, out_dir, device) if resume else None
+    checkpoint = resume_checkpoint(config, out_dir, device) if resume else None
     model = _model_to_train(model_config, checkpoint, init, data.tokenizer, device)
-    _describe_model(model, device)
-    _check_training(model.config, config, info)
+    describe_model(model, device)
+    check_training(model.config, config, info)
     accum = grad_accum_steps(config, model.config.sequence_len, info.world_size)
-    _describe_batch(model, config, info, accum, dtype)
+    describe_batch(model, config, info, accum, dtype)
     _describe_energy_penalty(config)
 
     source = checkpoint or init
@@ -194,13 +195,13 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     loader = DataLoader(data, "train", config.device_batch_size, model.config.sequence_len, rank=info.rank,
                         world_size=info.world_size, seed=config.seed, device=device)
     if checkpoint is not None:
-        _restore_training_state(checkpoint, optimizers, loader)
-    return Run(config, info, device, dtype, data, out_dir, model, _wrap_for_training(model, config, device, info),
+        restore_training_state(checkpoint, optimizers, loader)
+    return Run(config, info, device, dtype, data, out_dir, model, wrap_for_training(model, config, device, info),
                optimizers, loader, accum, start_step=checkpoint.step if checkpoint is not None else 0, stage=stage,
-               growth=growth)
+               growth=growth, tokenizer=data.tokenizer)
 
 
-def _resume_checkpoint(config: TrainConfig, out_dir: Path, device: torch.device) -> Checkpoint:
+def resume_checkpoint(config: TrainConfig, out_dir: Path, device: torch.device) -> Checkpoint:
     checkpoint = load_checkpoint(out_dir, device, with_optimizer=True)
     print0(f"resuming {config.run_name} from {checkpoint.path} (step {checkpoint.step})")
     saved = checkpoint.meta.get("train_config") or {}
@@ -229,7 +230,7 @@ def _model_to_train(model_config: ModelConfig, checkpoint: Checkpoint | None, in
     return AdambaLM.build(model_config, device)
 
 
-def _describe_model(model: AdambaLM, device: torch.device) -> None:
+def describe_model(model: AdambaLM, device: torch.device) -> None:
     print0(f"model: {model.config.describe()}  ({model.num_params():,} parameters)")
     if MAMBA in model.config.block_pattern and device.type == "cpu":
         print0("Mamba on the CPU: loading the compiled selective scan (the first build takes about a minute)")
@@ -237,7 +238,7 @@ def _describe_model(model: AdambaLM, device: torch.device) -> None:
             print0(f"  unavailable ({scan_cpu.unavailable_reason()}); using the much slower PyTorch scan")
 
 
-def _check_training(model_config: ModelConfig, config: TrainConfig, info: DistInfo) -> None:
+def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInfo) -> None:
     """What the model config and the train config each accept alone, but not together."""
     model_config.layer_widths(config.width)  # a bad fixed width fails here, not at the first step
     check_adaptive_training(model_config, config)
@@ -251,7 +252,7 @@ def _check_training(model_config: ModelConfig, config: TrainConfig, info: DistIn
         require_loop(model_config, "fixed_loops")
 
 
-def _describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
+def describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
     print0(f"batch: {config.total_batch_size:,} tokens/step = {config.device_batch_size} rows x "
            f"{model.config.sequence_len} tokens x {info.world_size} rank(s) x {accum} micro-steps; "
            f"{model.count_flops().train:.3g} training FLOPs/token; compute dtype {dtype}")
@@ -270,7 +271,7 @@ def _describe_energy_penalty(config: TrainConfig) -> None:
                f"no gradient here; it is logged as energy_flops and not added to the loss{ignored}")
 
 
-def _restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
+def restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
                             loader: DataLoader) -> None:
     """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly."""
     for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
@@ -279,7 +280,7 @@ def _restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim
     set_rng_state(checkpoint.optimizer_state["rng"])
 
 
-def _wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device,
+def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device,
                        info: DistInfo) -> torch.nn.Module:
     """The model compiled (by default on CUDA only), and wrapped in DDP under torchrun."""
     train_model: torch.nn.Module = model
@@ -455,7 +456,7 @@ class TimeBudget:
         return True
 
 
-def _due(every: int, step: int, last: bool) -> bool:
+def due(every: int, step: int, last: bool) -> bool:
     """Periodic work (eval_every, sample_every; 0: never) is done every `every` steps and at the end."""
     return bool(every) and (step % every == 0 or last)
 
@@ -473,13 +474,13 @@ def _evaluate(run: Run, step: int, result: TrainResult, metrics: MetricsLog, bar
 
 
 def _write_samples(run: Run, bar: tqdm) -> None:
-    engine = Engine(run.model, run.data.tokenizer)
+    engine = Engine(run.model, run.tokenizer)
     for prompt in SAMPLE_PROMPTS:
         text = engine.complete(prompt, 32, SamplingParams(temperature=0.0))
         bar.write(f"  sample: {prompt!r} -> {text!r}")
 
 
-def _step_record(run: Run, step: int, lr_mult: float, dt: float, stats: StepStats, peak: float | None) -> dict:
+def step_record(run: Run, step: int, lr_mult: float, dt: float, stats: StepStats, peak: float | None) -> dict:
     """The metrics record of a step; `step` counts the steps done, this one included."""
     tokens_per_step = run.config.total_batch_size
     record = {"step": step, "loss": stats.loss, "lr_mult": lr_mult, "tokens": step * tokens_per_step,
@@ -494,7 +495,7 @@ def _step_record(run: Run, step: int, lr_mult: float, dt: float, stats: StepStat
     return record
 
 
-def _show_progress(bar: tqdm, record: dict) -> None:
+def show_progress(bar: tqdm, record: dict) -> None:
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}",
                     **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
     bar.update(1)
@@ -505,7 +506,7 @@ def _save(run: Run, step: int, result: TrainResult) -> None:
     if run.info.is_master:
         result.checkpoint = save_checkpoint(
             run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
-            loader_state=run.loader.state_dict(), tokenizer=run.data.tokenizer,
+            loader_state=run.loader.state_dict(), tokenizer=run.tokenizer,
             extra={GROWTH: run.growth} if run.growth else None)
     if run.info.enabled:
         dist.barrier()
@@ -531,9 +532,9 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
     while True:
         out_of_time = budget.out_of_time()  # on every rank at every step: under torchrun it is a collective
         last = step >= run.config.num_iterations or out_of_time
-        if _due(run.config.eval_every, step, last):
+        if due(run.config.eval_every, step, last):
             _evaluate(run, step, result, metrics, bar)
-        if _due(run.config.sample_every, step, last) and info.is_master:
+        if due(run.config.sample_every, step, last) and info.is_master:
             _write_samples(run, bar)
         if last:
             break
@@ -545,9 +546,9 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         dt = time.perf_counter() - t0
         step += 1
         all_loops.extend(stats.loops)
-        record = _step_record(run, step, lr_mult, dt, stats, peak)
+        record = step_record(run, step, lr_mult, dt, stats, peak)
         metrics.log(record)
-        _show_progress(bar, record)
+        show_progress(bar, record)
         if run.config.save_every and step % run.config.save_every == 0 and step < run.config.num_iterations:
             _save(run, step, result)
     bar.close()
