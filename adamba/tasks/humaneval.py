@@ -12,10 +12,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..tools.sandbox import run_python
-from .base import Task
+from .base import SPECIAL_TOKEN, Task
 
 TIMEOUT_S = 10.0  # per program: the tests of one problem run in well under a second
-SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 
 
 @lru_cache(maxsize=1)
@@ -30,7 +29,7 @@ def problems() -> tuple[dict, ...]:
 
 def extract_code(completion: str) -> str:
     """The code of a reply: its first ```python block if it has one, else the reply without special tokens."""
-    text = SPECIAL.sub("", completion)
+    text = SPECIAL_TOKEN.sub("", completion)
     block = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.DOTALL)
     return block.group(1) if block else text
 

@@ -1,6 +1,5 @@
 """Offline tasks a tiny model learns in minutes: arithmetic and letter counting through the calculator tool,
-spelling without it (nanochat's SpellingBee and SimpleSpelling ideas, with words from the embedded corpus), and
-the model's identity.
+spelling without it (nanochat's SpellingBee and SimpleSpelling ideas, with words from the embedded corpus).
 
 Each task is a pure function of (split, n, seed). Train and test never share a problem: a problem's split is fixed
 by a hash of the problem itself (one in TEST_SHARE goes to test), and items are drawn by rejection within their
@@ -17,12 +16,10 @@ import functools
 import hashlib
 import random
 import re
-from importlib import resources
 
 from ..data.corpus import embedded_corpus
 from ..tools.calculator import calculate
 from .base import Task, final_number, same_number, spoken
-from .customjson import CustomJSON
 
 TEST_SHARE = 10  # one problem (or word) in ten is held out for evaluation
 SPLITS = ("train", "test")
@@ -138,17 +135,3 @@ class Spelling(_Drawn):
     def evaluate(self, conversation: dict, answer: str) -> bool:
         said = re.sub(r"\s*-\s*", "-", spoken(answer).lower())
         return re.search(rf"(?<![a-z-]){re.escape(conversation['truth'])}(?![a-z-])", said) is not None
-
-
-IDENTITY_FILE = "identity.jsonl"
-
-
-class Identity(CustomJSON):
-    """Who the model is: short conversations (identity.jsonl, nanochat's customjson format) in which it says it is
-    adamba, an elastic-compute small language model. For training only: there is no right answer to check, so
-    `evaluate` raises NotImplementedError (the base class's message)."""
-
-    kind = "generative"
-
-    def __init__(self):
-        super().__init__(resources.files(__package__) / IDENTITY_FILE, name="identity")
