@@ -245,7 +245,7 @@ def cmd_import_nanochat(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(minutes=args.minutes, run=args.run)
+    run_demo(minutes=args.minutes, sft_minutes=args.sft_minutes, run=args.run, items=args.items)
 
 
 def cmd_progressive(args) -> None:
@@ -368,7 +368,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     mo.set_defaults(func=cmd_modes)
 
     de = commands.add_parser("demo", help="the main job on the embedded corpus, a few minutes on a CPU")
-    de.add_argument("--minutes", type=float, default=8.0, help="training time budget")
+    de.add_argument("--minutes", type=float, default=5.0, help="pretraining time budget")
+    de.add_argument("--sft-minutes", type=float, default=5.0, help="fine-tuning time budget")
+    de.add_argument("--items", type=int, default=None, help="held-out items per chat task and mode (default 100)")
     de.add_argument("--run", default="demo")
     de.set_defaults(func=cmd_demo)
 

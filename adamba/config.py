@@ -697,7 +697,7 @@ class SFTConfig:
 SFT_TRAIN_DEFAULTS = dict(run_name="sft", warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
                           device_batch_size=4, eval_every=50, eval_tokens=16384)
 SFT_IGNORED = ("data", "text_field", "tokenizer", "tokenizer_vocab_size", "val_fraction", "num_iterations",
-               "init_from", "time_budget_s", "sample_every")
+               "init_from", "sample_every")
 
 
 @dataclass

@@ -76,26 +76,35 @@ def test_bad_input_gives_clear_errors(corpus_dir, capsys):
     assert "missing.toml does not exist" in capsys.readouterr().err
 
 
-def test_demo_trains_a_matryoshka_hybrid_and_shows_every_mode(corpus_dir, monkeypatch, capsys):
+def test_demo_runs_the_pipeline_and_shows_every_mode(corpus_dir, monkeypatch, capsys):
+    """pretrain -> compute modes -> base chat eval -> SFT -> chat eval per mode and without tools -> report, on the
+    demo's own configs shrunk to seconds; the command it prints to talk to the result works."""
     import dataclasses
 
     from adamba import demo
 
-    real = demo.demo_configs
+    real, real_sft = demo.demo_configs, demo.sft_configs
 
-    def tiny(run, minutes):  # the demo's own configs, shrunk to seconds on a small local corpus
+    def tiny(run, minutes):
         model, config = real(run, minutes)
         model = dataclasses.replace(model, depth=None, n_layer=2, block_pattern="TM", n_embd=64, n_head=4,
-                                    sequence_len=32,
-                                    matryoshka_levels=None, compute_modes=None)
+                                    sequence_len=64, matryoshka_levels=None, compute_modes=None)
         config = dataclasses.replace(config, data=str(corpus_dir), tokenizer_vocab_size=512, device_batch_size=4,
-                                     total_batch_size=128, num_iterations=6, eval_every=3, eval_tokens=256,
-                                     time_budget_s=0, val_fraction=0.1)
+                                     total_batch_size=256, num_iterations=6, eval_every=3, eval_tokens=256,
+                                     time_budget_s=0, val_fraction=0.3)
         return model, config
 
+    def tiny_sft(run, base, minutes):
+        sft_config, config = real_sft(run, base, minutes)
+        assert config.matryoshka and config.time_budget_s == minutes * 60
+        config = dataclasses.replace(config, device_batch_size=4, total_batch_size=256, eval_every=1, eval_tokens=256,
+                                     time_budget_s=0)
+        return dataclasses.replace(sft_config, num_iterations=2), config
+
     monkeypatch.setattr(demo, "demo_configs", tiny)
-    monkeypatch.setattr(demo, "MODE_EVAL_TOKENS", 256)
-    assert main(["demo", "--run", "tinydemo"]) == 0
+    monkeypatch.setattr(demo, "sft_configs", tiny_sft)
+    monkeypatch.setattr(demo, "MODE_EVAL_TOKENS", 1024)
+    assert main(["demo", "--run", "tinydemo", "--items", "3"]) == 0
     out = capsys.readouterr().out
     assert "energy penalty: widths are sampled by the sandwich rule" in out
     assert [m for m in ("ghost = whisper", "normal", "think") if f"[{m} (" in out] == ["ghost = whisper", "normal",
@@ -103,9 +112,15 @@ def test_demo_trains_a_matryoshka_hybrid_and_shows_every_mode(corpus_dir, monkey
     table = re.findall(MODE_ROW, out)
     assert [(mode, widths) for mode, widths, *_ in table] == [("ghost = whisper", "16 full"), ("normal", "32 full"),
                                                              ("think", "64 full")]
-    assert all(float(low) < float(bpb) < float(high) for *_, bpb, low, high, _ in table)
+    assert all(float(low) < float(bpb) < float(high) for *_, bpb, low, high, _ in table), table
+    assert "| task | ghost | normal | full | no tools |" in out
+    assert re.search(r"\| arithmetic \| [\d.]+% \(\d/3\)", out)
     report = Path(re.search(r"report: (\S+)", out).group(1)).read_text()
     assert "## Compute modes" in report and "Matryoshka, sandwich rule" in report and "think (64 wide):" in report
+    assert "## Chat" in report and "Base model (before SFT), full width" in report and "SFT | 2 steps" in report
+    command = re.search(r"talk to it:  adamba (chat \S+)", out).group(1).split()
+    assert command == ["chat", "tinydemo-sft"]
+    assert main([*command, "-p", "What is 2 + 3?", "--max-tokens", "4", "--seed", "0"]) == 0
 
 
 def test_one_plain_text_file_is_a_corpus(tmp_path, capsys):

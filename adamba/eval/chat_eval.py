@@ -133,17 +133,26 @@ def _generative(model, tokenizer, task, conversations: list[dict], prompts: list
 
 
 def markdown(scores: Sequence[TaskScore]) -> str:
+    """One row per task, one column per mode; a mode that did not run a task shows "-" there, and its ChatCORE
+    (a mean over every task) only when it ran them all."""
     modes = list(dict.fromkeys(s.mode for s in scores))
     tasks = list(dict.fromkeys(s.task for s in scores))
     table = {(s.task, s.mode): s for s in scores}
+
+    def cell(score: TaskScore | None) -> str:
+        if score is None:
+            return "-"
+        return (f"{100 * score.accuracy:.1f}% ({score.correct}/{score.total})"
+                + (f", {score.cropped} cropped" if score.cropped else ""))
+
+    def core(mode: str) -> str:
+        ran = [table.get((t, mode)) for t in tasks]
+        return f"{chat_core(ran):.3f}" if all(ran) else "-"
+
     lines = ["| task | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
-    for task in tasks:
-        cells = [f"{100 * table[task, m].accuracy:.1f}% ({table[task, m].correct}/{table[task, m].total})"
-                 + (f", {table[task, m].cropped} cropped" if table[task, m].cropped else "") for m in modes]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines.append("| **ChatCORE** | " + " | ".join(f"{chat_core([table[t, m] for t in tasks]):.3f}"
-                                                  for m in modes) + " |")
-    lines.append("| GFLOPs spent | " + " | ".join(f"{sum(table[t, m].flops for t in tasks) / 1e9:.3g}"
+    lines += [f"| {task} | " + " | ".join(cell(table.get((task, m))) for m in modes) + " |" for task in tasks]
+    lines.append("| **ChatCORE** | " + " | ".join(core(m) for m in modes) + " |")
+    lines.append("| GFLOPs spent | " + " | ".join(f"{sum(s.flops for s in scores if s.mode == m) / 1e9:.3g}"
                                                   for m in modes) + " |")
     return "\n".join(lines)
 

@@ -1,10 +1,11 @@
 """Supervised fine-tuning: a base checkpoint trained on conversations, with the pretraining step (`train_step`).
 
 nanochat's chat_sft recipe as defaults (config.SFT_TRAIN_DEFAULTS, printed at the start): the base's learning
-rates times `init_lr_frac`, no warmup, a linear decay to 0 over one epoch of the mixture. The loss counts only the
-assistant's tokens (data/conversations.py); `--matryoshka` trains every width at every step as in pretraining, so
-every compute mode stays usable after fine-tuning. Checkpoints carry the loader's position, optimizers and RNG,
-so `resume` continues exactly; under torchrun each rank takes every world_size-th row.
+rates times `init_lr_frac`, no warmup, a linear decay to 0 over one epoch of the mixture (or over the steps that
+fit in time_budget_s, re-fitted as in pretraining). The loss counts only the assistant's tokens
+(data/conversations.py); `--matryoshka` trains every width at every step as in pretraining, so every compute mode
+stays usable after fine-tuning. Checkpoints carry the loader's position, optimizers and RNG, so `resume` continues
+exactly; under torchrun each rank takes every world_size-th row.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .optim import build_optimizers, set_schedule
 from .trainer import (
     MetricsLog,
     Run,
+    TimeBudget,
     TrainResult,
     check_training,
     describe_batch,
@@ -126,9 +128,9 @@ def sft(sft_config: SFTConfig, config: TrainConfig, conversations: Sequence[dict
     result = TrainResult(step=run.start_step, checkpoint=run.out_dir)
     bar = tqdm(total=config.num_iterations, initial=run.start_step, desc=f"sft {config.run_name}", unit="step",
                disable=not (progress and info.is_master), dynamic_ncols=True)
-    peak, step = peak_flops(run.device), run.start_step
+    peak, step, budget = peak_flops(run.device), run.start_step, TimeBudget(run)
     while True:
-        last = step >= config.num_iterations
+        last = step >= run.config.num_iterations or budget.out_of_time()  # a collective under torchrun
         if val is not None and due(config.eval_every, step, last):
             loss = validation_loss(run, val, config.eval_tokens)
             metrics.log({"step": step, "val_loss": loss})
@@ -139,13 +141,15 @@ def sft(sft_config: SFTConfig, config: TrainConfig, conversations: Sequence[dict
         if last:
             break
         t0 = time.perf_counter()
-        lr_mult = set_schedule(run.optimizers, step, config)
+        if budget.replan(step, t0):  # time_budget_s: the decay re-fitted to the steps that fit
+            bar.total = run.config.num_iterations
+        lr_mult = set_schedule(run.optimizers, step, run.config)
         stats = train_step(run, step, run.loader)
         step += 1
         record = step_record(run, step, lr_mult, time.perf_counter() - t0, stats, peak)
         metrics.log(record)
         show_progress(bar, record)
-        if config.save_every and step % config.save_every == 0 and step < config.num_iterations:
+        if config.save_every and step % config.save_every == 0 and step < run.config.num_iterations:
             _save(run, step, result, sft_config)
     bar.close()
     result.step = step
