@@ -140,3 +140,24 @@ def test_chat_core_is_the_centred_mean_and_the_report_is_written(tmp_path):
     assert "| quiz | 50.0% (10/20) | 25.0% (5/20) |" in table and "| GFLOPs spent | 3 | 0.9 |" in table
     md, png = write_chat_report("evalrun", scores, "ckpt", "note")
     assert md.read_text().count("| sums |") == 1 and png.stat().st_size > 1000
+
+
+def test_a_prompt_longer_than_the_context_keeps_bos_and_its_end(letter_tokenizer):
+    """A question too long for the context is cut at its start (bos kept), counted, and still scored: the rigged
+    model recognises only the prompt cut the way the test cuts it here."""
+    tokenizer = letter_tokenizer
+    long = Quiz(["C", "A"])
+    long.__class__ = type("LongQuiz", (Quiz,), {"__getitem__": lambda self, i: {
+        **Quiz.__getitem__(self, i), "messages": [{"role": "user", "content": "words " * 60 + f"item {i}"},
+                                                  {"role": "assistant", "content": self.answers[i]}]}})
+    context = 32
+    full = [render_for_completion(tokenizer, long[i]) for i in range(2)]
+    assert all(len(p) > context for p in full)
+    keep = context - 1  # one position is left for the letter
+    cut = {tuple([p[0], *p[-(keep - 1):]]): long.answers[i] for i, p in enumerate(full)}
+    assert len(cut) == 2 and all(len(c) == keep for c in cut)
+    model = RiggedLetters(tiny_config(vocab_size=tokenizer.vocab_size, sequence_len=context), tokenizer,
+                          lambda row: cut.get(tuple(row), "B"))
+    score = evaluate_task(model, tokenizer, long)
+    assert (score.correct, score.total, score.cropped) == (2, 2, 2)
+    assert "2 cropped" in markdown([score])
