@@ -8,7 +8,8 @@ zero_grad) on one fixed batch of random tokens, for
            same parameter shapes (embedding -> rms_norm -> blocks [x + attn(norm x); x + mlp(norm x)] ->
            rms_norm -> lm_head -> 15*tanh(logits/15) -> cross-entropy; half-split rotary then rms-norm on
            q and k, causal SDPA, relu^2 MLP), trained by a Muon + AdamW pair built here with the same groups
-           and hyperparameters as adamba's (`--optimizer adamw`: plain torch AdamW on all parameters, both).
+           and hyperparameters as adamba's, with adamba's Muon class (the optimizer is not what is compared);
+           `--optimizer adamw`: plain torch AdamW on all parameters, both.
 
 Fairness: same device, dtype (float32 on CPU, bf16 autocast on CUDA), batch, initial weights (the control is
 loaded from adamba's state dict) and optimizer settings; `--warmup` steps per model (and any compilation)
@@ -44,12 +45,12 @@ from bench_utils import cpu_name, parse_args, randomize, sync
 
 from adamba import AdambaLM, ModelConfig, TrainConfig
 from adamba.common import pick_device
-from adamba.train.optim import build_optimizers
+from adamba.train.optim import Muon, build_optimizers
 from adamba.train.trainer import PEAK_FLOPS, peak_flops
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The control: plain PyTorch, no adamba imports. Module/parameter names mirror adamba's state dict keys.
+# The control model: plain PyTorch, no adamba imports. Module/parameter names mirror adamba's state dict keys.
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
@@ -138,8 +139,8 @@ def control_optimizers(model: ControlLM, tc: TrainConfig) -> list[torch.optim.Op
     adamw = torch.optim.AdamW([{"params": [model.lm_head.weight], "lr": tc.unembedding_lr * scale},
                                {"params": [model.wte.weight], "lr": tc.embedding_lr * scale}],
                               betas=(0.8, 0.95), eps=1e-10, weight_decay=tc.weight_decay, fused=fused)
-    muon = torch.optim.Muon([p for p in model.blocks.parameters()], lr=tc.matrix_lr, momentum=0.95,
-                            weight_decay=tc.weight_decay, adjust_lr_fn="original")
+    muon = Muon([p for p in model.blocks.parameters()], lr=tc.matrix_lr, momentum=0.95,
+                weight_decay=tc.weight_decay, adjust_lr_fn="original")
     return [adamw, muon]
 
 

@@ -97,12 +97,9 @@ def test_two_process_torchrun_step_equals_single_process(corpus_dir):
     assert "2 rank" not in (run_dir("single") / "metrics.jsonl").read_text()
     a, b = load_checkpoint(run_dir("ddp")).model, load_checkpoint(run_dir("single")).model
     assert losses("ddp")[1] == pytest.approx(losses("single")[1], abs=1e-6)
-    # Muon orthogonalises in bfloat16 (torch's implementation): a gradient that differs in its last float32
-    # bits (DDP sums in another order) can round one bf16 element the other way, moving that weight by up
-    # to lr * 2^-7 per step. AdamW parameters have no such step and must agree to float32 noise.
-    from adamba import TrainConfig
-
-    muon_atol = common["num_iterations"] * TrainConfig().matrix_lr * 2**-7
+    # DDP sums gradients in another order, so they differ in their last float32 bits; Muon's float32 Newton-
+    # Schulz (train/optim.py) amplifies that somewhat, AdamW does not: both must still agree to float32 noise.
+    muon_atol = 1e-4
     moved = 0.0
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         muon = name.startswith("blocks.") and p.ndim == 2

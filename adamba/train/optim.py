@@ -1,11 +1,14 @@
 """Optimizers as in nanochat: Muon for the 2-D matrices inside blocks, AdamW for everything else.
 
 Muon (Jordan et al. 2024) orthogonalises each matrix's momentum with a Newton-Schulz iteration; we use
-torch's implementation with the original shape-dependent step scale sqrt(max(1, rows/cols)). Embedding and
+torch's implementation with the original shape-dependent step scale sqrt(max(1, rows/cols)), except that off
+CUDA the iteration runs in float32 (`Muon` below). Embedding and
 lm_head learning rates are scaled by (d_model/768)^-0.5, nanochat's rule for transferring them across widths.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,6 +17,61 @@ from ..config import TrainConfig
 MUON_MOMENTUM = 0.95
 MUON_WARMUP_MOMENTUM = 0.85  # momentum ramps from here to MUON_MOMENTUM over the first steps
 MUON_MOMENTUM_WARMUP_STEPS = 300
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon; on CUDA unchanged, elsewhere the same update with the Newton-Schulz iteration in float32.
+
+    torch (like Jordan's reference) casts the momentum to bfloat16 for the iteration, which is what tensor
+    cores want. A CPU without native bf16 matmul (AVX2 only) emulates it: there the five quintic steps on a
+    256 x 1024 matrix took 0.80 s in bf16 against 0.04 s in float32, and Muon's step was 9 of a training step's
+    10 s (BENCHMARKS.md, "Muon on CPU"). float32 is also the more exact orthogonalisation. Same state
+    ("momentum_buffer") and hyperparameters, so checkpoints move freely between devices.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if any(p.is_cuda for group in self.param_groups for p in group["params"]):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            momentum, lr = group["momentum"], group["lr"]
+            for param, grad, buf in zip(params, grads, buffers, strict=True):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz_float32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * muon_lr_scale(param.shape, group["adjust_lr_fn"]))
+        return loss
+
+
+def newton_schulz_float32(grad: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """The quintic iteration X <- aX + (bA + cA^2)X, A = XX^T (Jordan et al. 2024), on the wide orientation."""
+    a, b, c = coefficients
+    x = grad.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm >= spectral norm, so the iteration starts inside (0, 1]
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(grad.dtype)
+
+
+def muon_lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """torch's step-size adjustment: "original" sqrt(max(1, rows/cols)), "match_rms_adamw" 0.2 sqrt(max dim)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
 
 
 def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -36,8 +94,8 @@ def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
         torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=config.weight_decay, fused=fused)
     ] if adam_groups else []
     if groups["matrix"]:
-        optimizers.append(torch.optim.Muon(groups["matrix"], lr=config.matrix_lr, momentum=MUON_MOMENTUM,
-                                           weight_decay=config.weight_decay, adjust_lr_fn="original"))
+        optimizers.append(Muon(groups["matrix"], lr=config.matrix_lr, momentum=MUON_MOMENTUM,
+                                weight_decay=config.weight_decay, adjust_lr_fn="original"))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
