@@ -1,9 +1,18 @@
-"""The chat half of the command line: `adamba sft`, `adamba eval chat` and `adamba chat`."""
+"""The chat half of the command line: `adamba sft`, `adamba rl`, `adamba eval chat` and `adamba chat`."""
 
 from __future__ import annotations
 
 from .cli_flags import add_config_flags, config_overrides
-from .config import SFT_IGNORED, SFT_TRAIN_DEFAULTS, SFTConfig, TrainConfig
+from .config import (
+    RL_IGNORED,
+    RL_PRESETS,
+    RL_TRAIN_DEFAULTS,
+    SFT_IGNORED,
+    SFT_TRAIN_DEFAULTS,
+    RLConfig,
+    SFTConfig,
+    TrainConfig,
+)
 
 
 def add_chat_commands(commands, eval_commands) -> None:
@@ -12,6 +21,16 @@ def add_chat_commands(commands, eval_commands) -> None:
     add_config_flags(sf, SFTConfig, "sft_")
     add_config_flags(sf, TrainConfig, "train_", exclude=SFT_IGNORED, defaults=SFT_TRAIN_DEFAULTS)
     sf.set_defaults(func=cmd_sft)
+
+    rl = commands.add_parser("rl", help="reinforcement learning on verifiable rewards (GRPO) from a chat checkpoint")
+    rl.add_argument("base", help="the chat checkpoint: run name, run folder or checkpoint folder")
+    rl.add_argument("--preset", choices=sorted(RL_PRESETS), default=None,
+                    help="start from these settings (flags still override): " +
+                         "; ".join(f"{k}: {v}" for k, v in RL_PRESETS.items()))
+    rl.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    add_config_flags(rl, RLConfig, "rl_", exclude=("base",))
+    add_config_flags(rl, TrainConfig, "train_", exclude=RL_IGNORED, defaults=RL_TRAIN_DEFAULTS)
+    rl.set_defaults(func=cmd_rl)
 
     ec = eval_commands.add_parser("chat", help="chat tasks at each compute mode: accuracy, ChatCORE and FLOPs "
                                                "spent; Markdown + PNG")
@@ -59,6 +78,20 @@ def cmd_sft(args) -> None:
     train_set, val_set, eval_tasks = sft_mixture(sft_config.mixture, config.seed, sft_config.val_conversations)
     result = sft(sft_config, config, train_set, val_set, resume=args.resume,
                  chat_eval=chat_eval_callback(eval_tasks, sft_config.chat_eval_items))
+    print0(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+
+
+def cmd_rl(args) -> None:
+    from .common import print0
+    from .tasks.mixtures import rl_task
+    from .train.rl import rl
+
+    rl_config = RLConfig.from_dict({**RL_PRESETS.get(args.preset, {}), **config_overrides(args, "rl_"),
+                                    "base": args.base})
+    config = TrainConfig.from_dict({**RL_TRAIN_DEFAULTS, **config_overrides(args, "train_")})
+    print0("rl settings: " + ", ".join(f"{k}={v!r}" for k, v in rl_config.to_dict().items()))
+    train_task, eval_task = rl_task(rl_config.task, config.seed)
+    result = rl(rl_config, config, train_task, eval_task, resume=args.resume)
     print0(f"finished at step {result.step}; checkpoint {result.checkpoint}")
 
 

@@ -701,6 +701,75 @@ SFT_IGNORED = ("data", "text_field", "tokenizer", "tokenizer_vocab_size", "val_f
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement learning on verifiable rewards (train/rl.py): GRPO from a chat checkpoint. Learning rates,
+    device, dtype, seed, run name, grad_clip and save_every are a TrainConfig's (RL_TRAIN_DEFAULTS)."""
+
+    base: str = ""  # the chat checkpoint to improve: run name, run folder or checkpoint folder
+    task: str = "arithmetic"  # the task whose checker is the reward (tasks/mixtures.py: RL_TASKS)
+    num_steps: int = 60  # RL steps (each: rollouts, then ppo_epochs x minibatches optimizer steps)
+    prompts_per_step: int = 16  # problems per step, over all ranks
+    samples_per_prompt: int = 8  # G: completions sampled per problem, the group their advantages compare within
+    max_new_tokens: int = 48  # longest completion
+    temperature: float = 1.0  # sampling temperature of the rollouts (the log-probabilities use the same)
+    top_k: int = 0  # 0: sample the full distribution, so the ratio is exactly the policy's
+    init_lr_frac: float = 0.05  # nanochat: RL starts at this fraction of the configured learning rates
+    scale_by_std: bool = False  # divide advantages by the group's std (GRPO) or not (nanochat, Dr. GRPO)
+    ppo_epochs: int = 1  # optimisation passes over each step's rollouts
+    minibatches: int = 1  # optimizer steps per pass (1 pass x 1 minibatch: on-policy, the ratio is 1)
+    clip_low: float = 0.2  # PPO's clip range below 1
+    clip_high: float = 0.2  # and above (DAPO's clip-higher: 0.28)
+    kl_coef: float = 0.0  # beta of the k3 KL penalty to the frozen starting model (0: no reference is kept)
+    flops_price: float = 0.0  # lambda: reward = correct - lambda x FLOPs spent / FLOPs at full width
+    eval_every: int = 20  # steps between held-out evaluations (0: only at the start and the end)
+    eval_items: int = 100  # held-out problems per evaluation
+    eval_samples: int = 8  # samples per held-out problem: pass@1 and pass@k with k = this
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            _fail("base", "no checkpoint to improve", "give a run name, run folder or checkpoint folder")
+        for name in ("num_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+                     "minibatches", "eval_items", "eval_samples"):
+            _positive_int(name, getattr(self, name))
+        if self.samples_per_prompt < 2:
+            _fail("samples_per_prompt", "a group needs at least 2 samples (advantages compare within it)")
+        for name in ("top_k", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                _fail(name, f"must be a non-negative integer, got {value!r}")
+        for name in ("temperature", "init_lr_frac"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                _fail(name, f"must be > 0, got {getattr(self, name)!r}")
+        for name in ("clip_low", "clip_high", "kl_coef", "flops_price"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                _fail(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.clip_low >= 1:
+            _fail("clip_low", f"must be below 1 (the ratio is clipped to 1 - clip_low), got {self.clip_low!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RLConfig:
+        return _from_dict(cls, data, "rl config")
+
+
+# nanochat's chat_rl.py; "grpo": DeepSeekMath's choices (std-scaled advantages, KL 0.04 to the reference) with
+# PPO's clipped ratio over two passes of two minibatches.
+RL_PRESETS = {
+    "nanochat": dict(prompts_per_step=16, samples_per_prompt=16, max_new_tokens=256, temperature=1.0, top_k=50,
+                     init_lr_frac=0.05, scale_by_std=False, ppo_epochs=1, minibatches=1, kl_coef=0.0),
+    "grpo": dict(scale_by_std=True, kl_coef=0.04, ppo_epochs=2, minibatches=2, clip_low=0.2, clip_high=0.2),
+}
+# nanochat's RL schedule: no warmup, learning rates decay linearly to 0 over the run.
+RL_TRAIN_DEFAULTS = dict(run_name="rl", warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+RL_TRAIN_FIELDS = ("run_name", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr",
+                   "weight_decay", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "grad_clip", "dtype", "device",
+                   "compile", "save_every", "seed", "metrics_file")
+RL_IGNORED = tuple(f.name for f in fields(TrainConfig) if f.name not in RL_TRAIN_FIELDS)
+
+
+@dataclass
 class RunConfig:
     """A TOML file with optional [model] and [train] tables."""
 

@@ -19,7 +19,7 @@ from adamba.tasks.base import Items, TaskMixture, TaskSequence, final_number, mu
 from adamba.tasks.bundled import ARC, GSM8K, MMLU, gsm8k_conversation
 from adamba.tasks.customjson import CustomJSON, identity
 from adamba.tasks.mixtures import eval_task, sft_mixture
-from adamba.tasks.synthetic import Arithmetic, Counting, Spelling, corpus_words, split_of
+from adamba.tasks.synthetic import Arithmetic, Chain, Counting, Spelling, corpus_words, split_of
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -41,10 +41,19 @@ def test_arithmetic_reference_answers_and_tool_call():
         a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", question(item)).groups()
         truth = OPS[op](int(a), int(b))
         python, output, text = reply_parts(item)
-        assert python == {"type": "python", "text": f"{a}{op}{b}"}
+        assert python == {"type": "python", "text": f"{a} {op} {b}"}
         assert output == {"type": "python_output", "text": str(truth)}
         assert text["text"] == f"The answer is {truth}."
         assert item["truth"] == str(truth)
+
+
+def test_chain_reference_answers_and_tool_call():
+    for item in Chain("train", 300, seed=3):
+        a, op1, b, op2, c = re.fullmatch(r"What is (\d+) ([-+]) (\d+) ([-+]) (\d+)\?", question(item)).groups()
+        truth = OPS[op2](OPS[op1](int(a), int(b)), int(c))
+        python, output, text = reply_parts(item)
+        assert python == {"type": "python", "text": f"{a} {op1} {b} {op2} {c}"}
+        assert output["text"] == item["truth"] == str(truth) and text["text"] == f"The answer is {truth}."
 
 
 def test_counting_and_spelling_reference_answers():
@@ -57,7 +66,7 @@ def test_counting_and_spelling_reference_answers():
         assert item["messages"][-1]["content"] == "-".join(item["word"])
 
 
-@pytest.mark.parametrize("cls", [Arithmetic, Counting, Spelling])
+@pytest.mark.parametrize("cls", [Arithmetic, Chain, Counting, Spelling])
 def test_splits_are_disjoint_deterministic_and_test_items_distinct(cls):
     train, test = cls("train", 3000, seed=0), cls("test", 150, seed=5)
     assert not {question(t) for t in train} & {question(t) for t in test}
@@ -270,8 +279,11 @@ def test_smoltalk_and_gsm8k_through_the_hf_downloader(tmp_path, monkeypatch):
         monkeypatch.setenv("ADAMBA_HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
         talk = smoltalk("train")
         assert [item["messages"] for item in talk] == chat
-        (problem,) = gsm8k_hf("test")
+        gsm8k_test = gsm8k_hf("test")
+        (problem,) = gsm8k_test
         assert problem["truth"] == "3" and problem["messages"][1]["content"][0] == {"type": "python", "text": "1+2"}
+        # judged by its final number, so the Hub's splits give RL its reward (train/rl.py)
+        assert gsm8k_test.evaluate(problem, "It is 3.") and not gsm8k_test.evaluate(problem, "It is 4.")
         with pytest.raises(ValueError, match="no parquet file for split 'test'"):
             smoltalk("test")
     finally:

@@ -25,6 +25,7 @@ class Completion:
     finish_reason: str | None = None  # "stop" (stop token or string), "length" (max_new_tokens or context)
     forced: list[bool] = field(default_factory=list)  # per token: forced by a tool call, not sampled
     tool_calls: list[ToolCall] = field(default_factory=list)
+    stop_token: int | None = None  # the stop token that ended the row (not part of `tokens`), if one did
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Engine:
                 continue
             was_forced = forced is not None and forced[b]
             if token in limits.stop_tokens and not was_forced:
-                row.finish_reason = "stop"
+                row.finish_reason, row.stop_token = "stop", token
                 continue
             row.tokens.append(token)
             row.forced.append(was_forced)

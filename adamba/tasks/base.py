@@ -72,6 +72,17 @@ class Items(Task):
         return self.items[i]
 
 
+class NumericAnswers(Items):
+    """Generative items whose reply is right when its last stated number is the item's "truth" (e.g. GSM8K's
+    train split, for reinforcement learning)."""
+
+    def __init__(self, name: str, items: Sequence[dict]):
+        super().__init__(name, "generative", items)
+
+    def evaluate(self, conversation: dict, answer: str) -> bool:
+        return same_number(final_number(answer), conversation["truth"])
+
+
 class Subset(Task):
     """Items start..stop-1 of `task` (stop None: to the end), judged by it: e.g. a validation split."""
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from ..common import adamba_home
 from ..data.download import download_hf_dataset
-from .base import Items
+from .base import Items, NumericAnswers
 from .bundled import ARC, ARC_SUBSETS, MMLU, gsm8k_conversation
 
 
@@ -31,9 +31,10 @@ def smoltalk(split: str = "train") -> Items:
     return Items(f"smoltalk-{split}", "generative", [{"messages": row["messages"]} for row in rows])
 
 
-def gsm8k_hf(split: str = "train") -> Items:
+def gsm8k_hf(split: str = "train") -> NumericAnswers:
+    """Judged by the final number, so it serves RL (train/rl.py) as well as fine-tuning."""
     rows = hf_rows("openai/gsm8k", "main", split)
-    return Items(f"gsm8k-{split}", "generative", [gsm8k_conversation(r["question"], r["answer"]) for r in rows])
+    return NumericAnswers(f"gsm8k-{split}", [gsm8k_conversation(r["question"], r["answer"]) for r in rows])
 
 
 def arc_hf(subset: str = "easy", split: str = "train") -> Items:

@@ -17,7 +17,7 @@ from .base import Items, Task, TaskMixture
 from .bundled import ARC, GSM8K, MMLU
 from .customjson import identity
 from .humaneval import HumanEval
-from .synthetic import Arithmetic, Counting, Spelling
+from .synthetic import Arithmetic, Chain, Counting, Spelling
 
 OFFLINE_SIZES = {"arithmetic": 6000, "counting": 3000, "spelling": 3000}
 SMOLTALK_SYNTHETIC = {"counting": 20000, "spelling": 20000}
@@ -27,9 +27,31 @@ SYNTHETIC = {"arithmetic": Arithmetic, "counting": Counting, "spelling": Spellin
 EVAL_TASKS: dict[str, Callable[[], Task]] = {
     **{name: (lambda cls=cls: cls("test", EVAL_ITEMS, EVAL_SEED)) for name, cls in SYNTHETIC.items()},
     "arc-easy": lambda: ARC("easy"), "arc-challenge": lambda: ARC("challenge"), "mmlu": MMLU, "gsm8k": GSM8K,
-    "humaneval": HumanEval,
+    "humaneval": HumanEval, "chain": lambda: Chain("test", EVAL_ITEMS, EVAL_SEED),
 }
 MIXTURES = ("offline", "smoltalk")
+RL_TRAIN_ITEMS = 4000  # training problems of a synthetic RL task
+
+
+def _gsm8k_rl(seed: int) -> tuple[Task, Task]:
+    from .hf_sources import gsm8k_hf
+
+    return gsm8k_hf("train"), GSM8K()
+
+
+RL_TASKS: dict[str, Callable[[int], tuple[Task, Task]]] = {
+    **{name: (lambda seed, name=name: (SYNTHETIC[name]("train", RL_TRAIN_ITEMS, seed), eval_task(name)))
+       for name in ("arithmetic", "counting")},
+    "chain": lambda seed: (Chain("train", RL_TRAIN_ITEMS, seed), eval_task("chain")),
+    "gsm8k": _gsm8k_rl,
+}
+
+
+def rl_task(name: str, seed: int) -> tuple[Task, Task]:
+    """(training problems, held-out problems) of an RL task: the held-out ones are the chat evaluation's."""
+    if name not in RL_TASKS:
+        raise ValueError(f"task: {name!r} is not an RL task; choose from {', '.join(RL_TASKS)}")
+    return RL_TASKS[name](seed)
 
 
 def eval_task(name: str) -> Task:

@@ -85,7 +85,7 @@ def _conversation(question: str, reply, **extra) -> dict:
 
 
 class Arithmetic(_Drawn):
-    """"What is 347 + 582?" -> calculator call 347+582 -> "The answer is 929." (+ and - of 2-3 digit numbers,
+    """"What is 347 + 582?" -> calculator call 347 + 582 -> "The answer is 929." (+ and - of 2-3 digit numbers,
     * of 1-2 digit ones). The split key is the problem, "347+582"."""
 
     name = "arithmetic"
@@ -93,8 +93,24 @@ class Arithmetic(_Drawn):
     def draw(self, rng: random.Random) -> tuple[str, dict]:
         op = rng.choice("+-*")
         a, b = (rng.randint(2, 99), rng.randint(2, 99)) if op == "*" else (rng.randint(10, 999), rng.randint(10, 999))
-        parts, value = tool_reply(f"{a}{op}{b}", "The answer is {}.")
+        # the call repeats the question's "347 + 582" token for token: the reply copies a span, it does not re-spell it
+        parts, value = tool_reply(f"{a} {op} {b}", "The answer is {}.")
         return f"{a}{op}{b}", _conversation(f"What is {a} {op} {b}?", parts, truth=value)
+
+
+class Chain(_Drawn):
+    """"What is 47 + 12 - 30?" -> calculator call 47 + 12 - 30 -> "The answer is 29.": three operands of 2 digits,
+    + and -. Not in the SFT mixture: a model fine-tuned on two-operand arithmetic gets some of these right (when
+    it copies the whole expression), which is what reinforcement learning can build on (train/rl.py)."""
+
+    name = "chain"
+
+    def draw(self, rng: random.Random) -> tuple[str, dict]:
+        a, b, c = (rng.randint(10, 99) for _ in range(3))
+        op1, op2 = rng.choice("+-"), rng.choice("+-")
+        expression = f"{a} {op1} {b} {op2} {c}"
+        parts, value = tool_reply(expression, "The answer is {}.")
+        return expression.replace(" ", ""), _conversation(f"What is {expression}?", parts, truth=value)
 
 
 @functools.lru_cache(maxsize=1)
