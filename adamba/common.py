@@ -3,6 +3,7 @@ torch.distributed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -114,6 +115,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision at `dtype` on `device`; nothing at float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

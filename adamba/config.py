@@ -720,7 +720,6 @@ class RLConfig:
     clip_low: float = 0.2  # PPO's clip range below 1
     clip_high: float = 0.2  # and above (DAPO's clip-higher: 0.28)
     kl_coef: float = 0.0  # beta of the k3 KL penalty to the frozen starting model (0: no reference is kept)
-    flops_price: float = 0.0  # lambda: reward = correct - lambda x FLOPs spent / FLOPs at full width
     eval_every: int = 20  # steps between held-out evaluations (0: only at the start and the end)
     eval_items: int = 100  # held-out problems per evaluation
     eval_samples: int = 8  # samples per held-out problem: pass@1 and pass@k with k = this
@@ -740,7 +739,7 @@ class RLConfig:
         for name in ("temperature", "init_lr_frac"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 _fail(name, f"must be > 0, got {getattr(self, name)!r}")
-        for name in ("clip_low", "clip_high", "kl_coef", "flops_price"):
+        for name in ("clip_low", "clip_high", "kl_coef"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 _fail(name, f"must be >= 0, got {getattr(self, name)!r}")
         if self.clip_low >= 1:

@@ -64,7 +64,7 @@ def timed_generate(engine: Engine, rows: list[list[int]], args, stops: list[int]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None, help="a chat checkpoint (default: random demo-size weights)")
-    ap.add_argument("--task", default="chain")
+    ap.add_argument("--task", default="counting")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)

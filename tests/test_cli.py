@@ -96,7 +96,7 @@ def test_demo_runs_the_pipeline_and_shows_every_mode(corpus_dir, monkeypatch, ca
 
     def tiny_sft(run, base, minutes):
         sft_config, config = real_sft(run, base, minutes)
-        assert config.matryoshka and config.time_budget_s == minutes * 60
+        assert not config.matryoshka and config.time_budget_s == minutes * 60  # full-width SFT (demo.py says why)
         config = dataclasses.replace(config, device_batch_size=4, total_batch_size=256, eval_every=1, eval_tokens=256,
                                      time_budget_s=0)
         return dataclasses.replace(sft_config, num_iterations=2), config

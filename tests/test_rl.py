@@ -152,7 +152,7 @@ def test_two_process_torchrun_stripes_rollouts_and_evaluation(base):
     env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "adamba.cli", "rl",
-                           "base", "--task", "chain", "--num-steps", "2", "--prompts-per-step", "4",
+                           "base", "--task", "counting", "--num-steps", "2", "--prompts-per-step", "4",
                            "--samples-per-prompt", "2", "--max-new-tokens", "3", "--eval-items", "6",
                            "--eval-samples", "2", "--eval-every", "0", "--device", "cpu", "--run-name", "ddp"],
                           env=env, capture_output=True, text=True, timeout=300)

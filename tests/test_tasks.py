@@ -19,7 +19,7 @@ from adamba.tasks.base import Items, TaskMixture, TaskSequence, final_number, mu
 from adamba.tasks.bundled import ARC, GSM8K, MMLU, gsm8k_conversation
 from adamba.tasks.customjson import CustomJSON, identity
 from adamba.tasks.mixtures import eval_task, sft_mixture
-from adamba.tasks.synthetic import Arithmetic, Chain, Counting, Spelling, corpus_words, split_of
+from adamba.tasks.synthetic import Arithmetic, Counting, Spelling, corpus_words, split_of
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -47,15 +47,6 @@ def test_arithmetic_reference_answers_and_tool_call():
         assert item["truth"] == str(truth)
 
 
-def test_chain_reference_answers_and_tool_call():
-    for item in Chain("train", 300, seed=3):
-        a, op1, b, op2, c = re.fullmatch(r"What is (\d+) ([-+]) (\d+) ([-+]) (\d+)\?", question(item)).groups()
-        truth = OPS[op2](OPS[op1](int(a), int(b)), int(c))
-        python, output, text = reply_parts(item)
-        assert python == {"type": "python", "text": f"{a} {op1} {b} {op2} {c}"}
-        assert output["text"] == item["truth"] == str(truth) and text["text"] == f"The answer is {truth}."
-
-
 def test_counting_and_spelling_reference_answers():
     for item in Counting("train", 200, seed=1):
         word, letter = item["word"], item["letter"]
@@ -66,7 +57,7 @@ def test_counting_and_spelling_reference_answers():
         assert item["messages"][-1]["content"] == "-".join(item["word"])
 
 
-@pytest.mark.parametrize("cls", [Arithmetic, Chain, Counting, Spelling])
+@pytest.mark.parametrize("cls", [Arithmetic, Counting, Spelling])
 def test_splits_are_disjoint_deterministic_and_test_items_distinct(cls):
     train, test = cls("train", 3000, seed=0), cls("test", 150, seed=5)
     assert not {question(t) for t in train} & {question(t) for t in test}

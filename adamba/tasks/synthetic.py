@@ -98,21 +98,6 @@ class Arithmetic(_Drawn):
         return f"{a}{op}{b}", _conversation(f"What is {a} {op} {b}?", parts, truth=value)
 
 
-class Chain(_Drawn):
-    """"What is 47 + 12 - 30?" -> calculator call 47 + 12 - 30 -> "The answer is 29.": three operands of 2 digits,
-    + and -. Not in the SFT mixture: a model fine-tuned on two-operand arithmetic gets some of these right (when
-    it copies the whole expression), which is what reinforcement learning can build on (train/rl.py)."""
-
-    name = "chain"
-
-    def draw(self, rng: random.Random) -> tuple[str, dict]:
-        a, b, c = (rng.randint(10, 99) for _ in range(3))
-        op1, op2 = rng.choice("+-"), rng.choice("+-")
-        expression = f"{a} {op1} {b} {op2} {c}"
-        parts, value = tool_reply(expression, "The answer is {}.")
-        return expression.replace(" ", ""), _conversation(f"What is {expression}?", parts, truth=value)
-
-
 @functools.lru_cache(maxsize=1)
 def corpus_words() -> tuple[str, ...]:
     """Lower-case alphabetic words of WORD_LENGTHS letters from the embedded corpus, sorted (deterministic)."""

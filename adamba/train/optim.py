@@ -8,12 +8,14 @@ lm_head learning rates are scaled by (d_model/768)^-0.5, nanochat's rule for tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from ..config import TrainConfig
 
+LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr")
 MUON_MOMENTUM = 0.95
 MUON_WARMUP_MOMENTUM = 0.85  # momentum ramps from here to MUON_MOMENTUM over the first steps
 MUON_MOMENTUM_WARMUP_STEPS = 300
@@ -100,6 +102,13 @@ def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def fine_tuning_config(config: TrainConfig, init_lr_frac: float, steps: int) -> TrainConfig:
+    """`config` with every learning rate times init_lr_frac and the schedule over `steps` (SFT and RL start from a
+    trained model at a fraction of the pretraining rates, as nanochat does)."""
+    scaled = {name: getattr(config, name) * init_lr_frac for name in LEARNING_RATES}
+    return dataclasses.replace(config, num_iterations=steps, **scaled)
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:

@@ -2,8 +2,8 @@
 
 Each step: `prompts_per_step` training problems (a fixed function of the seed and the step, striped across ranks),
 `samples_per_prompt` completions each sampled through the batched engine with the calculator executed, a reward per
-completion from the task's checker (minus `flops_price` x the FLOPs it spent relative to full width), group-relative
-advantages, and `ppo_epochs` passes of `minibatches` optimizer steps on the clipped surrogate (train/grpo.py).
+completion from the task's checker (1 right, 0 wrong), group-relative advantages, and `ppo_epochs` passes of
+`minibatches` optimizer steps on the clipped surrogate (train/grpo.py).
 Sampled tokens carry the loss; prompt tokens and tool outputs (forced, not chosen by the policy) do not; a stop token
 the policy chose does. Held-out pass@1 and pass@k every `eval_every` steps. Checkpoints carry the optimizers; since
 every random draw is seeded by (seed, step, rank), `resume` continues exactly.
@@ -12,9 +12,8 @@ every random draw is seeded by (seed, step, rank), `resume` continues exactly.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..chat.render import render_for_completion
 from ..checkpoint import load_checkpoint, resolve_run, run_dir, save_checkpoint, set_rng_state
-from ..common import init_distributed, pick_device, pick_dtype, print0, seed_everything
+from ..common import autocast, init_distributed, pick_device, pick_dtype, print0, seed_everything
 from ..config import RLConfig, TrainConfig
 from ..eval.rl_report import write_rl_report
 from ..infer.engine import Completion, Engine
@@ -31,11 +30,10 @@ from ..infer.sampling import SamplingParams
 from ..model.compute import Compute
 from ..tools.calculator import calculate
 from .grpo import group_advantages, pass_at_k, policy_loss, token_logprobs
-from .optim import build_optimizers, set_schedule
+from .optim import build_optimizers, fine_tuning_config, set_schedule
 from .trainer import MetricsLog, TrainResult, describe_model, resume_checkpoint, wrap_for_training
 
-EVAL_STREAM = 1 << 40
-LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr")
+EVAL_STREAM = 1 << 40  # the held-out evaluation's seeds: a stream no training step's (seed, step) can reach
 
 
 @dataclass
@@ -72,18 +70,6 @@ class RLRun:
     optimizers: list
     out_dir: object
     start_step: int = 0
-    metrics: list[dict] = field(default_factory=list)
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-def rl_train_config(rl_config: RLConfig, config: TrainConfig) -> TrainConfig:
-    """Learning rates x init_lr_frac; the schedule runs over num_steps."""
-    scaled = {name: getattr(config, name) * rl_config.init_lr_frac for name in LEARNING_RATES}
-    return dataclasses.replace(config, num_iterations=rl_config.num_steps, **scaled)
 
 
 def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) -> RLRun:
@@ -95,7 +81,7 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
         raise ValueError(f"prompts_per_step: {rl_config.prompts_per_step} problems do not split over "
                          f"{info.world_size} ranks; use a multiple of {info.world_size}")
     out_dir = run_dir(config.run_name)
-    config = rl_train_config(rl_config, config)
+    config = fine_tuning_config(config, rl_config.init_lr_frac, rl_config.num_steps)
     if resume:
         checkpoint = resume_checkpoint(config, out_dir, device)
     else:
@@ -118,7 +104,7 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
            f"{f', top-k {rl_config.top_k}' if rl_config.top_k else ''}), advantages r - mean"
            f"{' over std' if rl_config.scale_by_std else ''}, {rl_config.ppo_epochs} pass(es) x "
            f"{rl_config.minibatches} minibatch(es), clip [{1 - rl_config.clip_low:g}, {1 + rl_config.clip_high:g}], "
-           f"KL {rl_config.kl_coef:g}, FLOPs price {rl_config.flops_price:g}; learning rates x "
+           f"KL {rl_config.kl_coef:g}; learning rates x "
            f"{rl_config.init_lr_frac:g} (matrix {config.matrix_lr:.3g}), linear decay to {config.final_lr_frac:g}")
     return RLRun(rl_config, config, info, device, dtype, model, wrap_for_training(model, config, device, info),
                  reference, checkpoint.tokenizer, optimizers, out_dir, start_step=checkpoint.step if resume else 0)
@@ -131,11 +117,10 @@ def step_problems(n_items: int, rl_config: RLConfig, seed: int, step: int, rank:
     return [int(i) for i in chosen[rank::world_size]]
 
 
-def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int,
-                    compute: Compute | None = None) -> list[list[Rollout]]:
+def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int) -> list[list[Rollout]]:
     """`samples` completions of each item through one batched engine call; groups in item order."""
     model, tokenizer, config = run.model, run.tokenizer, run.config
-    compute = compute or Compute()
+    compute = Compute()  # full width: the policy is trained and judged there
     conversations = [task[i] for i in items]
     prompts = [render_for_completion(tokenizer, c) for c in conversations]
     budget = min(config.max_new_tokens, model.config.sequence_len - max(map(len, prompts)))
@@ -147,7 +132,6 @@ def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int,
     rows = [p for p in prompts for _ in range(samples)]
     completions = Engine(model, tokenizer).generate(rows, budget, params, seed=seed, stop_tokens=stops,
                                                     compute=compute, tool=calculate)
-    full = model.count_flops(model.config.sequence_len, Compute()).forward
     groups = []
     for g, conversation in enumerate(conversations):
         group = []
@@ -155,9 +139,7 @@ def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int,
             length = len(prompts[g]) + len(done.tokens)
             flops = length * model.count_flops(max(1, length), compute).forward
             correct = bool(task.evaluate(conversation, tokenizer.decode(done.tokens)))
-            # the price is relative to the same tokens at full width, so it is the share of compute saved
-            reward = float(correct) - config.flops_price * flops / (length * full)
-            group.append(Rollout(prompts[g], done, correct, flops, reward))
+            group.append(Rollout(prompts[g], done, correct, flops, reward=float(correct)))
         groups.append(group)
     return groups
 
@@ -181,7 +163,7 @@ def _batch(rollouts: list[Rollout], pad_id: int, device: torch.device):
 
 
 def _logprobs(run: RLRun, model, x, y) -> torch.Tensor:
-    with run.autocast():
+    with autocast(run.device, run.dtype):
         logits = model(x)
     return token_logprobs(logits, y, run.config.temperature)
 
@@ -193,10 +175,11 @@ def rl_step(run: RLRun, groups: list[list[Rollout]]) -> dict:
     advantages = group_advantages(rewards, config.scale_by_std).reshape(-1).to(run.device)
     rollouts = [r for group in groups for r in group]
     x, y, mask = _batch(rollouts, run.tokenizer.bos_id, run.device)
-    tokens = mask.sum().double()
-    if run.info.enabled:  # DDP averages gradients over ranks: normalise by every rank's tokens, times world size
-        dist.all_reduce(tokens)
-    normaliser = max(tokens.item(), 1.0) / run.info.world_size
+    local_tokens = max(mask.sum().item(), 1)
+    # DDP averages gradients over ranks: normalise by every rank's tokens, divided by the number of ranks
+    tokens, reward_sum, correct_sum, count = _sum_over_ranks(run, mask.sum().item(), rewards.sum().item(),
+                                                             sum(r.correct for r in rollouts), len(rollouts))
+    normaliser = max(tokens, 1.0) / run.info.world_size
     with torch.no_grad():
         old = _logprobs(run, run.model, x, y) if config.ppo_epochs * config.minibatches > 1 else None
         ref = _logprobs(run, run.reference, x, y) if run.reference is not None else None
@@ -217,12 +200,19 @@ def rl_step(run: RLRun, groups: list[list[Rollout]]) -> dict:
             for opt in run.optimizers:
                 opt.step()
             run.model.zero_grad(set_to_none=True)
-    passes = config.ppo_epochs * max(1.0, tokens.item())
-    return {"reward": rewards.mean().item(), "correct": float(np.mean([r.correct for r in rollouts])),
+    passes = config.ppo_epochs * local_tokens  # the clip and KL statistics are this rank's
+    return {"reward": reward_sum / count, "correct": correct_sum / count,
             "completion_tokens": float(np.mean([len(r.completion.tokens) for r in rollouts])),
             "flops_per_answer": float(np.mean([r.flops for r in rollouts])),
-            "clipped_frac": stats["clipped_tokens"] / passes * run.info.world_size,
-            **({"kl": stats["kl_sum"] / passes * run.info.world_size} if config.kl_coef else {})}
+            "clipped_frac": stats["clipped_tokens"] / passes,
+            **({"kl": stats["kl_sum"] / passes} if config.kl_coef else {})}
+
+
+def _sum_over_ranks(run: RLRun, *values: float) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=run.device)
+    if run.info.enabled:
+        dist.all_reduce(totals)
+    return totals.tolist()
 
 
 def evaluate_pass_at_k(run: RLRun, task, step: int) -> dict:
@@ -241,10 +231,8 @@ def evaluate_pass_at_k(run: RLRun, task, step: int) -> dict:
             correct.append([r.correct for r in group])
             flops += sum(r.flops for r in group)
     k = config.eval_samples
-    totals = torch.tensor([pass_at_k(correct, 1) * len(correct), pass_at_k(correct, k) * len(correct),
-                           flops, len(correct) * k, len(correct)], dtype=torch.float64)
-    if run.info.enabled:
-        dist.all_reduce(totals)
+    solved = [pass_at_k(correct, j) * len(correct) if correct else 0.0 for j in (1, k)]  # a rank may have none
+    totals = torch.tensor(_sum_over_ranks(run, *solved, flops, len(correct) * k, len(correct)))
     record = {"step": step, "pass@1": (totals[0] / totals[4]).item(), f"pass@{k}": (totals[1] / totals[4]).item(),
               "eval_flops_per_answer": (totals[2] / totals[3]).item()}
     print0(f"step {step:4d} | held-out {task.name}: pass@1 {record['pass@1']:.1%}, pass@{k} {record[f'pass@{k}']:.1%}"

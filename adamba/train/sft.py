@@ -10,7 +10,6 @@ exactly; under torchrun each rank takes every world_size-th row.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from ..checkpoint import load_checkpoint, resolve_run, run_dir, save_checkpoint
 from ..common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from ..config import SFTConfig, TrainConfig
 from ..data.conversations import ConversationLoader
-from .optim import build_optimizers, set_schedule
+from .optim import build_optimizers, fine_tuning_config, set_schedule
 from .trainer import (
     MetricsLog,
     Run,
@@ -44,15 +43,12 @@ from .trainer import (
     wrap_for_training,
 )
 
-LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr")
-
 ChatEval = Callable[[Run, int], dict]  # (run, step) -> metrics of a small chat evaluation
 
 
 def sft_train_config(sft: SFTConfig, config: TrainConfig, steps: int) -> TrainConfig:
     """The TrainConfig the steps run with: learning rates scaled by init_lr_frac, num_iterations = steps."""
-    scaled = {name: getattr(config, name) * sft.init_lr_frac for name in LEARNING_RATES}
-    return dataclasses.replace(config, num_iterations=steps, **scaled)
+    return fine_tuning_config(config, sft.init_lr_frac, steps)
 
 
 def setup_sft(sft: SFTConfig, config: TrainConfig, conversations: Sequence[dict], *, resume: bool = False,

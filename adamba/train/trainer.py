@@ -21,7 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, load_checkpoint, resolve_run, run_dir, save_checkpoint, set_rng_state
-from ..common import DistInfo, init_distributed, pick_device, pick_dtype, print0, seed_everything, write_atomic
+from ..common import (
+    DistInfo,
+    autocast,
+    init_distributed,
+    pick_device,
+    pick_dtype,
+    print0,
+    seed_everything,
+    write_atomic,
+)
 from ..config import MAMBA, ModelConfig, TrainConfig, require_loop
 from ..data.dataset import TokenizedCorpus
 from ..data.loader import DataLoader
@@ -155,9 +164,7 @@ class Run:
         return self.model.config
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Under DDP, gradients are averaged over ranks at a backward with sync; the others accumulate locally."""
