@@ -15,7 +15,7 @@ then run to --max-new-tokens). Tokens/s counts the generated tokens (sampled and
 Repeats alternate batched and sequential; medians are reported.
 
 Run from the repository root with `PYTHONPATH=.`:
-    python benchmarks/rl.py --threads 2 --checkpoint demo-sft        # the run recorded in BENCHMARKS.md
+    python benchmarks/rl.py --threads 2 --checkpoint demo-sft --repeats 1   # the run recorded in BENCHMARKS.md
 The last line printed is one JSON object with the results.
 """
 
