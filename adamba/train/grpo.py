@@ -27,7 +27,7 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = False, eps: flo
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(target) under the sampling distribution softmax(logits / temperature); logits (B, T, V), targets
     (B, T). The temperature must be the one the tokens were sampled at, or the ratio is not the policy's."""
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    logits = logits.float() / temperature
     return torch.gather(torch.log_softmax(logits, dim=-1), -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 

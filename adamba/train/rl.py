@@ -44,7 +44,7 @@ class Rollout:
     completion: Completion
     correct: bool
     flops: float  # forward FLOPs spent on it (prompt + completion, at the compute it ran)
-    reward: float = 0.0
+    reward: float
 
     def sequence(self) -> tuple[list[int], list[bool]]:
         """Prompt + completion (+ the stop token the policy chose), and per token whether the policy sampled it."""
