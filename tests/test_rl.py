@@ -63,7 +63,7 @@ def test_only_the_policys_choices_carry_loss_not_the_prompt_or_forced_tool_outpu
     prompt = [1, 2, 3]
     # sampled 10, 11 (a call), forced 90, 91 (the tool's output), sampled 12, then the stop token 99
     done = Completion(tokens=[10, 11, 90, 91, 12], forced=[False, False, True, True, False], stop_token=99)
-    x, y, mask = _batch([Rollout(prompt, done, True, 0.0)], pad_id=0, device=torch.device("cpu"))
+    x, y, mask = _batch([Rollout(prompt, done, True, 0.0, 1.0)], pad_id=0, device=torch.device("cpu"))
     assert x[0].tolist() == [1, 2, 3, 10, 11, 90, 91, 12]
     assert y[0].tolist() == [2, 3, 10, 11, 90, 91, 12, 99]
     assert [t for t, m in zip(y[0].tolist(), mask[0].tolist(), strict=True) if m] == [10, 11, 12, 99]
