@@ -1,4 +1,5 @@
-"""The chat half of the command line: `adamba sft`, `adamba rl`, `adamba eval chat` and `adamba chat`."""
+"""The chat half of the command line: `adamba sft`, `adamba rl`, `adamba eval chat`, `adamba eval rl` and
+`adamba chat`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def add_chat_commands(commands, eval_commands) -> None:
     ec.add_argument("--no-tools", action="store_true", help="do not execute tool calls (for the control)")
     ec.add_argument("--device", default="auto")
     ec.set_defaults(func=cmd_eval_chat)
+
+    er = eval_commands.add_parser("rl", help="compute-aware RL runs side by side: held-out pass@1 against FLOPs "
+                                             "per answer over the FLOPs price; Markdown + PNG")
+    er.add_argument("runs", nargs="+", help="RL run names or folders (each run with --flops-price)")
+    er.add_argument("--name", default="rl-price", help="report folder name under $ADAMBA_HOME/reports")
+    er.set_defaults(func=cmd_eval_rl)
 
     ch = commands.add_parser("chat", help="talk to a chat model: streaming replies, /mode, /clear, /system")
     ch.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
@@ -114,6 +121,30 @@ def cmd_eval_chat(args) -> None:
     print(markdown(scores))
     note = "Tool calls were not executed (control)." if args.no_tools else "Tool calls executed (calculator)."
     md, _ = write_chat_report(ckpt.path.parent.name, scores, str(ckpt.path), note)
+    print(f"report: {md}")
+
+
+def cmd_eval_rl(args) -> None:
+    import json
+
+    from .checkpoint import latest_checkpoint, read_meta, resolve_run
+    from .eval.rl_report import write_price_report
+
+    runs = []
+    for name in args.runs:
+        folder = resolve_run(name)
+        folder = folder if (folder / "metrics.jsonl").exists() else folder.parent
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None or not (folder / "metrics.jsonl").exists():
+            raise ValueError(f"runs: {name} is not an RL run folder (no checkpoint and metrics.jsonl in {folder})")
+        price = read_meta(checkpoint)["extra"].get("rl", {}).get("flops_price")
+        if price is None:
+            raise ValueError(f"runs: {name} was not compute-aware (no flops_price); run `adamba rl` with "
+                             "--flops-price")
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        runs.append((folder.name, float(price), records))
+    md, _ = write_price_report(args.name, runs)
+    print(md.read_text())
     print(f"report: {md}")
 
 

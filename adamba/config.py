@@ -723,6 +723,11 @@ class RLConfig:
     eval_every: int = 20  # steps between held-out evaluations (0: only at the start and the end)
     eval_items: int = 100  # held-out problems per evaluation
     eval_samples: int = 8  # samples per held-out problem: pass@1 and pass@k with k = this
+    # Compute-aware RL: None trains at full width; a number lambda >= 0 samples each completion's per-layer widths
+    # from the width predictor (its log-probability gets the completion's advantage) and rewards
+    # correct - lambda * FLOPs spent / FLOPs at full width (0: the width choice is learnt, unpriced: the control)
+    flops_price: float | None = None  # lambda; None: full width, no compute choice
+    predictor_layers: int = 1  # blocks the width predictor reads, when RL adds one to a model that has none
 
     def __post_init__(self) -> None:
         if not self.base:
@@ -742,6 +747,10 @@ class RLConfig:
         for name in ("clip_low", "clip_high", "kl_coef"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 _fail(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.flops_price is not None and (not isinstance(self.flops_price, (int, float))
+                                             or isinstance(self.flops_price, bool) or not self.flops_price >= 0):
+            _fail("flops_price", f"must be a number >= 0, got {self.flops_price!r}", "omit it to train at full width")
+        _positive_int("predictor_layers", self.predictor_layers)
         if self.clip_low >= 1:
             _fail("clip_low", f"must be below 1 (the ratio is clipped to 1 - clip_low), got {self.clip_low!r}")
 

@@ -8,11 +8,15 @@ from conftest import tiny_config, tiny_train_config
 
 from adamba.chat.render import render_for_completion
 from adamba.checkpoint import load_checkpoint, run_dir
+from adamba.cli import main
 from adamba.config import RL_TRAIN_DEFAULTS, RLConfig, TrainConfig
 from adamba.infer.engine import Completion
+from adamba.model.compute import Compute
+from adamba.model.flops import count_flops
+from adamba.surgery.add_predictor import with_width_predictor
 from adamba.tasks.base import Items
-from adamba.train.grpo import group_advantages, kl_k3, pass_at_k, policy_loss
-from adamba.train.rl import Rollout, _batch, rl
+from adamba.train.grpo import group_advantages, kl_k3, pass_at_k, policy_loss, token_logprobs
+from adamba.train.rl import Rollout, _batch, _logprobs, answer_flops, rl, sample_rollouts, setup_rl
 from adamba.train.trainer import train
 
 
@@ -119,7 +123,108 @@ def test_a_reward_for_one_token_raises_its_probability(base):
     assert after[token] > 2 * before[token], (before[token].item(), after[token].item())
 
 
-@pytest.mark.parametrize("overrides", [{}, {"ppo_epochs": 2, "minibatches": 2, "kl_coef": 0.1}])
+class AlwaysRight(FirstToken):
+    """Rigged: every reply is right, so only the FLOPs price tells completions apart."""
+
+    def __init__(self):
+        super().__init__("")
+
+
+def mean_level_probs(model, tokenizer, task) -> torch.Tensor:
+    """The width predictor's level probabilities at its one choosable layer (1), averaged over the task's prompts."""
+    prompts = [render_for_completion(tokenizer, task[i]) for i in range(len(task))]
+    with torch.no_grad():
+        return torch.stack([torch.softmax(model.adaptive_heads.predictor(model.hidden_after(torch.tensor([p]), 1)),
+                                          -1)[0, 1] for p in prompts]).mean(0)
+
+
+@pytest.mark.parametrize("price", [0.0, 4.0])
+def test_a_flops_price_teaches_the_width_choice_to_spend_less(base, price):
+    """Every answer is right: at price 0 all rewards tie, so the choice must not move from its uniform start (1/3
+    per level, zero output weights); with a price the narrow widths earn more and their probability rises."""
+    task = AlwaysRight()
+    rl(*rl_configs(f"price{price:g}", steps=8, flops_price=price), task, task, progress=False)
+    checkpoint = load_checkpoint(run_dir(f"price{price:g}"))
+    probs = mean_level_probs(checkpoint.model, checkpoint.tokenizer, task)
+    if price == 0:
+        torch.testing.assert_close(probs, torch.full((3,), 1 / 3))
+    else:
+        assert probs[2] < 1 / 6 and probs[0] > 1 / 3, probs.tolist()  # levels 16, 32, 64: full width halved
+    reports = run_dir("x").parent.parent / "reports"
+    report = (reports / f"price{price:g}" / "rl.md").read_text()
+    assert "| step | problems | n | pass@1 | FLOPs of full width | width 16 | width 32 | width 64 |" in report
+    assert main(["eval", "rl", f"price{price:g}", "--name", "curve"]) == 0
+    final = [r for r in load_metrics(f"price{price:g}") if "eval_flops_frac" in r][-1]
+    assert f"| price{price:g} | {price:g} | 8 | 100.0% -> 100.0% | {final['eval_flops_per_answer']:.3g} | " \
+           f"{100 * final['eval_flops_frac']:.1f}% |" in (reports / "curve" / "rl_price.md").read_text()
+
+
+def load_metrics(run: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_price_curve_refuses_a_run_without_a_price(base, capsys):
+    task = FirstToken("a")
+    rl(*rl_configs("plain", steps=1), task, task, progress=False)
+    assert main(["eval", "rl", "plain"]) == 2
+    assert "plain was not compute-aware (no flops_price)" in capsys.readouterr().err
+
+
+def test_compute_aware_log_probabilities_and_flops_by_reference(base):
+    """The teacher-forced pass over rows at different sampled widths equals each row run alone at its widths; the
+    width choice's log-probability is the predictor's log-softmax at the chosen level; the FLOPs are counted by hand
+    from the counter's per-token figures."""
+    rl_config, config = rl_configs("aware", flops_price=1.0)
+    run = setup_rl(rl_config, config)
+    model = run.model
+    assert model.config.predictor_layers == 1 and run.reference is None
+    task = FirstToken("a")
+    rollouts = [r for group in sample_rollouts(run, task, [0, 1, 2], 4, seed=5) for r in group]
+    assert len({r.choice.widths for r in rollouts}) > 1  # the batch mixes widths
+    x, y, mask = _batch(rollouts, run.tokenizer.bos_id, run.device)
+    with torch.no_grad():
+        logp = _logprobs(run, model, x, y, rollouts)
+    assert logp.shape == mask.shape == (len(rollouts), x.size(1) + 1)
+    for b, r in enumerate(rollouts):
+        tokens, _ = r.sequence()
+        n = len(tokens) - 1
+        with torch.no_grad():
+            alone = token_logprobs(model(torch.tensor([tokens[:-1]]), compute=Compute(width=list(r.choice.widths))),
+                                   torch.tensor([tokens[1:]]))
+            scores = model.adaptive_heads.predictor(model.hidden_after(torch.tensor([r.prompt]), 1))[0]
+        torch.testing.assert_close(logp[b, :n], alone[0], atol=1e-5, rtol=0)
+        assert r.choice.levels[0] == 2  # layer 0 is read by the predictor: pinned to full width
+        expected = torch.log_softmax(scores[1], -1)[r.choice.levels[1]]
+        torch.testing.assert_close(logp[b, -1], expected, atol=1e-6, rtol=0)
+        # FLOPs by hand: every token at the chosen widths, plus the predictor's pass (block 0 over the prompt,
+        # then its MLP once: 2 (d h + h n_layer n_levels)), against the same tokens at full width
+        c, L, P = model.config, len(r.prompt) + len(r.completion.tokens), len(r.prompt)
+        block0 = count_flops(c, P, layers=[("T", None, None)])
+        mlp = 2 * (c.n_embd * c.predictor_hidden + c.predictor_hidden * c.n_layer * 3)
+        spent = L * count_flops(c, L, c.layer_widths(list(r.choice.widths))).forward + \
+            P * (block0.forward - block0.lm_head) + mlp
+        assert r.flops == pytest.approx(spent) and answer_flops(model, P, L - P, r.choice)[0] == pytest.approx(spent)
+        assert r.flops_frac == pytest.approx(spent / (L * count_flops(c, L).forward))
+        assert r.reward == pytest.approx(float(r.correct) - r.flops_frac)
+
+
+def test_adding_a_width_predictor_changes_no_logit(base):
+    model = load_checkpoint(run_dir("base")).model
+    grown = with_width_predictor(model)
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x), grown(x))
+        assert torch.equal(model(x, compute=Compute(width=[64, 32])), grown(x, compute=Compute(width=[64, 32])))
+    with pytest.raises(ValueError, match="predictor_layers: the model already has"):
+        with_width_predictor(grown)
+    with pytest.raises(ValueError, match="flops_price"):
+        RLConfig(base="base", flops_price=-1.0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"ppo_epochs": 2, "minibatches": 2, "kl_coef": 0.1},
+                                       {"flops_price": 0.5, "ppo_epochs": 2, "minibatches": 2, "kl_coef": 0.1}])
 def test_resumed_midway_equals_the_uninterrupted_run(base, overrides):
     task = FirstToken("a")
     straight = rl(*rl_configs("straight", **overrides), task, task, progress=False)
@@ -139,9 +244,11 @@ def test_resumed_midway_equals_the_uninterrupted_run(base, overrides):
     assert len(rewards) == 4
 
 
-def test_two_process_torchrun_stripes_rollouts_and_evaluation(base):
+@pytest.mark.parametrize("extra", [[], ["--flops-price", "0.5"]])
+def test_two_process_torchrun_stripes_rollouts_and_evaluation(base, extra):
     """`adamba rl` under torchrun: each rank samples its share of the problems, the held-out evaluation counts
-    every problem once over both ranks, and rank 0 writes the checkpoint and the report."""
+    every problem once over both ranks, and rank 0 writes the checkpoint and the report; also compute-aware (the width
+    predictor's gradients come from outside DDP's forward, in the same backward)."""
     import os
     import subprocess
     import sys
@@ -154,7 +261,7 @@ def test_two_process_torchrun_stripes_rollouts_and_evaluation(base):
                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "adamba.cli", "rl",
                            "base", "--task", "counting", "--num-steps", "2", "--prompts-per-step", "4",
                            "--samples-per-prompt", "2", "--max-new-tokens", "3", "--eval-items", "6",
-                           "--eval-samples", "2", "--eval-every", "0", "--device", "cpu", "--run-name", "ddp"],
+                           "--eval-samples", "2", "--eval-every", "0", "--device", "cpu", "--run-name", "ddp", *extra],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("(6 problems x 2 samples)") == 2  # at step 0 and at the end, both ranks' problems

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ATTENTION, ModelConfig
-from .flops import level_costs
+from .flops import count_flops, level_costs
 from .init import init_linear_
 from .norm import rms_norm
 
@@ -40,6 +40,20 @@ def predictor_flops(config: ModelConfig) -> float:
     """FLOPs of one prediction (once per row): the MLP's two matrices (pooling and norm are O(T d), not counted)."""
     h = config.predictor_hidden
     return 2 * (config.n_embd * h + h * config.n_layer * len(config.matryoshka_levels))
+
+
+def reading_flops(config: ModelConfig, context: int | None = None) -> float:
+    """Forward FLOPs per token of what the predictor reads: the first predictor_layers blocks at full width, run
+    once more without a cache (`hidden_after`), no lm_head."""
+    windows = config.attention_windows()
+    prefix = count_flops(config, context, layers=[(config.block_pattern[i], windows[i], None)
+                                                  for i in range(config.predictor_layers)])
+    return prefix.forward - prefix.lm_head
+
+
+def prediction_flops(config: ModelConfig, prompt_tokens: int) -> float:
+    """Forward FLOPs of one prediction for a prompt of `prompt_tokens` tokens: its reading pass and the MLP."""
+    return prompt_tokens * reading_flops(config, max(1, prompt_tokens)) + predictor_flops(config)
 
 
 class LayerDimPredictor(nn.Module):

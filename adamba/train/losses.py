@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import ATTENTION, ModelConfig, TrainConfig
 from ..model.compute import Compute
 from ..model.flops import count_flops
-from ..model.predictor import choosable
+from ..model.predictor import choosable, reading_flops
 from .energy import expected_flops
 
 
@@ -158,9 +158,7 @@ def mixture_train_flops(model: ModelConfig) -> float:
         for w in levels:
             layer = count_flops(model, layers=[(ATTENTION, windows[i], w)])
             extra += layer.projections + layer.attention
-    prefix = count_flops(model, layers=[(model.block_pattern[i], windows[i], None)
-                                        for i in range(model.predictor_layers)])
-    return 3 * (count_flops(model).forward + extra) + prefix.forward - prefix.lm_head
+    return 3 * (count_flops(model).forward + extra) + reading_flops(model)
 
 
 def exit_train_flops(model: ModelConfig, objective: ExitTraining) -> float:
