@@ -725,7 +725,8 @@ class RLConfig:
     eval_samples: int = 8  # samples per held-out problem: pass@1 and pass@k with k = this
     # Compute-aware RL: None trains at full width; a number lambda >= 0 samples each completion's per-layer widths
     # from the width predictor (its log-probability gets the completion's advantage) and rewards
-    # correct - lambda * FLOPs spent / FLOPs at full width (0: the width choice is learnt, unpriced: the control)
+    # correct - lambda * FLOPs spent / FLOPs of the prompt and a max_new_tokens answer at full width (0: the width
+    # choice is learnt, unpriced: the control)
     flops_price: float | None = None  # lambda; None: full width, no compute choice
     predictor_layers: int = 1  # blocks the width predictor reads, when RL adds one to a model that has none
 

@@ -207,7 +207,9 @@ def test_compute_aware_log_probabilities_and_flops_by_reference(base):
             P * (block0.forward - block0.lm_head) + mlp
         assert r.flops == pytest.approx(spent) and answer_flops(model, P, L - P, r.choice)[0] == pytest.approx(spent)
         assert r.flops_frac == pytest.approx(spent / (L * count_flops(c, L).forward))
-        assert r.reward == pytest.approx(float(r.correct) - r.flops_frac)
+        # the price: against the prompt and the longest allowed answer (3 tokens) at full width
+        longest = (P + 3) * count_flops(c, P + 3).forward
+        assert r.reward == pytest.approx(float(r.correct) - spent / longest)
 
 
 def test_adding_a_width_predictor_changes_no_logit(base):

@@ -12,8 +12,9 @@ Compute-aware RL (`flops_price` lambda): the action is a width choice and then t
 per-layer Matryoshka widths are sampled from the width predictor's softmax over levels (model/predictor.py; added
 to the model if it has none), the completion is generated and teacher-forced at those widths, and the choice's
 log-probability is one more action in the clipped surrogate with the completion's advantage (REINFORCE over the
-choice, Williams 1992). The reward is correct - lambda * FLOPs spent / FLOPs at full width, both from the one FLOP
-counter over the prompt and completion, the predictor's own pass included in what is spent.
+choice, Williams 1992; the KL penalty, if any, covers it too). The reward is correct - lambda * FLOPs spent / the
+FLOPs of the prompt and the longest allowed answer at full width, both from the one FLOP counter, the predictor's
+own pass included in what is spent: narrower widths and shorter answers both earn.
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int)
             done, choice = completions[r], choices[r]
             spent, full = answer_flops(model, len(prompts[g]), len(done.tokens), choice)
             correct = bool(task.evaluate(conversation, tokenizer.decode(done.tokens)))
-            price = (config.flops_price or 0.0) * spent / full
+            # priced against the longest answer allowed at full width: narrower widths and shorter answers both
+            # spend less (a constant per prompt, so within a group only what the completion spent differs)
+            price = (config.flops_price or 0.0) * spent / answer_flops(model, len(prompts[g]), budget, None)[0]
             group.append(Rollout(prompts[g], done, correct, spent, reward=float(correct) - price, choice=choice,
                                  flops_frac=spent / full))
         groups.append(group)
