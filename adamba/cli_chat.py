@@ -52,6 +52,18 @@ def add_chat_commands(commands, eval_commands) -> None:
     er.add_argument("--name", default="rl-price", help="report folder name under $ADAMBA_HOME/reports")
     er.set_defaults(func=cmd_eval_rl)
 
+    sv = commands.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a web UI")
+    sv.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="rows generated together (slots of the batch)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1 and /metrics")
+    sv.add_argument("--name", default=None, help="the model id clients use (default: the run's name)")
+    sv.add_argument("--no-tools", action="store_true", help="do not execute the calculator in chat replies")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
+
     ch = commands.add_parser("chat", help="talk to a chat model: streaming replies, /mode, /clear, /system")
     ch.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
     ch.add_argument("-p", "--prompt", default=None, help="one message, one reply, then exit")
@@ -146,6 +158,19 @@ def cmd_eval_rl(args) -> None:
     md, _ = write_price_report(args.name, runs)
     print(md.read_text())
     print(f"report: {md}")
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .serve.api import create_app
+
+    ckpt = _load(args)
+    name = args.name or ckpt.path.parent.name
+    app = create_app(ckpt.model, ckpt.tokenizer, name, max_batch=args.max_batch, max_queue=args.max_queue,
+                     api_key=args.api_key, tools=not args.no_tools)
+    print(f"serving {name} on http://{args.host}:{args.port} (web UI at /, OpenAI API at /v1)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def cmd_chat(args) -> None:

@@ -67,6 +67,18 @@ class KVState:
         end = cache.end(T)
         return self.k[:, :n, :end], self.v[:, :n, :end]
 
+    def load_row(self, slot: int, source: KVState, row: int = 0) -> None:
+        """Make row `slot` hold what row `row` of `source` (a cache of at most this capacity) holds; positions past
+        the source's capacity are marked full-width (they are rewritten before any query can see them)."""
+        span = source.k.size(2)
+        self.k[slot, :, :span], self.v[slot, :, :span] = source.k[row], source.v[row]
+        self.heads[slot, :span], self.heads[slot, span:] = source.heads[row], self.k.size(1)
+        if source.inputs is not None and self.inputs is None:
+            self.inputs = source.inputs.new_zeros(self.k.size(0), self.k.size(2), source.inputs.size(-1))
+        if self.inputs is not None:
+            self.inputs[slot, :span] = 0 if source.inputs is None else source.inputs[row]
+        self.min_heads = min(self.min_heads, source.min_heads)
+
     def copy_new(self, source: KVState, cache: InferenceCache, T: int) -> None:
         """Give the T new tokens of each row the entries `source` (another loop iteration's slot) holds for
         them: K/V depend only on a token's layer input and position, so this is what running the layer on that
@@ -116,6 +128,21 @@ class InferenceCache:
         # Set before a forward whose rows are right-padded: how many of the new tokens of each row are real.
         # Layers whose state is a running summary (Mamba) must not absorb the padding.
         self.valid: torch.Tensor | None = None
+
+    def load_row(self, slot: int, source: InferenceCache, row: int = 0) -> None:
+        """Row `slot` takes over row `row` of `source` (e.g. a prompt prefilled alone): every layer's state, loop
+        slots included, and its length. Continuous batching (serve/scheduler.py) admits requests this way."""
+        if source.capacity > self.capacity or source.loop_slots != self.loop_slots:
+            raise ValueError(f"load_row: a cache of capacity {source.capacity} and {source.loop_slots} loop slot(s) "
+                             f"does not fit one of capacity {self.capacity} and {self.loop_slots}")
+        for mine, theirs in zip(self.states, source.states, strict=True):
+            for state, other in (zip(mine, theirs, strict=True) if isinstance(mine, list) else [(mine, theirs)]):
+                state.load_row(slot, other, row)
+        if source.loop_last is not None:
+            if self.loop_last is None:
+                self.loop_last = source.loop_last.new_zeros(self.batch, source.loop_last.size(-1))
+            self.loop_last[slot] = source.loop_last[row]
+        self.lengths[slot] = source.lengths[row]
 
     # --- called by the model around each forward -------------------------------------------------------
     def begin(self, T: int) -> torch.Tensor:

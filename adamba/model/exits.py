@@ -217,7 +217,9 @@ class ExitPolicy:
         L, d = config.n_layer, config.n_embd
         B, T = shape
         self.exit_layers = _checked_exit_layers(exit_layers, adaptive, shape, L, device)
-        if adaptive is not None and self.heads is None:
+        # per-row widths alone (exit off) need no gates; anything else does
+        if adaptive is not None and self.heads is None and (adaptive.exit or adaptive.expand is not None
+                                                            or adaptive.predictor):
             raise ValueError("adaptive: this model has no gates (set min_exit_layer / expansion_gates in its config)")
         self.thresholds = adaptive.exit_thresholds(model) if adaptive is not None else {}
         self.expand = adaptive.expand if adaptive is not None else None

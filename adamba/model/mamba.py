@@ -76,6 +76,10 @@ class MambaState:
         self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=dtype)
         self.A: torch.Tensor | None = None  # -exp(A_log), computed at the first decoding step
 
+    def load_row(self, slot: int, source, row: int = 0) -> None:
+        """Row `slot` takes over row `row` of `source` (see InferenceCache.load_row)."""
+        self.conv[slot], self.ssm[slot] = source.conv[row], source.ssm[row]
+
 
 class Mamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

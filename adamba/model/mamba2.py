@@ -39,6 +39,10 @@ class Mamba2State:
         self.conv = torch.zeros(batch, conv_dim, d_conv - 1, device=device, dtype=dtype)
         self.ssm = torch.zeros(batch, nheads, headdim, d_state, device=device, dtype=dtype)
 
+    def load_row(self, slot: int, source, row: int = 0) -> None:
+        """Row `slot` takes over row `row` of `source` (see InferenceCache.load_row)."""
+        self.conv[slot], self.ssm[slot] = source.conv[row], source.ssm[row]
+
 
 class GatedRMSNorm(nn.Module):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(y * silu(z)) * weight, normalised over

@@ -1,0 +1,1 @@
+"""Serving: continuous batching (scheduler.py) behind an OpenAI-compatible HTTP API (api.py), `adamba serve`."""

@@ -1,0 +1,281 @@
+"""Continuous batching: one thread owns the model and a cache of `max_batch` slots, and runs one decode step at a time
+for every request in it (Yu et al. 2022, Orca's iteration-level scheduling; vLLM and llama.cpp's server do the same).
+
+A request joins at a step boundary: its prompt is prefilled alone, at its own compute, into a one-row cache whose
+state (attention K/V, Mamba conv and SSM state, loop slots) is then loaded into a free slot of the running cache
+(`InferenceCache.load_row`). Each row keeps its own sampling parameters, seed, stop conditions, tool calls and
+width: rows at different widths share a step (the forward runs each token at its row's width, exactly as alone).
+A request leaves when it stops, or at once when its client goes away (`Request.cancel`); its slot is parked (it
+rewrites one position and is never read) until the next request loads over it. Generation runs on this thread,
+never on the web server's event loop: tokens reach the caller through `Request.on_event`, called from here.
+
+Rows batch together when their loops and adaptive policy agree (a looped model's iterations and an exit policy are
+per step, not per row); a request whose differ waits until the running ones finish.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..infer.sampling import SamplingParams, sample
+from ..infer.tool_use import Tool, ToolUse
+from ..model.cache import InferenceCache
+from ..model.compute import Compute
+from ..model.exits import Adaptive
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the server accepts (HTTP 429)."""
+
+
+@dataclass
+class Token:
+    """One generated token, as the caller sees it."""
+
+    id: int
+    forced: bool  # put there by a tool call, not sampled
+    logprob: float | None = None  # log-probability under the model (before temperature and filters)
+    top: list[tuple[int, float]] | None = None  # the most likely tokens and their log-probabilities
+
+
+@dataclass
+class Request:
+    """A prompt to complete and how. `on_event(kind, payload)` is called on the scheduler's thread: ("token",
+    Token), then once ("done", finish_reason) or ("error", message). `stop_strings` end the row when its text
+    contains one (the caller cuts the text there)."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop_tokens: frozenset = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    compute: Compute = field(default_factory=Compute)
+    top_logprobs: int | None = None  # None: no log-probabilities; k >= 0: the token's and the k most likely
+    tool: Tool | None = None
+    on_event: Callable[[str, object], None] = lambda kind, payload: None
+    # filled in by the scheduler
+    tokens: list[int] = field(default_factory=list)
+    flops: float = 0.0  # forward FLOPs spent on it (prompt and reply), set when it finishes
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """The caller is gone: the scheduler frees the slot before its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator
+    tools: ToolUse | None
+    widths: tuple
+    next_token: int = 0
+    text_tail: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = next(model.parameters()).device
+        self.context = model.config.sequence_len
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.group: tuple | None = None  # (loops, adaptive) of the running rows
+        self.cache: InferenceCache | None = None
+        self.wake = threading.Condition()
+        self.stats = collections.Counter()  # requests, prompt/completion tokens, flops, cancelled, steps
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="adamba-scheduler", daemon=True)
+
+    # --- the caller's side (any thread) ----------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wake:
+            self._stop = True
+            self.wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        """Queue `request` (QueueFull when max_queue are already waiting); its events follow on_event."""
+        if len(request.prompt) + 1 > self.context:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens; the model's context is {self.context} "
+                             "(sequence_len), which must also hold at least one new token")
+        request.compute.check(self.model.config)
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
+            self.waiting.append(request)
+            self.wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    # --- the scheduler's thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self._stop and not self.waiting and not self.active:
+                        self.wake.wait(timeout=1.0)
+                    if self._stop:
+                        return
+                self._drop_cancelled()
+                self._admit()
+                if self.active:
+                    try:
+                        self._step()
+                    except Exception as error:  # a bug must not hang every client: fail the batch, keep serving
+                        for slot, row in enumerate(self.rows):
+                            if row is not None:
+                                self._finish(slot, None, f"generation failed: {type(error).__name__}: {error}")
+
+    def _drop_cancelled(self) -> None:
+        with self.wake:
+            kept = [r for r in self.waiting if not r.cancelled]
+            self.stats["cancelled"] += len(self.waiting) - len(kept)
+            self.waiting = collections.deque(kept)
+        for slot, row in enumerate(self.rows):
+            if row is not None and row.request.cancelled:
+                self.stats["cancelled"] += 1
+                self.rows[slot] = None
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots while their loops/adaptive policy match the running rows'."""
+        while None in self.rows:
+            with self.wake:
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+                group = self._group(request.compute)
+                if self.active and group != self.group:
+                    return  # it waits for the running rows to finish
+                self.waiting.popleft()
+            if not self.active and group != self.group:
+                self.cache = None  # a looped model's loop slots depend on the loops
+            self.group = group
+            try:
+                self._prefill(self.rows.index(None), request)
+            except Exception as error:
+                request.on_event("error", f"{type(error).__name__}: {error}")
+
+    def _group(self, compute: Compute) -> tuple:
+        """What rows sharing a step must agree on: loops and adaptive policy; for a looped model, everything."""
+        return (compute,) if self.model.config.loop is not None else (compute.loops, compute.adaptive)
+
+    def _prefill(self, slot: int, request: Request) -> None:
+        model, compute = self.model, request.compute
+        if self.cache is None:
+            self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute)
+        alone = InferenceCache(model, 1, len(request.prompt), compute=compute)
+        ids = torch.tensor([request.prompt], device=self.device)
+        logits = model(ids, cache=alone, compute=compute)[:, -1]
+        self.cache.load_row(slot, alone)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**63))
+        widths = tuple(model.config.width_values(compute.width)) if model.config.loop is None else ()
+        tools = ToolUse(self.tokenizer, request.tool, 1) if request.tool is not None else None
+        row = _Row(request, generator, tools, widths)
+        self.rows[slot] = row
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(request.prompt)
+        self._emit(slot, logits[0])
+
+    def _step(self) -> None:
+        """One decode step for every slot: occupied rows feed their last token, parked ones a dummy."""
+        B = self.max_batch
+        ids = torch.tensor([[row.next_token if row is not None else 0] for row in self.rows], device=self.device)
+        parked = self.cache.lengths.clone()
+        logits = self.model(ids, cache=self.cache, compute=self._step_compute())[:, -1]
+        free = torch.tensor([row is None for row in self.rows], device=self.device)
+        self.cache.lengths.copy_(torch.where(free, parked, self.cache.lengths))
+        self.stats["steps"] += 1
+        for slot in range(B):
+            if self.rows[slot] is not None:
+                self._emit(slot, logits[slot])
+
+    def _step_compute(self) -> Compute:
+        if self.model.config.loop is not None:  # looped models batch one compute choice (see the module doc)
+            return self.group[0]
+        loops, adaptive = self.group
+        widths = {row.widths for row in self.rows if row is not None}
+        if len(widths) == 1:
+            return Compute(width=list(widths.pop()), loops=loops, adaptive=adaptive)
+        full = tuple(self.model.config.width_values(None))
+        row_widths = tuple(row.widths if row is not None else full for row in self.rows)
+        return Compute(loops=loops, adaptive=_with_rows(adaptive, row_widths))
+
+    def _emit(self, slot: int, logits: torch.Tensor) -> None:
+        """Choose row `slot`'s next token from its logits, report it, and finish the row if it stops."""
+        row = self._row(slot)
+        request = row.request
+        vocab = self.tokenizer.vocab_size
+        if logits.size(-1) > vocab:  # nanochat pads the vocabulary: ids past the tokenizer's never come out
+            logits = logits.clone()
+            logits[vocab:] = -math.inf
+        token = sample(logits[None], request.params, row.generator)
+        forced = False
+        if row.tools is not None:
+            token, flags = row.tools.choose(token)
+            forced = flags[0]
+        token = int(token[0])
+        if token in request.stop_tokens and not forced:
+            self._finish(slot, "stop")
+            return
+        request.tokens.append(token)
+        self.stats["completion_tokens"] += 1
+        if row.tools is not None:
+            row.tools.observe(0, token)
+        request.on_event("token", _token(token, forced, logits, request.top_logprobs))
+        row.next_token = token
+        if request.stop_strings and any(s in self.tokenizer.decode(request.tokens[-64:]) for s in request.stop_strings):
+            self._finish(slot, "stop")
+        elif len(request.tokens) >= request.max_tokens or int(self.cache.lengths[slot]) + 1 >= self.context:
+            self._finish(slot, "length")
+
+    def _row(self, slot: int) -> _Row:
+        row = self.rows[slot]
+        assert row is not None
+        return row
+
+    def _finish(self, slot: int, reason: str | None, error: str | None = None) -> None:
+        request = self._row(slot).request
+        self.rows[slot] = None
+        # the project's convention (eval/chat_eval.py): every prompt and reply token at the forward FLOPs per token
+        # of a sequence that long, at the request's compute
+        length = len(request.prompt) + len(request.tokens)
+        request.flops = length * self.model.count_flops(length, request.compute).forward
+        self.stats["flops"] += request.flops
+        if error is not None:
+            request.on_event("error", error)
+        else:
+            request.on_event("done", reason)
+
+
+def _with_rows(adaptive: Adaptive | None, row_widths: tuple) -> Adaptive:
+    """The step's adaptive policy (none: no exits) with each row's widths."""
+    base = adaptive if adaptive is not None else Adaptive(exit=False)
+    return Adaptive(exit=base.exit, threshold=base.threshold, expand=base.expand, row_widths=row_widths)
+
+
+def _token(token: int, forced: bool, logits: torch.Tensor, top: int | None) -> Token:
+    if top is None:
+        return Token(token, forced)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    best = torch.topk(logp, top) if top else None
+    return Token(token, forced, float(logp[token]),
+                 [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True)))

@@ -1,0 +1,285 @@
+"""`adamba serve`: a real uvicorn on 127.0.0.1 (a free port) with a tiny attention + Mamba model in float64, talked
+to with the official `openai` client. Replies are checked against the engine generating each request alone (an
+independent path: no scheduler, no slots, no HTTP)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import make_documents, tiny_config
+from test_train import _free_port
+
+from adamba.chat.render import render_prompt
+from adamba.data.tokenizer import Tokenizer
+from adamba.infer.engine import Engine
+from adamba.infer.sampling import SamplingParams
+from adamba.model import AdambaLM
+from adamba.model.compute import Compute
+from adamba.serve.api import create_app
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(make_documents(), 512, "serve-test")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Random weights with a non-zero lm_head (so greedy replies vary with the prompt), float64 (so a row batched
+    with others and the same row alone agree to the last bit that matters for argmax)."""
+    torch.manual_seed(0)
+    model = AdambaLM.build(tiny_config(block_pattern="TM", sequence_len=256)).double()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+class Running:
+    """A uvicorn server on a free loopback port, in a thread, for the length of a `with` block."""
+
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.app = app
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0,
+                             timeout=60, **kwargs)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+
+@pytest.fixture
+def server(model, tokenizer):
+    with Running(create_app(model, tokenizer, "tiny", max_batch=4, max_queue=64)) as running:
+        yield running
+
+
+def alone(model, tokenizer, messages: list[dict], max_tokens: int, mode: str = "") -> list[int]:
+    """The reference: the engine on this one prompt, greedy, stopping where the server's chat does."""
+    prompt = render_prompt(tokenizer, messages)
+    stops = [tokenizer.bos_id, tokenizer.special_id("<|assistant_end|>")]
+    [done] = Engine(model, tokenizer).generate([prompt], max_tokens, SamplingParams(0), stop_tokens=stops,
+                                               compute=Compute.parse(model.config, width=mode))
+    return done.tokens
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_and_a_greedy_chat_reply_equal_the_engine_alone(server, model, tokenizer):
+    client = server.client()
+    [entry] = client.models.list().data
+    assert entry.id == "tiny" and entry.model_extra["max_model_len"] == 256
+    reply = client.chat.completions.create(model="tiny", messages=ask("the king and the queen"), max_tokens=20,
+                                           temperature=0)
+    expected = alone(model, tokenizer, ask("the king and the queen"), 20)
+    assert reply.choices[0].message.content == tokenizer.decode(expected)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(render_prompt(tokenizer, ask("the king and the queen")))
+    assert reply.usage.completion_tokens == len(expected)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + len(expected)
+    assert reply.choices[0].finish_reason == ("length" if len(expected) == 20 else "stop")
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=ask("the king and the queen"),
+                                                 max_tokens=20, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected)
+
+
+def test_length_stop_strings_n_and_seeds(server, model, tokenizer):
+    client = server.client()
+    short = client.chat.completions.create(model="tiny", messages=ask("a sword"), max_tokens=5, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 5
+
+    full = tokenizer.decode(alone(model, tokenizer, ask("a sword"), 40))
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), full
+    cut = client.chat.completions.create(model="tiny", messages=ask("a sword"), max_tokens=40, temperature=0,
+                                         stop=[stop, "never-appears"])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=ask("a sword"), max_tokens=40, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == full[:full.index(stop)]
+
+    def sampled(seed):
+        reply = client.chat.completions.create(model="tiny", messages=ask("a sword"), max_tokens=12, temperature=1,
+                                               seed=seed, n=2)
+        return [c.message.content for c in reply.choices]
+
+    first = sampled(7)
+    assert len(first) == 2 and first[0] != first[1]  # two choices, two draws
+    assert sampled(7) == first and sampled(8) != first
+
+
+def test_compute_modes_change_the_flops_in_usage(server, model, tokenizer):
+    client = server.client()
+    spent = {}
+    for mode in ("ghost", "full"):
+        reply = client.chat.completions.create(model="tiny", messages=ask("the night"), max_tokens=10, temperature=0,
+                                               extra_body={"compute": {"mode": "" if mode == "full" else mode}})
+        tokens = alone(model, tokenizer, ask("the night"), 10, "" if mode == "full" else mode)
+        assert reply.choices[0].message.content == tokenizer.decode(tokens)
+        # by hand: every prompt and reply token at the forward FLOPs per token of a sequence that long
+        length = reply.usage.prompt_tokens + len(tokens)
+        compute = Compute.parse(model.config, width="" if mode == "full" else mode)
+        assert reply.usage.model_extra["flops"] == pytest.approx(length * model.count_flops(length, compute).forward)
+        spent[mode] = reply.usage.model_extra["flops"] / length
+    assert spent["ghost"] < 0.9 * spent["full"]
+
+
+def test_completions_with_log_probabilities_from_a_full_forward(server, model, tokenizer):
+    client = server.client()
+    reply = client.completions.create(model="tiny", prompt="the king", max_tokens=6, temperature=0, logprobs=2)
+    choice = reply.choices[0]
+    prompt = tokenizer.encode("the king", bos=True)
+    [done] = Engine(model, tokenizer).generate([prompt], 6, SamplingParams(0), stop_tokens=[tokenizer.bos_id])
+    tokens = done.tokens
+    assert choice.text == tokenizer.decode(tokens)
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in tokens]
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 6
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0], -1)
+    for i, (value, top) in enumerate(zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs,
+                                         strict=True)):
+        row = logp[len(prompt) - 1 + i]
+        assert value == pytest.approx(row.max().item(), abs=1e-9)  # greedy: the most likely token
+        assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(2).values.tolist(), abs=1e-9)
+
+
+def test_sixteen_concurrent_streams_each_get_their_text_alone(model, tokenizer):
+    """16 clients at once through 4 slots, with different prompts, lengths and modes: rows join and leave the
+    running batch at step boundaries and each stream is what the engine gives that request alone."""
+    words = make_documents(16, seed=3)
+    cases = [(ask(" ".join(words[i].split()[:3 + i % 5])), 4 + (5 * i) % 23, ("", "ghost", "normal")[i % 3])
+             for i in range(16)]
+    with Running(create_app(model, tokenizer, "tiny", max_batch=4)) as running:
+        client = running.client()
+
+        def stream(case):
+            messages, max_tokens, mode = case
+            chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, stream=True, extra_body={"compute": {"mode": mode}})
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(16) as pool:
+            texts = list(pool.map(stream, cases))
+        assert running.metric("adamba_requests_total") == 16
+    for (messages, max_tokens, mode), text in zip(cases, texts, strict=True):
+        assert text == tokenizer.decode(alone(model, tokenizer, messages, max_tokens, mode))
+
+
+def test_a_disconnect_frees_the_slot_and_a_full_queue_gives_429(tokenizer):
+    """One slot, one place in the queue: a long stream holds the slot, a second request waits, a third is refused;
+    the first client leaves mid-stream, and its slot goes to the waiting request at once."""
+    torch.manual_seed(0)
+    model = AdambaLM.build(tiny_config(sequence_len=4096)).eval()  # a reply long enough to leave in the middle of
+    longest = 4000
+    with Running(create_app(model, tokenizer, "tiny", max_batch=1, max_queue=1)) as running:
+        body = {"model": "tiny", "prompt": "the king", "max_tokens": longest, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=running.url, timeout=30) as http, http.stream("POST", "/v1/completions",
+                                                                                  json=body) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator would close the response (a disconnect)
+            next(lines)  # generating: it holds the one slot
+            answers = []
+            waiting = threading.Thread(target=lambda: answers.append(httpx.post(
+                running.url + "/v1/completions", timeout=60, json={**body, "stream": False, "max_tokens": 2})))
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while running.metric("adamba_queue_waiting") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as refused:
+                running.client().completions.create(model="tiny", prompt="x", max_tokens=2)
+            assert refused.value.status_code == 429 and refused.value.body["code"] == "queue_full"
+        # the first client went away mid-stream: its slot is freed, the waiting request runs and finishes
+        waiting.join(timeout=30)
+        assert answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] == 2
+        assert running.metric("adamba_cancelled_total") == 1
+        assert running.metric("adamba_slots_active") == 0
+        assert running.metric("adamba_completion_tokens_total") < longest
+
+
+def error_of(response: httpx.Response) -> dict:
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "Traceback" not in response.text
+    return error
+
+
+def test_bad_requests_get_openai_shaped_errors_naming_the_field(server):
+    url = server.url
+    post = lambda path, **kw: httpx.post(url + path, timeout=30, **kw)  # noqa: E731
+    ok = {"model": "tiny", "messages": ask("hi"), "max_tokens": 2}
+    r = post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+    r = post("/v1/chat/completions", json={**ok, "model": "other"})
+    assert r.status_code == 404 and error_of(r)["param"] == "model"
+    r = post("/v1/chat/completions", json={**ok, "temperature": -1})
+    assert r.status_code == 400 and error_of(r)["param"] == "temperature"
+    r = post("/v1/chat/completions", json={**ok, "messages": [{"role": "wizard", "content": "hi"}]})
+    assert r.status_code == 400 and error_of(r)["param"] == "messages.0.role"
+    r = post("/v1/chat/completions", json={**ok, "compute": {"mode": "enormous"}})
+    assert r.status_code == 400 and error_of(r)["param"] == "compute.mode"
+    r = post("/v1/completions", json={"model": "tiny", "prompt": "king " * 400})
+    error = error_of(r)
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and "context is 256" in error["message"]
+    r = post("/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
+    assert httpx.get(url + "/v1/nothing").status_code == 404
+    assert post("/v1/chat/completions", json=ok).status_code == 200  # and it still answers
+
+
+def test_an_api_key_is_required_when_set(model, tokenizer):
+    with Running(create_app(model, tokenizer, "tiny", api_key="sesame")) as running:
+        with pytest.raises(openai.AuthenticationError):
+            running.client(api_key="wrong").models.list()
+        assert running.client(api_key="sesame").models.list().data[0].id == "tiny"
+        assert httpx.get(running.url + "/health").json()["status"] == "ok"  # health needs no key
+        assert httpx.get(running.url + "/metrics").status_code == 401
+
+
+def test_sse_wire_format(server):
+    """The raw stream, as non-Python clients read it: data: lines, JSON chunks, then data: [DONE]."""
+    body = {"model": "tiny", "messages": ask("hi"), "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
