@@ -80,7 +80,7 @@ class Running:
 
 @pytest.fixture
 def server(model, tokenizer):
-    with Running(create_app(model, tokenizer, "tiny", max_batch=4, max_queue=64)) as running:
+    with Running(create_app(model, tokenizer, "tiny", max_batch=4, max_queue=64, tools=False)) as running:
         yield running
 
 
@@ -188,7 +188,7 @@ def test_sixteen_concurrent_streams_each_get_their_text_alone(model, tokenizer):
     words = make_documents(16, seed=3)
     cases = [(ask(" ".join(words[i].split()[:3 + i % 5])), 4 + (5 * i) % 23, ("", "ghost", "normal")[i % 3])
              for i in range(16)]
-    with Running(create_app(model, tokenizer, "tiny", max_batch=4)) as running:
+    with Running(create_app(model, tokenizer, "tiny", max_batch=4, tools=False)) as running:
         client = running.client()
 
         def stream(case):
@@ -283,3 +283,83 @@ def test_sse_wire_format(server):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+
+
+def malformed_requests(seed: int = 0, count: int = 520):
+    """(path, body bytes) pairs, each malformed in one of the ways clients get wrong, drawn with a seed."""
+    import random
+
+    rng = random.Random(seed)
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    wrong_values = [-1, -(10**30), 10**30, 1.5, "x" * 70_000, [], {}, [1, 2], True, "NaN", float("-inf")]
+    fields = {"model": [1, [], {}], "messages": [None, [], "hi", [1], [{"role": "user"}] * 10_000,
+                                                 [{"role": "wizard", "content": "x"}], [{"content": "x"}],
+                                                 [{"role": "user", "content": [{"type": "image"}]}]],
+              "max_tokens": [0, -5, 10**12, "ten", 2.5], "temperature": [-1, 3, "hot", []],
+              "top_p": [0, 1.5, "all"], "top_k": [0, -3, "k"], "n": [0, 100, -1, "two"], "stop": [[""], ["a"] * 9,
+                                                                                                 5, ["x" * 300]],
+              "seed": [2**70, "s", 1.5], "stream": ["yes", 2, []], "logprobs": ["y", 3], "top_logprobs": [-1, 50, 3],
+              "stream_options": ["x", 5], "compute": ["ghost", 5, {"mode": "enormous"}, {"mode": []},
+                                                     {"loops": 4}, {"adaptive": "calibrated"}, {"bogus": 1}]}
+    for i in range(count):
+        kind = i % 6
+        if kind == 0:  # not JSON at all, or cut short
+            text = json.dumps(good)
+            body = rng.choice([text[:rng.randrange(1, len(text))].encode(), b"", b"\x00\x01", b"[", b"nul",
+                               rng.randbytes(rng.randrange(1, 64))])
+        elif kind == 1:  # invalid UTF-8 inside otherwise plausible JSON
+            body = b'{"model": "tiny", "messages": [{"role": "user", "content": "' + rng.randbytes(8) + b'\xff\xfe"}]}'
+        elif kind == 2:  # a field of the wrong type or out of range
+            name = rng.choice(sorted(fields))
+            body = json.dumps({**good, name: rng.choice(fields[name])}).encode()
+        elif kind == 3:  # a random field replaced by a random wrong value
+            name = rng.choice(sorted(good))
+            body = json.dumps({**good, name: rng.choice(wrong_values)}, allow_nan=True).encode()
+        elif kind == 4:  # not an object, or missing what is required
+            body = json.dumps(rng.choice([[], "text", 3, {}, {"model": "tiny"}, {"messages": "hi"}])).encode()
+        else:  # the completions endpoint, likewise
+            body = json.dumps(rng.choice([{"prompt": 5}, {"prompt": None}, {"prompt": "x", "max_tokens": -1},
+                                          {"prompt": "x", "logprobs": 99}, {"prompt": "king " * 5000},
+                                          {"prompt": ["a", "b"]}, {"prompt": "x", "echo": "no"}])).encode()
+            yield "/v1/completions", body
+            continue
+        yield "/v1/chat/completions", body
+
+
+def test_a_bounded_fuzz_of_malformed_requests_gets_only_json_4xx(server):
+    cases = list(malformed_requests())
+    assert len(cases) >= 500
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for path, body in cases:
+            response = http.post(path, content=body, headers={"content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (body[:200], response.status_code, response.text[:300])
+            error_of(response)
+        ok = http.post("/v1/chat/completions", json={"model": "tiny", "messages": ask("hi"), "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_chat_completions_on_an_imported_nanochat_model(tmp_path, capsys):
+    """A nanochat-format chat checkpoint (its weights, its tokenizer.pkl) imported and served: the reply is the
+    engine's on exactly nanochat's rendering of the conversation (system message included)."""
+    from test_chat_cli import CHAT_CONFIG
+    from test_chat_render import nanochat_tokenizer, reference
+    from test_nanochat import random_state, write_nanochat
+
+    from adamba.checkpoint import load_checkpoint, run_dir
+    from adamba.cli import main
+
+    nc_tokenizer = nanochat_tokenizer(tmp_path)
+    folder = write_nanochat(tmp_path / "chatsft_checkpoints" / "d2", random_state(CHAT_CONFIG, seed=7), step=9,
+                            model_config=CHAT_CONFIG, tokenizer=nc_tokenizer)
+    assert main(["import", "nanochat", str(folder), "--tag", "ncchat"]) == 0
+    checkpoint = load_checkpoint(run_dir("ncchat"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    prompt = reference(nc_tokenizer.enc, {"messages": messages})[0] + [nc_tokenizer.special_id("<|assistant_start|>")]
+    stops = [nc_tokenizer.bos_id, nc_tokenizer.special_id("<|assistant_end|>")]
+    [done] = Engine(checkpoint.model, checkpoint.tokenizer).generate([prompt], 12, SamplingParams(0),
+                                                                     stop_tokens=stops)
+    with Running(create_app(checkpoint.model, checkpoint.tokenizer, "ncchat", tools=False)) as running:
+        reply = running.client().chat.completions.create(model="ncchat", messages=messages, max_tokens=12,
+                                                         temperature=0)
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.choices[0].message.content == checkpoint.tokenizer.decode(done.tokens)

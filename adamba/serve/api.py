@@ -148,15 +148,19 @@ class Server:
             raise APIError(400, f"the prompt has {len(prompt)} tokens, but the model's context is {self.context} "
                                 "tokens, which must also hold the reply; shorten the prompt",
                            "messages" if chat else "prompt", "context_length_exceeded")
+        room = self.context - len(prompt)
+        if limit is not None and limit > room:
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"{field}: {limit} new tokens do not fit: the prompt has {len(prompt)} of the "
+                                f"model's {self.context}; ask for at most {room}", field, "context_length_exceeded")
         compute, top = _compute(self.model.config, body), _top_logprobs(body, chat)
         params = SamplingParams(body.temperature, body.top_k, body.top_p if body.top_p < 1 else None, body.min_p)
-        room = self.context - len(prompt)
         loop = asyncio.get_running_loop()
         jobs = []
         for i in range(body.n):
             queue: asyncio.Queue = asyncio.Queue()
             seed = None if body.seed is None else (body.seed + i) % 2**63
-            jobs.append((Job(prompt, min(limit or room, room), params, seed, stop_tokens, body.stops(), compute, top,
+            jobs.append((Job(prompt, limit or room, params, seed, stop_tokens, body.stops(), compute, top,
                              tool, on_event=_bridge(loop, queue)), queue))
         return jobs
 

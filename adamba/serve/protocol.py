@@ -16,20 +16,23 @@ MAX_TOP_LOGPROBS = 20
 class ComputeChoice(BaseModel):
     """{"mode": "ghost" | a width | "64,128,...", "loops": 8 | "kl:16", "adaptive": "calibrated" | 0.9}."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     mode: str | int | None = None
     loops: str | int | None = None
     adaptive: str | float | None = None
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this server does not use (user, ...)
+    # strict: JSON types as OpenAI documents them ("yes" is not true, "2" is not 2); unknown fields are ignored, as
+    # OpenAI clients send some this server does not use (user, ...)
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -56,7 +59,7 @@ class Sampling(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
     content: str | list[dict] | None = None
 
