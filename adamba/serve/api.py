@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -78,6 +79,7 @@ def create_app(model, tokenizer, name: str, *, max_batch: int = 8, max_queue: in
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
     app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"])
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     return app
@@ -139,6 +141,17 @@ class Server:
         prompt = self.tokenizer.encode(body.prompt, bos=True)
         return await self._serve(body, http, prompt, body.max_tokens, self.stops, None, chat=False)
 
+    def _compute_info(self, compute: Compute) -> dict:
+        """Where a request's compute goes, for the usage: each block's kind and width, and a looped model's
+        iterations per token."""
+        config = self.model.config
+        info = {"blocks": "".join(config.block_pattern)}
+        if config.loop is None:
+            info["layer_widths"] = config.width_values(compute.width)
+        else:
+            info["loops"] = compute.loops if isinstance(compute.loops, int) else config.loop.mean_recurrence
+        return info
+
     def _jobs(self, body: Sampling, prompt: list[int], limit: int | None, stop_tokens, tool, chat: bool) -> list:
         """One scheduler request per choice, each with its event queue; checked before anything is queued."""
         if body.model is not None and body.model != self.name:
@@ -177,7 +190,8 @@ class Server:
             raise APIError(429, str(error), code="queue_full", kind="rate_limit_error") from None
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.name}
-        reply = Reply(self.tokenizer, meta, pairs, body.stops(), chat, logprobs=jobs[0].top_logprobs is not None)
+        reply = Reply(self.tokenizer, meta, pairs, body.stops(), chat, logprobs=jobs[0].top_logprobs is not None,
+                      compute=self._compute_info(jobs[0].compute))
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(reply.events(http, usage), media_type="text/event-stream")
@@ -187,8 +201,9 @@ class Server:
 class Reply:
     """The choices of one request as they are generated: one JSON body, or server-sent events."""
 
-    def __init__(self, tokenizer, meta: dict, pairs: list, stops: tuple[str, ...], chat: bool, logprobs: bool):
-        self.tokenizer, self.meta, self.chat, self.logprobs = tokenizer, meta, chat, logprobs
+    def __init__(self, tokenizer, meta: dict, pairs: list, stops: tuple[str, ...], chat: bool, logprobs: bool,
+                 compute: dict):
+        self.tokenizer, self.meta, self.chat, self.logprobs, self.compute = tokenizer, meta, chat, logprobs, compute
         self.jobs = [job for job, _ in pairs]
         self.queues = [queue for _, queue in pairs]
         self.streams = [TextStream(tokenizer, stops) for _ in pairs]
@@ -198,7 +213,7 @@ class Reply:
         completion = sum(len(j.tokens) for j in self.jobs)
         prompt = len(self.jobs[0].prompt)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "flops": sum(j.flops for j in self.jobs)}
+                "flops": sum(j.flops for j in self.jobs), "compute": self.compute}
 
     def _logprobs(self, tokens: list) -> dict | None:
         if not self.logprobs or not tokens:
