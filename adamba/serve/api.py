@@ -179,6 +179,7 @@ class Server:
 
     async def _serve(self, body: Sampling, http: Request, prompt: list[int], limit: int | None, stop_tokens, tool,
                      chat: bool):
+        stop_tokens = frozenset() if body.ignore_eos else stop_tokens
         pairs = self._jobs(body, prompt, limit, stop_tokens, tool, chat)
         jobs = [job for job, _ in pairs]
         try:

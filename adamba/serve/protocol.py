@@ -1,6 +1,7 @@
 """The request bodies of the OpenAI-compatible API, as pydantic models: what a field may hold is checked here, so a
 bad request is a 400 naming the field (api.py turns validation errors into OpenAI's error shape). Extensions the
-OpenAI client sends through `extra_body`: `top_k`, `min_p` and `compute` (adamba's compute choice per request)."""
+OpenAI client sends through `extra_body`: `top_k`, `min_p`, `compute` (adamba's compute choice per request) and
+vLLM's `ignore_eos`."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     compute: ComputeChoice | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model emits (benchmarks)
 
     @field_validator("stop")
     @classmethod
