@@ -363,3 +363,34 @@ def test_chat_completions_on_an_imported_nanochat_model(tmp_path, capsys):
                                                          temperature=0)
     assert reply.usage.prompt_tokens == len(prompt)
     assert reply.choices[0].message.content == checkpoint.tokenizer.decode(done.tokens)
+
+
+def test_early_exit_per_request_counts_each_tokens_own_flops(tokenizer):
+    """compute.adaptive: exit gates decide per token; the reply equals the engine's alone, and usage's FLOPs equal
+    the sum over tokens of their own exit layers' costs, taken from a full forward over the same tokens (gates
+    decide from h_k alone, so a full forward decides as decoding did)."""
+    torch.manual_seed(1)
+    model = AdambaLM.build(tiny_config(n_layer=4, min_exit_layer=1, sequence_len=128)).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    messages = ask("the king and the queen")
+    compute = Compute.parse(model.config, adaptive="0.5")
+    prompt = render_prompt(tokenizer, messages)
+    stops = [tokenizer.bos_id, tokenizer.special_id("<|assistant_end|>")]
+    [done] = Engine(model, tokenizer).generate([prompt], 16, SamplingParams(0), stop_tokens=stops, compute=compute)
+    with Running(create_app(model, tokenizer, "tiny", tools=False)) as running:
+        reply = running.client().chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                                         temperature=0, extra_body={"compute": {"adaptive": 0.5}})
+        plain = running.client().chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                                         temperature=0)
+    assert reply.choices[0].message.content == tokenizer.decode(done.tokens)
+    fed = prompt + done.tokens[:-1]  # the last token is produced, never run
+    with torch.no_grad():
+        out = model(torch.tensor([fed]), compute=compute, outputs=True)
+    length = len(prompt) + len(done.tokens)
+    assert reply.usage.model_extra["flops"] == pytest.approx(out.exits.token_flops(model.config, length).sum().item())
+    exits = out.exits.exit_layer[0, len(prompt) - 1:].tolist()
+    assert reply.usage.model_extra["compute"]["token_exit_layers"] == exits
+    assert min(exits) < model.config.n_layer  # some tokens left early: fewer FLOPs than the plain reply's
+    assert reply.usage.model_extra["flops"] < plain.usage.model_extra["flops"] or \
+        len(done.tokens) > plain.usage.completion_tokens

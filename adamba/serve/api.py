@@ -141,15 +141,20 @@ class Server:
         prompt = self.tokenizer.encode(body.prompt, bos=True)
         return await self._serve(body, http, prompt, body.max_tokens, self.stops, None, chat=False)
 
-    def _compute_info(self, compute: Compute) -> dict:
-        """Where a request's compute goes, for the usage: each block's kind and width, and a looped model's
-        iterations per token."""
-        config = self.model.config
+    def _compute_info(self, job: Job) -> dict:
+        """Where a request's compute went, for the usage: each block's kind and width; with adaptive compute, per
+        generated token its exit layer (n_layer: none) or its iterations; a looped model's fixed iterations."""
+        config, compute = self.model.config, job.compute
         info = {"blocks": "".join(config.block_pattern)}
         if config.loop is None:
             info["layer_widths"] = config.width_values(compute.width)
-        else:
+        elif not job.decisions:
             info["loops"] = compute.loops if isinstance(compute.loops, int) else config.loop.mean_recurrence
+        made = job.decisions[len(job.prompt) - 1:][:len(job.tokens)]  # the positions that produced each token
+        if made and len(made[0]) == 1:
+            info["token_loops"] = [d[0] for d in made]
+        elif made:
+            info["token_exit_layers"] = [d[0] for d in made]
         return info
 
     def _jobs(self, body: Sampling, prompt: list[int], limit: int | None, stop_tokens, tool, chat: bool) -> list:
@@ -192,7 +197,7 @@ class Server:
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.name}
         reply = Reply(self.tokenizer, meta, pairs, body.stops(), chat, logprobs=jobs[0].top_logprobs is not None,
-                      compute=self._compute_info(jobs[0].compute))
+                      describe=self._compute_info)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(reply.events(http, usage), media_type="text/event-stream")
@@ -203,8 +208,9 @@ class Reply:
     """The choices of one request as they are generated: one JSON body, or server-sent events."""
 
     def __init__(self, tokenizer, meta: dict, pairs: list, stops: tuple[str, ...], chat: bool, logprobs: bool,
-                 compute: dict):
-        self.tokenizer, self.meta, self.chat, self.logprobs, self.compute = tokenizer, meta, chat, logprobs, compute
+                 describe):
+        self.tokenizer, self.meta, self.chat, self.logprobs = tokenizer, meta, chat, logprobs
+        self.describe = describe  # job -> where its compute went (Server._compute_info)
         self.jobs = [job for job, _ in pairs]
         self.queues = [queue for _, queue in pairs]
         self.streams = [TextStream(tokenizer, stops) for _ in pairs]
@@ -214,7 +220,7 @@ class Reply:
         completion = sum(len(j.tokens) for j in self.jobs)
         prompt = len(self.jobs[0].prompt)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "flops": sum(j.flops for j in self.jobs), "compute": self.compute}
+                "flops": sum(j.flops for j in self.jobs), "compute": self.describe(self.jobs[0])}
 
     def _logprobs(self, tokens: list) -> dict | None:
         if not self.logprobs or not tokens:
@@ -313,11 +319,10 @@ def _compute(config, body: Sampling) -> Compute:
     if choice is None:
         return Compute()
     try:
-        if choice.adaptive is not None:
-            raise ValueError("adaptive: early exit is not served yet (its FLOPs are not counted per request); "
-                             "use mode and loops")
-        return Compute.parse(config, width=None if choice.mode is None else str(choice.mode),
-                             loops=choice.loops, names={"width": "compute.mode", "loops": "compute.loops"})
+        adaptive = None if choice.adaptive is None else str(choice.adaptive)
+        return Compute.parse(config, width=None if choice.mode is None else str(choice.mode), loops=choice.loops,
+                             adaptive=adaptive, names={"width": "compute.mode", "loops": "compute.loops",
+                                                       "adaptive": "compute.adaptive"})
     except ValueError as error:
         message = str(error)
         param = message.split(":", 1)[0] if message.startswith("compute.") else "compute"

@@ -10,7 +10,9 @@ rewrites one position and is never read) until the next request loads over it. G
 never on the web server's event loop: tokens reach the caller through `Request.on_event`, called from here.
 
 Rows batch together when their loops and adaptive policy agree (a looped model's iterations and an exit policy are
-per step, not per row); a request whose differ waits until the running ones finish.
+per step, not per row); a request whose differ waits until the running ones finish. With early exit or a looped
+model's adaptive exit, each token's decisions (exit layer and gates, or iterations) are kept, and the request's
+FLOPs are counted from them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..infer.tool_use import Tool, ToolUse
 from ..model.cache import InferenceCache
 from ..model.compute import Compute
 from ..model.exits import Adaptive
+from ..model.looped import Loops
 
 
 class QueueFull(RuntimeError):
@@ -64,6 +67,8 @@ class Request:
     # filled in by the scheduler
     tokens: list[int] = field(default_factory=list)
     flops: float = 0.0  # forward FLOPs spent on it (prompt and reply), set when it finishes
+    # per token (prompt, then reply), with adaptive compute: (exit layer, gates evaluated), or a loop count
+    decisions: list[tuple] = field(default_factory=list)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -183,7 +188,9 @@ class Scheduler:
             self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute)
         alone = InferenceCache(model, 1, len(request.prompt), compute=compute)
         ids = torch.tensor([request.prompt], device=self.device)
-        logits = model(ids, cache=alone, compute=compute)[:, -1]
+        logits, decisions = self._forward(ids, alone, compute)
+        request.decisions += decisions[0]
+        logits = logits[:, -1]
         self.cache.load_row(slot, alone)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**63))
@@ -200,13 +207,49 @@ class Scheduler:
         B = self.max_batch
         ids = torch.tensor([[row.next_token if row is not None else 0] for row in self.rows], device=self.device)
         parked = self.cache.lengths.clone()
-        logits = self.model(ids, cache=self.cache, compute=self._step_compute())[:, -1]
+        logits, decisions = self._forward(ids, self.cache, self._step_compute())
+        logits = logits[:, -1]
+        for row, made in zip(self.rows, decisions, strict=True):
+            if row is not None:
+                row.request.decisions += made
         free = torch.tensor([row is None for row in self.rows], device=self.device)
         self.cache.lengths.copy_(torch.where(free, parked, self.cache.lengths))
         self.stats["steps"] += 1
         for slot in range(B):
             if self.rows[slot] is not None:
                 self._emit(slot, logits[slot])
+
+    def _forward(self, ids: torch.Tensor, cache: InferenceCache, compute: Compute) -> tuple[torch.Tensor, list]:
+        """(logits, per row the decisions its tokens made: [] unless compute is adaptive)."""
+        adaptive_loops = isinstance(compute.loops, Loops) and compute.loops.exit is not None
+        if compute.adaptive is None and not adaptive_loops:
+            return self.model(ids, cache=cache, compute=compute), [[] for _ in range(ids.size(0))]
+        out = self.model(ids, cache=cache, compute=compute, outputs=True)
+        if adaptive_loops:
+            return out.logits, [[(int(n),) for n in row] for row in out.loops.tolist()]
+        pairs = torch.stack([out.exits.exit_layer, out.exits.gates], dim=-1).tolist()
+        return out.logits, [[tuple(p) for p in row] for row in pairs]
+
+    def _spent(self, request: Request) -> float:
+        """Forward FLOPs of the request so far, by the project's convention (eval/chat_eval.py): every prompt and
+        reply token at the forward FLOPs per token of a sequence that long, at the compute it ran -- with adaptive
+        compute, each token at its own exit layer and gates, or its own number of iterations (plus the "kl"
+        criterion's probes)."""
+        length = len(request.prompt) + len(request.tokens)
+        model, compute = self.model, request.compute
+        if not request.decisions:
+            return length * model.count_flops(length, compute).forward
+        costs: dict[tuple, float] = {}
+        kl = isinstance(compute.loops, Loops) and compute.loops.exit == "kl"
+        for decision in request.decisions:
+            if decision not in costs:
+                if len(decision) == 1:
+                    costs[decision] = model.count_flops(length, Compute(width=compute.width, loops=decision[0]),
+                                                        probes=decision[0] - 1 if kl else 0).forward
+                else:
+                    costs[decision] = model.count_flops(length, compute, exit_layer=decision[0],
+                                                        gates=decision[1]).forward
+        return sum(costs[d] for d in request.decisions)
 
     def _step_compute(self) -> Compute:
         if self.model.config.loop is not None:  # looped models batch one compute choice (see the module doc)
@@ -255,10 +298,7 @@ class Scheduler:
     def _finish(self, slot: int, reason: str | None, error: str | None = None) -> None:
         request = self._row(slot).request
         self.rows[slot] = None
-        # the project's convention (eval/chat_eval.py): every prompt and reply token at the forward FLOPs per token
-        # of a sequence that long, at the request's compute
-        length = len(request.prompt) + len(request.tokens)
-        request.flops = length * self.model.count_flops(length, request.compute).forward
+        request.flops = self._spent(request)
         self.stats["flops"] += request.flops
         if error is not None:
             request.on_event("error", error)

@@ -1,6 +1,6 @@
 // The chat page: talks to this server's /v1/chat/completions (streaming), renders replies as sanitised Markdown,
 // and shows what each reply cost: its FLOPs and, per token, the width each layer ran at (the compute mode's
-// choice; hover a token for its layers). Nothing here loads from outside the server.
+// choice, or its exit layer or loops; hover a token). Nothing here loads from outside the server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -103,27 +103,41 @@ function widthColour(fraction) {
 }
 
 function showTokens(meta, tokens, compute) {
+  // each token coloured by the compute that produced it: its exit layer (early exit), its iterations (a looped
+  // model's adaptive exit), or the share of full width its attention layers ran at (the compute mode)
   if (!compute || !tokens.length) return;
   const blocks = compute.blocks || "";
   const widths = compute.layer_widths || [];
   const full = Math.max(...widths, 1);
   const attention = widths.filter((_, i) => blocks[i] === "T");
-  const fraction = attention.length ? attention.reduce((a, b) => a + b, 0) / (attention.length * full) : 1;
+  const widthShare = attention.length ? attention.reduce((a, b) => a + b, 0) / (attention.length * full) : 1;
   const layers = widths.map((w, i) => `${i}:${blocks[i] || "?"}@${w}`).join(" ");
+  const exits = compute.token_exit_layers, loops = compute.token_loops;
+  const mostLoops = loops ? Math.max(...loops, 1) : 1;
   const view = document.createElement("div");
   view.className = "tokens";
   view.setAttribute("data-testid", "token-view");
-  for (const token of tokens) {
+  tokens.forEach((token, i) => {
     const span = document.createElement("span");
     span.textContent = token;
-    span.style.background = widthColour(fraction);
-    span.title = compute.loops ? `${compute.loops} loops` : `layer widths ${layers}`;
+    let share = widthShare, title = compute.loops ? `${compute.loops} loops` : `layer widths ${layers}`;
+    if (exits && i < exits.length) {
+      share = exits[i] / blocks.length;
+      title = exits[i] >= blocks.length ? "ran every layer" : `exited after layer ${exits[i]} of ${blocks.length}`;
+    } else if (loops && i < loops.length) {
+      share = loops[i] / mostLoops;
+      title = `${loops[i]} loops`;
+    }
+    span.style.background = widthColour(share);
+    span.title = title;
     view.appendChild(span);
-  }
+  });
   const legend = document.createElement("div");
   legend.className = "legend";
-  legend.textContent = compute.loops ? `${compute.loops} loops per token` :
-    `per token: attention at ${Math.round(100 * fraction)}% of full width (${layers})`;
+  legend.textContent = exits ? "per token: darker = more layers run before it exited (hover for its layer)" :
+    loops ? `per token: darker = more loops (up to ${mostLoops}; hover for its count)` :
+    compute.loops ? `${compute.loops} loops per token` :
+    `per token: attention at ${Math.round(100 * widthShare)}% of full width (${layers})`;
   meta.after(view, legend);
 }
 
