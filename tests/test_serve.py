@@ -72,10 +72,16 @@ class Running:
                              timeout=60, **kwargs)
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        """The metric summed over its series (one per device)."""
+        return sum(self.series(name).values())
+
+    def series(self, name: str) -> dict[str, float]:
+        found = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                 for line in httpx.get(self.url + "/metrics").text.splitlines()
+                 if line.startswith(name + "{") or line.startswith(name + " ")}
+        if not found:
+            raise KeyError(name)
+        return found
 
 
 @pytest.fixture
@@ -394,3 +400,24 @@ def test_early_exit_per_request_counts_each_tokens_own_flops(tokenizer):
     assert min(exits) < model.config.n_layer  # some tokens left early: fewer FLOPs than the plain reply's
     assert reply.usage.model_extra["flops"] < plain.usage.model_extra["flops"] or \
         len(done.tokens) > plain.usage.completion_tokens
+
+
+def test_two_devices_each_get_requests_and_answer_as_alone(model, tokenizer):
+    """One scheduler per device (two CPU "devices" here; cuda:0, cuda:1 on a GPU node): requests go to the one
+    with less work, and every reply is still what the engine gives alone."""
+    cases = [(ask(w), 6 + i) for i, w in enumerate(["the king", "a sword", "the night", "fair lady", "the sea",
+                                                    "a storm", "the crown", "my lord"])]
+    with Running(create_app(model, tokenizer, "tiny", max_batch=2, tools=False, devices=["cpu", "cpu"])) as running:
+        client = running.client()
+
+        def reply(case):
+            messages, max_tokens = case
+            return client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                  temperature=0).choices[0].message.content
+
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(reply, cases))
+        per_device = running.series("adamba_requests_total")
+    assert len(per_device) == 2 and sum(per_device.values()) == 8 and min(per_device.values()) >= 2, per_device
+    for (messages, max_tokens), text in zip(cases, texts, strict=True):
+        assert text == tokenizer.decode(alone(model, tokenizer, messages, max_tokens))

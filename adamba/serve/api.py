@@ -4,18 +4,21 @@
 Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (naming the
 field), 401 without the API key, 404 for another model's name, 413 for a body over the limit, 429 when the queue
 is full. Generation runs on the scheduler's thread; a handler only waits for its tokens, so the event loop stays
-free, and a client that disconnects cancels its rows at once.
+free, and a client that disconnects cancels its rows at once. With several devices, each holds a copy of the model
+and its own scheduler, and each request goes to the one with the least work (rows generating plus waiting).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -51,14 +54,18 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def create_app(model, tokenizer, name: str, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
-               tools: bool = True, max_body: int = MAX_BODY) -> FastAPI:
-    """The app; its scheduler starts and stops with it (app.state.scheduler)."""
-    server = Server(model, tokenizer, name, Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue),
-                    tool=calculate if tools else None)
+               tools: bool = True, max_body: int = MAX_BODY, devices: list | None = None) -> FastAPI:
+    """The app; its schedulers (one per device of `devices`, default the model's own) start and stop with it."""
+    devices = devices or [next(model.parameters()).device]
+    models = [model if torch.device(d) == next(model.parameters()).device and i == 0 else
+              copy.deepcopy(model).to(d) for i, d in enumerate(devices)]
+    schedulers = [Scheduler(m, tokenizer, max_batch=max_batch, max_queue=max_queue) for m in models]
+    server = Server(model, tokenizer, name, schedulers, tool=calculate if tools else None)
     app = FastAPI(title="adamba", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = server.scheduler
-    app.router.on_startup.append(server.scheduler.start)
-    app.router.on_shutdown.append(server.scheduler.stop)
+    app.state.schedulers = schedulers
+    for scheduler in schedulers:
+        app.router.on_startup.append(scheduler.start)
+        app.router.on_shutdown.append(scheduler.stop)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -107,17 +114,17 @@ async def _crashed(_, error: Exception):  # never a traceback on the wire
 
 
 class Server:
-    """The endpoints' logic over one model and its scheduler."""
+    """The endpoints' logic over one model and its schedulers (one per device)."""
 
-    def __init__(self, model, tokenizer, name: str, scheduler: Scheduler, tool=None):
-        self.model, self.tokenizer, self.name, self.scheduler, self.tool = model, tokenizer, name, scheduler, tool
+    def __init__(self, model, tokenizer, name: str, schedulers: list[Scheduler], tool=None):
+        self.model, self.tokenizer, self.name, self.schedulers, self.tool = model, tokenizer, name, schedulers, tool
         self.context = model.config.sequence_len
         self.stops = frozenset({tokenizer.bos_id})
         self.chat_stops = self.stops | {tokenizer.special_id("<|assistant_end|>")}
 
     async def health(self):
-        return {"status": "ok", "model": self.name, "active": self.scheduler.active,
-                "waiting": len(self.scheduler.waiting)}
+        return {"status": "ok", "model": self.name, "active": sum(s.active for s in self.schedulers),
+                "waiting": sum(len(s.waiting) for s in self.schedulers)}
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "adamba",
@@ -126,7 +133,7 @@ class Server:
 
     async def metrics(self):
         registry = CollectorRegistry()
-        registry.register(_Collector(self.scheduler))
+        registry.register(_Collector(self.schedulers))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     async def chat(self, body: ChatRequest, http: Request):
@@ -188,8 +195,8 @@ class Server:
         pairs = self._jobs(body, prompt, limit, stop_tokens, tool, chat)
         jobs = [job for job, _ in pairs]
         try:
-            for job in jobs:
-                self.scheduler.submit(job)
+            for job in jobs:  # to the device with the least work
+                min(self.schedulers, key=lambda s: s.active + len(s.waiting)).submit(job)
         except QueueFull as error:
             for job in jobs:
                 job.cancel()
@@ -356,21 +363,27 @@ def _completion_logprobs(tokenizer, tokens: list) -> dict:
 
 
 class _Collector:
-    """The scheduler's counters and gauges, read when /metrics is scraped."""
+    """The schedulers' counters and gauges, one series per scheduler (one per device), read when /metrics is
+    scraped."""
 
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
+    def __init__(self, schedulers: list[Scheduler]):
+        self.schedulers = schedulers
 
     def collect(self):
-        stats = self.scheduler.stats
         for key, help_text in (("requests", "requests admitted into the batch"),
                                ("prompt_tokens", "prompt tokens prefilled"),
                                ("completion_tokens", "tokens generated"),
                                ("flops", "forward FLOPs spent on finished requests"),
                                ("cancelled", "requests cancelled by their clients"),
                                ("steps", "decode steps run")):
-            yield CounterMetricFamily(f"adamba_{key}", help_text, value=stats[key])
-        yield GaugeMetricFamily("adamba_queue_waiting", "requests waiting for a slot",
-                                value=len(self.scheduler.waiting))
-        yield GaugeMetricFamily("adamba_slots_active", "slots generating", value=self.scheduler.active)
-        yield GaugeMetricFamily("adamba_slots_total", "slots in the batch", value=self.scheduler.max_batch)
+            family = CounterMetricFamily(f"adamba_{key}", help_text, labels=["scheduler", "device"])
+            for i, scheduler in enumerate(self.schedulers):
+                family.add_metric([str(i), str(scheduler.device)], scheduler.stats[key])
+            yield family
+        for key, help_text, value in (("queue_waiting", "requests waiting for a slot", lambda s: len(s.waiting)),
+                                      ("slots_active", "slots generating", lambda s: s.active),
+                                      ("slots_total", "slots in the batch", lambda s: s.max_batch)):
+            family = GaugeMetricFamily(f"adamba_{key}", help_text, labels=["scheduler", "device"])
+            for i, scheduler in enumerate(self.schedulers):
+                family.add_metric([str(i), str(scheduler.device)], value(scheduler))
+            yield family
