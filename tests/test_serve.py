@@ -421,3 +421,40 @@ def test_two_devices_each_get_requests_and_answer_as_alone(model, tokenizer):
     assert len(per_device) == 2 and sum(per_device.values()) == 8 and min(per_device.values()) >= 2, per_device
     for (messages, max_tokens), text in zip(cases, texts, strict=True):
         assert text == tokenizer.decode(alone(model, tokenizer, messages, max_tokens))
+
+
+def test_the_serve_command_starts_a_server_on_loopback(model, tokenizer):
+    """`adamba serve RUN` as users start it: a separate process, found on 127.0.0.1, answering, then stopped."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+    from test_train import ROOT
+
+    from adamba.checkpoint import run_dir, save_checkpoint
+
+    save_checkpoint(run_dir("served"), model, step=1, tokenizer=tokenizer)
+    port = _free_port()
+    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "adamba.cli", "serve", "served", "--port", str(port),
+                             "--max-batch", "2", "--no-tools"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "adamba serve did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert client.models.list().data[0].id == "served"
+        reply = client.chat.completions.create(model="served", messages=ask("the king"), max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content == tokenizer.decode(alone(model, tokenizer, ask("the king"), 4))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
