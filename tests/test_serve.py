@@ -458,3 +458,35 @@ def test_the_serve_command_starts_a_server_on_loopback(model, tokenizer):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("loops", [2, "kl"])
+def test_a_looped_model_serves_fixed_and_adaptive_loops(tokenizer, loops):
+    """A looped model's iterations per request: the reply equals the engine's alone; fixed loops are priced by
+    hand, adaptive exit ("kl") per token within its bounds."""
+    torch.manual_seed(2)
+    model = AdambaLM.build(tiny_config(n_layer=3, sequence_len=128, loop=dict(prelude=1, recur=1, coda=1,
+                                                                              mean_recurrence=3))).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    messages = ask("the king")
+    compute = Compute.parse(model.config, loops=loops)
+    prompt = render_prompt(tokenizer, messages)
+    stops = [tokenizer.bos_id, tokenizer.special_id("<|assistant_end|>")]
+    [done] = Engine(model, tokenizer).generate([prompt], 8, SamplingParams(0), stop_tokens=stops, compute=compute)
+    with Running(create_app(model, tokenizer, "tiny", tools=False)) as running:
+        reply = running.client().chat.completions.create(model="tiny", messages=messages, max_tokens=8,
+                                                         temperature=0, extra_body={"compute": {"loops": loops}})
+    assert reply.choices[0].message.content == tokenizer.decode(done.tokens)
+    usage, length = reply.usage.model_extra, len(prompt) + len(done.tokens)
+    if loops == 2:
+        assert usage["compute"]["loops"] == 2
+        assert usage["flops"] == pytest.approx(length * model.count_flops(length, compute).forward)
+    else:
+        counts = usage["compute"]["token_loops"]
+        assert len(counts) == len(done.tokens) and all(1 <= c <= 3 for c in counts)
+        # each token between one iteration and all three with their two probes (a full forward's "kl" decisions
+        # may differ from decoding's, so the counts themselves have no independent reference here)
+        fewest = length * model.count_flops(length, Compute(loops=1)).forward
+        most = length * model.count_flops(length, Compute(loops=3), probes=2).forward
+        assert fewest <= usage["flops"] <= most
