@@ -61,6 +61,7 @@ def add_chat_commands(commands, eval_commands) -> None:
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1 and /metrics")
     sv.add_argument("--name", default=None, help="the model id clients use (default: the run's name)")
     sv.add_argument("--no-tools", action="store_true", help="do not execute the calculator in chat replies")
+    sv.add_argument("--compile", action="store_true", help="compiled decode steps (torch.compile; fixed widths)")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--devices", default=None, help="comma-separated devices, one scheduler and model copy each "
                                                     "(e.g. cuda:0,cuda:1); requests go to the least busy")
@@ -171,7 +172,7 @@ def cmd_serve(args) -> None:
     name = args.name or ckpt.path.parent.name
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     app = create_app(ckpt.model, ckpt.tokenizer, name, max_batch=args.max_batch, max_queue=args.max_queue,
-                     api_key=args.api_key, tools=not args.no_tools, devices=devices)
+                     api_key=args.api_key, tools=not args.no_tools, devices=devices, compile=args.compile)
     print(f"serving {name} on http://{args.host}:{args.port} (web UI at /, OpenAI API at /v1)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

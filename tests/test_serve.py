@@ -490,3 +490,26 @@ def test_a_looped_model_serves_fixed_and_adaptive_loops(tokenizer, loops):
         fewest = length * model.count_flops(length, Compute(loops=1)).forward
         most = length * model.count_flops(length, Compute(loops=3), probes=2).forward
         assert fewest <= usage["flops"] <= most
+
+
+@pytest.mark.slow  # compiling the step takes over a minute on 2 CPU cores (make test-slow)
+def test_compiled_decode_steps_serve_the_same_replies(model, tokenizer):
+    """--compile: each step one torch.compile graph over a static cache; concurrent rows at two modes (so steps
+    mix widths) still get what the engine gives each alone; early exit is refused with the reason."""
+    torch._dynamo.reset()
+    cases = [(ask("the king"), 10, ""), (ask("a sword"), 14, "ghost"), (ask("the night"), 6, "")]
+    with Running(create_app(model, tokenizer, "tiny", max_batch=2, tools=False, compile=True)) as running:
+        client = running.client()
+
+        def reply(case):
+            messages, max_tokens, mode = case
+            return client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                  temperature=0, extra_body={"compute": {"mode": mode}})
+
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(reply, cases))
+        refused = httpx.post(running.url + "/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": ask("hi"), "compute": {"adaptive": 0.5}})
+    for (messages, max_tokens, mode), got in zip(cases, replies, strict=True):
+        assert got.choices[0].message.content == tokenizer.decode(alone(model, tokenizer, messages, max_tokens, mode))
+    assert refused.status_code == 400 and "--compile" in error_of(refused)["message"]

@@ -54,12 +54,13 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def create_app(model, tokenizer, name: str, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
-               tools: bool = True, max_body: int = MAX_BODY, devices: list | None = None) -> FastAPI:
+               tools: bool = True, max_body: int = MAX_BODY, devices: list | None = None,
+               compile: bool = False) -> FastAPI:
     """The app; its schedulers (one per device of `devices`, default the model's own) start and stop with it."""
     devices = devices or [next(model.parameters()).device]
     models = [model if torch.device(d) == next(model.parameters()).device and i == 0 else
               copy.deepcopy(model).to(d) for i, d in enumerate(devices)]
-    schedulers = [Scheduler(m, tokenizer, max_batch=max_batch, max_queue=max_queue) for m in models]
+    schedulers = [Scheduler(m, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile) for m in models]
     server = Server(model, tokenizer, name, schedulers, tool=calculate if tools else None)
     app = FastAPI(title="adamba", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.schedulers = schedulers
@@ -201,6 +202,11 @@ class Server:
             for job in jobs:
                 job.cancel()
             raise APIError(429, str(error), code="queue_full", kind="rate_limit_error") from None
+        except ValueError as error:  # the scheduler's own checks (e.g. early exit on a compiled server)
+            for job in jobs:
+                job.cancel()
+            message = str(error)
+            raise APIError(400, message, message.split(":", 1)[0] if ":" in message else None) from None
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.name}
         reply = Reply(self.tokenizer, meta, pairs, body.stops(), chat, logprobs=jobs[0].top_logprobs is not None,

@@ -9,6 +9,10 @@ A request leaves when it stops, or at once when its client goes away (`Request.c
 rewrites one position and is never read) until the next request loads over it. Generation runs on this thread,
 never on the web server's event loop: tokens reach the caller through `Request.on_event`, called from here.
 
+With `compile=True` each decode step is one torch.compile graph over a static-shape cache (as `Engine(compile=True)`):
+one graph per combination of row widths in a step (rows at one mode: one graph), and no early exit or looped
+models, whose steps depend on values known only at run time.
+
 Rows batch together when their loops and adaptive policy agree (a looped model's iterations and an exit policy are
 per step, not per row); a request whose differ waits until the running ones finish. With early exit or a looped
 model's adaptive exit, each token's decisions (exit layer and gates, or iterations) are kept, and the request's
@@ -87,12 +91,16 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
+        if compile and model.config.loop is not None:
+            raise ValueError("compile: looped models decode eagerly; serve them without --compile")
+        self.compiled = compile
+        self.decode_step = torch.compile(model, dynamic=False) if compile else model
         self.context = model.config.sequence_len
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Row | None] = [None] * max_batch
@@ -120,6 +128,9 @@ class Scheduler:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens; the model's context is {self.context} "
                              "(sequence_len), which must also hold at least one new token")
         request.compute.check(self.model.config)
+        if self.compiled and request.compute.adaptive is not None:
+            raise ValueError("compute.adaptive: this server decodes with compiled steps (--compile), which run fixed "
+                             "widths; early exit needs a server without --compile")
         with self.wake:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
@@ -185,7 +196,7 @@ class Scheduler:
     def _prefill(self, slot: int, request: Request) -> None:
         model, compute = self.model, request.compute
         if self.cache is None:
-            self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute)
+            self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute, static=self.compiled)
         alone = InferenceCache(model, 1, len(request.prompt), compute=compute)
         ids = torch.tensor([request.prompt], device=self.device)
         logits, decisions = self._forward(ids, alone, compute)
@@ -222,8 +233,11 @@ class Scheduler:
     def _forward(self, ids: torch.Tensor, cache: InferenceCache, compute: Compute) -> tuple[torch.Tensor, list]:
         """(logits, per row the decisions its tokens made: [] unless compute is adaptive)."""
         adaptive_loops = isinstance(compute.loops, Loops) and compute.loops.exit is not None
-        if compute.adaptive is None and not adaptive_loops:
-            return self.model(ids, cache=cache, compute=compute), [[] for _ in range(ids.size(0))]
+        policy = compute.adaptive
+        decides = policy is not None and (policy.exit or policy.expand is not None)  # not just per-row widths
+        if not decides and not adaptive_loops:
+            step = self.decode_step if cache is self.cache else self.model  # prefills run eagerly
+            return step(ids, cache=cache, compute=compute), [[] for _ in range(ids.size(0))]
         out = self.model(ids, cache=cache, compute=compute, outputs=True)
         if adaptive_loops:
             return out.logits, [[(int(n),) for n in row] for row in out.loops.tolist()]
