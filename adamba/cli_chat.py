@@ -152,12 +152,13 @@ def cmd_eval_rl(args) -> None:
         checkpoint = latest_checkpoint(folder)
         if checkpoint is None or not (folder / "metrics.jsonl").exists():
             raise ValueError(f"runs: {name} is not an RL run folder (no checkpoint and metrics.jsonl in {folder})")
-        price = read_meta(checkpoint)["extra"].get("rl", {}).get("flops_price")
+        meta = read_meta(checkpoint)
+        price = meta["extra"].get("rl", {}).get("flops_price")
         if price is None:
             raise ValueError(f"runs: {name} was not compute-aware (no flops_price); run `adamba rl` with "
                              "--flops-price")
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-        runs.append((folder.name, float(price), records))
+        runs.append((folder.name, float(price), int((meta.get("train_config") or {}).get("seed", 0)), records))
     md, _ = write_price_report(args.name, runs)
     print(md.read_text())
     print(f"report: {md}")

@@ -155,7 +155,7 @@ def test_a_flops_price_teaches_the_width_choice_to_spend_less(base, price):
     assert "| step | problems | n | pass@1 | FLOPs of full width | width 16 | width 32 | width 64 |" in report
     assert main(["eval", "rl", f"price{price:g}", "--name", "curve"]) == 0
     final = [r for r in load_metrics(f"price{price:g}") if "eval_flops_frac" in r][-1]
-    assert f"| price{price:g} | {price:g} | 8 | 100.0% -> 100.0% | {final['eval_flops_per_answer']:.3g} | " \
+    assert f"| price{price:g} | {price:g} | 3 | 100.0% -> 100.0% | {final['eval_flops_per_answer']:.3g} | " \
            f"{100 * final['eval_flops_frac']:.1f}% |" in (reports / "curve" / "rl_price.md").read_text()
 
 

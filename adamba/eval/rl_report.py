@@ -96,36 +96,59 @@ def write_rl_report(name: str, records: Sequence[dict], k: int, settings: dict, 
     return md, png
 
 
-def write_price_report(name: str, runs: Sequence[tuple[str, float, Sequence[dict]]]) -> tuple:
-    """reports/<name>/rl_price.md and .png: each compute-aware run (its name, FLOPs price, metrics) at its last
-    held-out evaluation -- pass@1 against FLOPs per answer -- with the change against the price-0 run."""
+def write_price_report(name: str, runs: Sequence[tuple[str, float, int, Sequence[dict]]]) -> tuple:
+    """reports/<name>/rl_price.md and .png: compute-aware runs (name, FLOPs price, seed, metrics) at their last
+    held-out evaluation -- pass@1 against FLOPs per answer -- each against the price-0 run of its seed, and per
+    price the mean and range over seeds."""
     rows = []
-    for run, price, records in sorted(runs, key=lambda r: r[1]):
+    for run, price, seed, records in sorted(runs, key=lambda r: (r[1], r[2])):
         evals = [r for r in records if "eval_flops_frac" in r]
         if not evals:
             raise ValueError(f"{run}: no compute-aware evaluation in its metrics (was it run with --flops-price?)")
-        rows.append((run, price, evals[0], evals[-1]))
-    control = next((row for row in rows if row[1] == 0), None)
-    lines = ["| run | FLOPs price | steps | pass@1 start -> end | FLOPs per answer | of full width | "
-             "pass@1 vs price 0 | FLOPs vs price 0 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
-    for run, price, first, last in rows:
-        versus = ("—", "—") if control is None else (
-            f"{100 * (last['pass@1'] - control[3]['pass@1']):+.1f} pts",
-            f"{100 * (last['eval_flops_per_answer'] / control[3]['eval_flops_per_answer'] - 1):+.1f}%")
-        lines.append(f"| {run} | {price:g} | {last['step']} | {100 * first['pass@1']:.1f}% -> "
+        rows.append({"run": run, "price": price, "seed": seed, "first": evals[0], "last": evals[-1]})
+    controls = {row["seed"]: row["last"] for row in rows if row["price"] == 0}
+    for row in rows:
+        control = controls.get(row["seed"])
+        row["d_pass"] = None if control is None else row["last"]["pass@1"] - control["pass@1"]
+        row["d_flops"] = None if control is None else \
+            row["last"]["eval_flops_per_answer"] / control["eval_flops_per_answer"] - 1
+    lines = ["| run | price | seed | pass@1 start -> end | FLOPs per answer | of full width | pass@1 vs price 0 | "
+             "FLOPs vs price 0 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for row in rows:
+        first, last = row["first"], row["last"]
+        lines.append(f"| {row['run']} | {row['price']:g} | {row['seed']} | {100 * first['pass@1']:.1f}% -> "
                      f"{100 * last['pass@1']:.1f}% | {last['eval_flops_per_answer']:.3g} | "
-                     f"{100 * last['eval_flops_frac']:.1f}% | {versus[0]} | {versus[1]} |")
+                     f"{100 * last['eval_flops_frac']:.1f}% | {_signed(row['d_pass'], 100, ' pts')} | "
+                     f"{_signed(row['d_flops'], 100, '%')} |")
+    prices = sorted({row["price"] for row in rows})
+    summary = ["| price | seeds | pass@1, mean (range) | FLOPs per answer, mean | pass@1 vs price 0 | "
+               "FLOPs vs price 0 |", "|---:|---:|---|---:|---:|---:|"]
+    for price in prices:
+        group = [row for row in rows if row["price"] == price]
+        passes = [row["last"]["pass@1"] for row in group]
+        paired = [row for row in group if row["d_pass"] is not None]
+        summary.append(f"| {price:g} | {len(group)} | {100 * sum(passes) / len(passes):.1f}% "
+                       f"({100 * min(passes):.1f}-{100 * max(passes):.1f}) | "
+                       f"{sum(row['last']['eval_flops_per_answer'] for row in group) / len(group):.3g} | "
+                       + (f"{100 * sum(r['d_pass'] for r in paired) / len(paired):+.1f} pts | "
+                          f"{100 * sum(r['d_flops'] for r in paired) / len(paired):+.1f}% |" if paired else "— | — |"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.set(xlabel="held-out FLOPs per answer / full width", ylabel="held-out pass@1",
+    ax.set(xlabel="held-out FLOPs per answer", ylabel="held-out pass@1",
            title="compute-aware RL: accuracy against compute over the FLOPs price")
     ax.grid(alpha=0.3)
-    ax.plot([row[3]["eval_flops_frac"] for row in rows], [row[3]["pass@1"] for row in rows], marker="o")
-    for _, price, _, last in rows:
-        ax.annotate(f"λ={price:g}", (last["eval_flops_frac"], last["pass@1"]), fontsize=8,
-                    textcoords="offset points", xytext=(4, 4))
+    for price in prices:
+        group = [row for row in rows if row["price"] == price]
+        ax.scatter([row["last"]["eval_flops_per_answer"] for row in group], [row["last"]["pass@1"] for row in group],
+                   label=f"λ = {price:g}")
+    ax.legend(fontsize=8)
     out = report_dir(name)
     png = save_figure(fig, out / "rl_price.png")
     md = write_atomic(out / "rl_price.md", "# Compute-aware RL: accuracy against FLOPs over the price\n\n"
-                                           "Each run at its last held-out evaluation.\n\n" + "\n".join(lines)
+                                           "Each run at its last held-out evaluation, against the price-0 run of "
+                                           "the same seed.\n\n" + "\n".join(summary) + "\n\n" + "\n".join(lines)
                                            + "\n\n![pass@1 against FLOPs](rl_price.png)\n")
     return md, png
+
+
+def _signed(value: float | None, scale: float, unit: str) -> str:
+    return "—" if value is None else f"{scale * value:+.1f}{unit}"
