@@ -513,3 +513,32 @@ def test_compiled_decode_steps_serve_the_same_replies(model, tokenizer):
     for (messages, max_tokens, mode), got in zip(cases, replies, strict=True):
         assert got.choices[0].message.content == tokenizer.decode(alone(model, tokenizer, messages, max_tokens, mode))
     assert refused.status_code == 400 and "--compile" in error_of(refused)["message"]
+
+
+def test_a_step_on_the_first_rows_of_a_cache_writes_what_a_whole_batch_step_would(model):
+    """The scheduler runs light loads on `InferenceCache.first_rows(n)`: a forward there must leave rows [0, n)
+    exactly as the same forward on the whole cache does -- attention K/V (with narrow writes, whose layer inputs
+    the view allocates), Mamba conv and SSM state -- and the rows after n untouched."""
+    from adamba.model.cache import InferenceCache
+
+    torch.manual_seed(3)
+    prompts = torch.randint(0, 512, (3, 5))
+    whole, viewed = InferenceCache(model, 3, 32), InferenceCache(model, 3, 32)
+    with torch.no_grad():
+        for cache in (whole, viewed):
+            model(prompts, cache=cache)
+        untouched = [t.clone() for t in (viewed.states[0].k[2], viewed.states[1].ssm[2], viewed.lengths[2])]
+        for width in ("ghost", "", "normal"):
+            ids = torch.randint(0, 512, (3, 1))
+            compute = Compute.parse(model.config, width=width)
+            expected = model(ids, cache=whole, compute=compute)[:2]
+            view = viewed.first_rows(2)
+            got = model(ids[:2], cache=view, compute=compute)
+            viewed.absorb(view)
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert viewed.states[0].inputs is not None  # allocated by the view at the narrow write, kept
+        for before, after in zip(untouched, (viewed.states[0].k[2], viewed.states[1].ssm[2], viewed.lengths[2]),
+                                 strict=True):
+            assert torch.equal(before, after)
+        final = torch.randint(0, 512, (3, 1))
+        torch.testing.assert_close(model(final, cache=viewed)[:2], model(final, cache=whole)[:2], atol=0, rtol=0)

@@ -79,6 +79,21 @@ class KVState:
             self.inputs[slot, :span] = 0 if source.inputs is None else source.inputs[row]
         self.min_heads = min(self.min_heads, source.min_heads)
 
+    def first_rows(self, n: int) -> KVState:
+        """A state over rows [0, n) that shares this one's tensors (writes land here); `absorb` it afterwards."""
+        view = object.__new__(KVState)
+        view.k, view.v, view.heads = self.k[:n], self.v[:n], self.heads[:n]
+        view.inputs = None if self.inputs is None else self.inputs[:n]
+        view.min_heads = self.min_heads
+        return view
+
+    def absorb(self, view: KVState) -> None:
+        """Take back what a `first_rows` view changed beyond its shared tensors."""
+        if view.inputs is not None and self.inputs is None:  # allocated by the view: keep it for every row
+            self.inputs = view.inputs.new_zeros(self.k.size(0), *view.inputs.shape[1:])
+            self.inputs[:view.inputs.size(0)] = view.inputs
+        self.min_heads = min(self.min_heads, view.min_heads)
+
     def copy_new(self, source: KVState, cache: InferenceCache, T: int) -> None:
         """Give the T new tokens of each row the entries `source` (another loop iteration's slot) holds for
         them: K/V depend only on a token's layer input and position, so this is what running the layer on that
@@ -143,6 +158,26 @@ class InferenceCache:
                 self.loop_last = source.loop_last.new_zeros(self.batch, source.loop_last.size(-1))
             self.loop_last[slot] = source.loop_last[row]
         self.lengths[slot] = source.lengths[row]
+
+    def first_rows(self, n: int) -> InferenceCache:
+        """A cache over rows [0, n) sharing this one's state (a forward on it writes here), so a batch that uses
+        only its first rows runs at their size; `absorb` it after the forward."""
+        view = object.__new__(InferenceCache)
+        view.__dict__.update(self.__dict__)
+        view.batch, view.lengths, view._masks = n, self.lengths[:n], {}
+        view.states = [[state.first_rows(n) for state in layer] if isinstance(layer, list) else layer.first_rows(n)
+                       for layer in self.states]
+        view.loop_last = None if self.loop_last is None else self.loop_last[:n]
+        return view
+
+    def absorb(self, view: InferenceCache) -> None:
+        """Take back what a forward on a `first_rows` view changed beyond the shared tensors."""
+        for mine, theirs in zip(self.states, view.states, strict=True):
+            for state, other in (zip(mine, theirs, strict=True) if isinstance(mine, list) else [(mine, theirs)]):
+                state.absorb(other)
+        if view.loop_last is not None and self.loop_last is None:
+            self.loop_last = view.loop_last.new_zeros(self.batch, view.loop_last.size(-1))
+            self.loop_last[:view.batch] = view.loop_last
 
     # --- called by the model around each forward -------------------------------------------------------
     def begin(self, T: int) -> torch.Tensor:

@@ -80,6 +80,17 @@ class MambaState:
         """Row `slot` takes over row `row` of `source` (see InferenceCache.load_row)."""
         self.conv[slot], self.ssm[slot] = source.conv[row], source.ssm[row]
 
+    def first_rows(self, n: int) -> MambaState:
+        """A state over rows [0, n) sharing this one's tensors (see InferenceCache.first_rows)."""
+        view = object.__new__(MambaState)
+        view.conv, view.ssm = self.conv[:n], self.ssm[:n]
+        view.A = self.A
+        return view
+
+    def absorb(self, view: MambaState) -> None:
+        if view.A is not None:
+            self.A = view.A
+
 
 class Mamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

@@ -43,6 +43,15 @@ class Mamba2State:
         """Row `slot` takes over row `row` of `source` (see InferenceCache.load_row)."""
         self.conv[slot], self.ssm[slot] = source.conv[row], source.ssm[row]
 
+    def first_rows(self, n: int) -> Mamba2State:
+        """A state over rows [0, n) sharing this one's tensors (see InferenceCache.first_rows)."""
+        view = object.__new__(Mamba2State)
+        view.conv, view.ssm = self.conv[:n], self.ssm[:n]
+        return view
+
+    def absorb(self, view: Mamba2State) -> None:
+        """Nothing to take back: conv and ssm are shared, and nothing else is kept per cache."""
+
 
 class GatedRMSNorm(nn.Module):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(y * silu(z)) * weight, normalised over

@@ -214,19 +214,25 @@ class Scheduler:
         self._emit(slot, logits[0])
 
     def _step(self) -> None:
-        """One decode step for every slot: occupied rows feed their last token, parked ones a dummy."""
-        B = self.max_batch
-        ids = torch.tensor([[row.next_token if row is not None else 0] for row in self.rows], device=self.device)
-        parked = self.cache.lengths.clone()
-        logits, decisions = self._forward(ids, self.cache, self._step_compute())
+        """One decode step for the slots up to the last occupied one (requests take the lowest free slot, so a
+        light load runs a small batch; compiled steps keep every slot, for one graph): occupied rows feed their
+        last token, free ones a dummy and stay parked."""
+        n = self.max_batch if self.compiled else 1 + max(i for i, row in enumerate(self.rows) if row is not None)
+        rows = self.rows[:n]
+        cache = self.cache if n == self.max_batch else self.cache.first_rows(n)
+        ids = torch.tensor([[row.next_token if row is not None else 0] for row in rows], device=self.device)
+        parked = cache.lengths.clone()
+        logits, decisions = self._forward(ids, cache, self._step_compute(rows))
+        if cache is not self.cache:
+            self.cache.absorb(cache)
         logits = logits[:, -1]
-        for row, made in zip(self.rows, decisions, strict=True):
+        for row, made in zip(rows, decisions, strict=True):
             if row is not None:
                 row.request.decisions += made
-        free = torch.tensor([row is None for row in self.rows], device=self.device)
-        self.cache.lengths.copy_(torch.where(free, parked, self.cache.lengths))
+        free = torch.tensor([row is None for row in rows], device=self.device)
+        cache.lengths.copy_(torch.where(free, parked, cache.lengths))
         self.stats["steps"] += 1
-        for slot in range(B):
+        for slot in range(n):
             if self.rows[slot] is not None:
                 self._emit(slot, logits[slot])
 
@@ -236,7 +242,7 @@ class Scheduler:
         policy = compute.adaptive
         decides = policy is not None and (policy.exit or policy.expand is not None)  # not just per-row widths
         if not decides and not adaptive_loops:
-            step = self.decode_step if cache is self.cache else self.model  # prefills run eagerly
+            step = self.decode_step if cache is self.cache else self.model  # prefills and views run eagerly
             return step(ids, cache=cache, compute=compute), [[] for _ in range(ids.size(0))]
         out = self.model(ids, cache=cache, compute=compute, outputs=True)
         if adaptive_loops:
@@ -265,15 +271,15 @@ class Scheduler:
                                                         gates=decision[1]).forward
         return sum(costs[d] for d in request.decisions)
 
-    def _step_compute(self) -> Compute:
+    def _step_compute(self, rows: list[_Row | None]) -> Compute:
         if self.model.config.loop is not None:  # looped models batch one compute choice (see the module doc)
             return self.group[0]
         loops, adaptive = self.group
-        widths = {row.widths for row in self.rows if row is not None}
+        widths = {row.widths for row in rows if row is not None}
         if len(widths) == 1:
             return Compute(width=list(widths.pop()), loops=loops, adaptive=adaptive)
         full = tuple(self.model.config.width_values(None))
-        row_widths = tuple(row.widths if row is not None else full for row in self.rows)
+        row_widths = tuple(row.widths if row is not None else full for row in rows)
         return Compute(loops=loops, adaptive=_with_rows(adaptive, row_widths))
 
     def _emit(self, slot: int, logits: torch.Tensor) -> None:
