@@ -1,0 +1,139 @@
+"""CORE (eval/core.py): rigged models whose right (or wrong) answers are known give 100% (0%) on each task kind;
+few-shot prompts equal a rendering built here by hand; centring equals a hand computation."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import WORDS, make_documents
+
+from adamba.data.tokenizer import Tokenizer
+from adamba.eval.core import CoreScore, CoreTask, core_metric, evaluate_core_task, fewshot_examples, render
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(make_documents(), 512, "core-test")
+
+
+class Oracle(torch.nn.Module):
+    """Rigged: it has memorised some token sequences, and after any tokens it predicts, with near certainty, what
+    followed the longest run of those same tokens in its memory (uniform when nothing matches)."""
+
+    def __init__(self, tokenizer, texts: list[str], context: int = 256):
+        super().__init__()
+        self.memory = [tokenizer.encode(text, bos=True) for text in texts]
+        self.vocab = tokenizer.vocab_size
+        self.config = SimpleNamespace(sequence_len=context)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def next_token(self, prefix: list[int]) -> int | None:
+        best, token = 0, None
+        for sequence in self.memory:
+            for j in range(len(sequence) - 1):
+                run = 0
+                while run <= j and run < len(prefix) and sequence[j - run] == prefix[-1 - run]:
+                    run += 1
+                if run > best:
+                    best, token = run, sequence[j + 1]
+        return token
+
+    def forward(self, ids, compute=None):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        for b, row in enumerate(ids.tolist()):
+            for t in range(len(row)):
+                token = self.next_token(row[:t + 1])
+                if token is not None:
+                    logits[b, t, token] = 30.0
+        return logits
+
+    def count_flops(self, context, compute=None):
+        return SimpleNamespace(forward=1.0)
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def mc_task(seed: int = 0, n: int = 6) -> CoreTask:
+    rng = random.Random(seed)
+    items = [{"query": f"Question {i}: {words(rng, 4)}. Answer:", "choices": [words(rng, 3) for _ in range(4)],
+              "gold": rng.randrange(4)} for i in range(n)]
+    return CoreTask("mc", "multiple_choice", items, num_fewshot=0, baseline=0.25)
+
+
+def schema_task(seed: int = 1, n: int = 6) -> CoreTask:
+    rng = random.Random(seed)
+    items = [{"context_options": [f"The {words(rng, 2)} {option}" for option in ("prince", "storm", "raven")],
+              "continuation": f"{words(rng, 3)}.", "gold": rng.randrange(3)} for _ in range(n)]
+    return CoreTask("schema", "schema", items, baseline=1 / 3)
+
+
+def lm_task(seed: int = 2, n: int = 6) -> CoreTask:
+    rng = random.Random(seed)
+    # each context ends in its own two words, so even a cropped prompt says which item it is
+    items = [{"context": f"{words(rng, 6)} {WORDS[10 + i]} {WORDS[40 + i]}", "continuation": words(rng, 2)}
+             for i in range(n)]
+    return CoreTask("lm", "language_modeling", items)
+
+
+def gold_prompts(task: CoreTask) -> list[str]:
+    prompts = []
+    for i, item in enumerate(task.items):
+        rendered = render(task, i)
+        prompts.append(rendered[-1] if task.kind == "language_modeling" else rendered[item["gold"]])
+    return prompts
+
+
+def wrong_prompts(task: CoreTask) -> list[str]:
+    if task.kind == "language_modeling":
+        return [p + " crown crown" for p in (render(task, i)[0] for i in range(len(task.items)))]
+    return [render(task, i)[(item["gold"] + 1) % len(render(task, i))] for i, item in enumerate(task.items)]
+
+
+@pytest.mark.parametrize("make", [mc_task, schema_task, lm_task])
+def test_a_model_rigged_for_the_right_answer_scores_100_and_for_a_wrong_one_0(tokenizer, make):
+    task = make()
+    for prompts, expected in ((gold_prompts(task), 1.0), (wrong_prompts(task), 0.0)):
+        model = Oracle(tokenizer, prompts)
+        score = evaluate_core_task(model, tokenizer, task, batch_size=3)
+        assert score.accuracy == expected, (task.kind, expected)
+        assert score.total == len(task.items) and score.cropped == 0
+
+
+def test_fewshot_prompts_equal_a_rendering_by_hand():
+    task = CoreTask("mc", "multiple_choice", mc_task(n=8).items, num_fewshot=3, delimiter=" ")
+    index = 5
+    chosen = random.Random(1234 + index).sample([i for i in range(8) if i != index], 3)
+    assert [task.items.index(e) for e in fewshot_examples(task, index)] == chosen
+    item = task.items[index]
+    shots = "".join(f"{task.items[i]['query']} {task.items[i]['choices'][task.items[i]['gold']]}\n\n" for i in chosen)
+    assert render(task, index) == [f"{shots}{item['query']} {choice}" for choice in item["choices"]]
+
+    lm = CoreTask("lm", "language_modeling", lm_task(n=5).items, num_fewshot=2, delimiter=" ")
+    chosen = random.Random(1234 + 0).sample([1, 2, 3, 4], 2)
+    shots = "".join(f"{lm.items[i]['context'].strip()} {lm.items[i]['continuation']}\n\n" for i in chosen)
+    first = lm.items[0]
+    assert render(lm, 0) == [f"{shots}{first['context'].strip()}", f"{shots}{first['context'].strip()} "
+                                                                   f"{first['continuation']}"]
+    assert index not in [task.items.index(e) for e in fewshot_examples(task, index)]
+
+
+def test_centring_and_core_by_hand():
+    scores = [CoreScore("a", "multiple_choice", 60, 100, 0.25, 0.0), CoreScore("b", "schema", 50, 100, 0.5, 0.0),
+              CoreScore("c", "language_modeling", 10, 100, 0.0, 0.0)]
+    # (0.6 - 0.25) / 0.75 = 0.4667, (0.5 - 0.5) / 0.5 = 0, 0.1 / 1 = 0.1
+    assert [s.centred for s in scores] == pytest.approx([0.35 / 0.75, 0.0, 0.1])
+    assert core_metric(scores) == pytest.approx((0.35 / 0.75 + 0.1) / 3)
+
+
+def test_a_long_prompt_keeps_its_scored_end(tokenizer):
+    task = lm_task(n=3)
+    model = Oracle(tokenizer, gold_prompts(task), context=8)
+    score = evaluate_core_task(model, tokenizer, task)
+    assert score.cropped == 3 and score.accuracy == 1.0
+    with pytest.raises(ValueError, match="icl_task_type 'cloze'"):
+        CoreTask("x", "cloze", [])
