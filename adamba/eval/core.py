@@ -24,12 +24,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..model.compute import Compute
 
 KINDS = ("multiple_choice", "schema", "language_modeling")
-CORE_TASK_COUNT = 22  # the tasks of the DCLM bundle's core.yaml
+# the 22 tasks of the DCLM bundle's core.yaml, as nanochat runs them
+CORE_LABELS = frozenset({
+    "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa",
+    "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande", "bigbench_dyck_languages",
+    "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators", "bigbench_repeat_copy_logic", "squad", "coqa",
+    "boolq", "bigbench_language_identification"})
+CORE_TASK_COUNT = len(CORE_LABELS)
 FEWSHOT_SEED = 1234
 
 
@@ -153,21 +158,39 @@ def _common_length(sequences: list[list[int]]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A continuation's log-likelihood under the model: the sum over its tokens, their number, and whether greedy
+    decoding reproduces it (every token the argmax)."""
+
+    logprob: float
+    tokens: int
+    greedy: bool
+
+
 @torch.no_grad()
-def _score_batch(model, batch: list[_Request], compute: Compute, device) -> list[tuple[float, bool]]:
-    """Per request: the mean loss over its continuation, and whether greedy decoding reproduces it."""
-    length = max(len(r.tokens) for r in batch)
-    ids = torch.zeros(len(batch), length, dtype=torch.long)
-    for b, r in enumerate(batch):
-        ids[b, :len(r.tokens)] = torch.tensor(r.tokens)
-    ids = ids.to(device)
-    logits = model(ids, compute=compute).float()
-    results = []
-    for b, r in enumerate(batch):
-        targets = ids[b, r.start:len(r.tokens)]
-        predicted = logits[b, r.start - 1:len(r.tokens) - 1]
-        loss = F.cross_entropy(predicted, targets).item()
-        results.append((loss, bool((predicted.argmax(-1) == targets).all())))
+def score_continuations(model, sequences: Sequence[tuple[list[int], int]], compute: Compute | None = None,
+                        batch_size: int = 16) -> list[Scored]:
+    """For each (tokens, start): the log-likelihood of tokens[start:] given the tokens before them, in batches of
+    similar length (right-padded; padding is never read). The one scorer of CORE and the lm-eval adapter."""
+    compute = compute or Compute()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    results: list[Scored | None] = [None] * len(sequences)
+    for first in range(0, len(order), batch_size):
+        chosen = order[first:first + batch_size]
+        length = max(len(sequences[i][0]) for i in chosen)
+        ids = torch.zeros(len(chosen), length, dtype=torch.long)
+        for b, i in enumerate(chosen):
+            ids[b, :len(sequences[i][0])] = torch.tensor(sequences[i][0])
+        ids = ids.to(device)
+        logp = torch.log_softmax(model(ids, compute=compute).float(), dim=-1)
+        for b, i in enumerate(chosen):
+            tokens, start = sequences[i]
+            targets = ids[b, start:len(tokens)]
+            predicted = logp[b, start - 1:len(tokens) - 1]
+            results[i] = Scored(predicted.gather(-1, targets[:, None]).sum().item(), len(targets),
+                                bool((predicted.argmax(-1) == targets).all()))
     return results
 
 
@@ -178,28 +201,19 @@ def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | N
     compute = compute or Compute()
     n = len(task.items) if max_items is None else min(max_items, len(task.items))
     mine = list(range(rank, n, world_size))
-    device = next(model.parameters()).device
     requests, cropped = _requests(task, tokenizer, mine, model.config.sequence_len)
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i].tokens))  # batches of similar length
-    outcomes: dict[int, tuple[float, bool]] = {}
-    flops = 0.0
-    for start in range(0, len(order), batch_size):
-        chosen = [order[i] for i in range(start, min(start + batch_size, len(order)))]
-        for i, result in zip(chosen, _score_batch(model, [requests[i] for i in chosen], compute, device),
-                             strict=True):
-            outcomes[i] = result
-        flops += sum(len(requests[i].tokens) * model.count_flops(len(requests[i].tokens), compute).forward
-                     for i in chosen)
-    correct = 0
+    scored = score_continuations(model, [(r.tokens, r.start) for r in requests], compute, batch_size)
+    flops = sum(len(r.tokens) * model.count_flops(len(r.tokens), compute).forward for r in requests)
     by_item: dict[int, list[int]] = {}
     for i, request in enumerate(requests):
         by_item.setdefault(request.item, []).append(i)
+    correct = 0
     for index, ids in by_item.items():
         if task.kind == "language_modeling":
-            correct += outcomes[ids[0]][1]
-        else:
-            losses = [outcomes[i][0] for i in ids]
-            correct += losses.index(min(losses)) == task.items[index]["gold"]
+            correct += scored[ids[0]].greedy
+        else:  # the lowest mean loss: the highest mean log-likelihood per token
+            means = [scored[i].logprob / scored[i].tokens for i in ids]
+            correct += means.index(max(means)) == task.items[index]["gold"]
     totals = torch.tensor([correct, len(mine), flops, cropped], dtype=torch.float64)
     if world_size > 1:
         dist.all_reduce(totals)

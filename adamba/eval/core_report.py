@@ -8,13 +8,18 @@ import io
 from collections.abc import Sequence
 
 from ..common import write_atomic
-from .core import CORE_TASK_COUNT, CoreScore, core_metric
+from .core import CORE_LABELS, CORE_TASK_COUNT, CoreScore, core_metric
 from .report_files import plt, report_dir, save_figure
+
+
+def counted(scores: Sequence[CoreScore], from_bundle: bool) -> list[CoreScore]:
+    """The scores the metric averages: every bundle task, or the offline tasks that are CORE's (not the cloze)."""
+    return [s for s in scores if from_bundle or s.task in CORE_LABELS]
 
 
 def metric_name(scores: Sequence[CoreScore], from_bundle: bool) -> str:
     """CORE only for the whole bundle; anything less says how much of it it is."""
-    tasks = len({s.task for s in scores})
+    tasks = len({s.task for s in counted(scores, from_bundle)})
     return "CORE" if from_bundle and tasks == CORE_TASK_COUNT else \
         f"CORE-{'bundle' if from_bundle else 'offline'}, {tasks} of {CORE_TASK_COUNT} tasks"
 
@@ -29,10 +34,13 @@ def markdown(scores: Sequence[CoreScore], modes: Sequence[str], from_bundle: boo
         first = next(s for s in scores if s.task == task)
         lines.append(f"| {task} | {first.kind} | {first.total} | {100 * first.baseline:.1f}% | " + " | ".join(
             f"{100 * cell[task, m].accuracy:.1f}% ({cell[task, m].centred:+.3f})" for m in modes) + " |")
-    per_mode = {m: [s for s in scores if s.mode == m] for m in modes}
+    per_mode = {m: [s for s in counted(scores, from_bundle) if s.mode == m] for m in modes}
     lines.append(f"| **{name}** | | | | " + " | ".join(f"**{core_metric(per_mode[m]):.4f}**" for m in modes) + " |")
-    lines.append("| forward FLOPs spent | | | | " + " | ".join(f"{sum(s.flops for s in per_mode[m]):.3g}"
-                                                          for m in modes) + " |")
+    lines.append("| forward FLOPs spent (all tasks) | | | | " + " | ".join(
+        f"{sum(s.flops for s in scores if s.mode == m):.3g}" for m in modes) + " |")
+    extra = sorted({s.task for s in scores} - {s.task for s in counted(scores, from_bundle)})
+    if extra:
+        lines.append(f"\nNot part of the metric (not CORE tasks): {', '.join(extra)}.")
     cropped = sum(s.cropped for s in scores)
     note = f"\n\n{cropped} requests were longer than the model's context and lost their start." if cropped else ""
     return "\n".join(lines) + note
@@ -50,7 +58,7 @@ def write_core_report(name: str, scores: Sequence[CoreScore], modes: Sequence[st
                          f"{s.centred:.6f}", f"{s.flops:.6g}", s.cropped])
     csv_path = write_atomic(out / "core.csv", buffer.getvalue())
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 2]})
-    per_mode = {m: [s for s in scores if s.mode == m] for m in modes}
+    per_mode = {m: [s for s in counted(scores, from_bundle) if s.mode == m] for m in modes}
     flops = [sum(s.flops for s in per_mode[m]) for m in modes]
     values = [core_metric(per_mode[m]) for m in modes]
     left.plot(flops, values, marker="o")
