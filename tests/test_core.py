@@ -11,7 +11,8 @@ import torch
 from conftest import WORDS, make_documents
 
 from adamba.data.tokenizer import Tokenizer
-from adamba.eval.core import CoreScore, CoreTask, core_metric, evaluate_core_task, fewshot_examples, render
+from adamba.eval.core import CoreTask, evaluate_core_task, fewshot_examples, render
+from adamba.eval.scores import TaskScore, centred_mean
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +124,11 @@ def test_fewshot_prompts_equal_a_rendering_by_hand():
 
 
 def test_centring_and_core_by_hand():
-    scores = [CoreScore("a", "multiple_choice", 60, 100, 0.25, 0.0), CoreScore("b", "schema", 50, 100, 0.5, 0.0),
-              CoreScore("c", "language_modeling", 10, 100, 0.0, 0.0)]
+    scores = [TaskScore("a", "full", 60, 100, 0.25, 0.0), TaskScore("b", "full", 50, 100, 0.5, 0.0),
+              TaskScore("c", "full", 10, 100, 0.0, 0.0)]
     # (0.6 - 0.25) / 0.75 = 0.4667, (0.5 - 0.5) / 0.5 = 0, 0.1 / 1 = 0.1
     assert [s.centred for s in scores] == pytest.approx([0.35 / 0.75, 0.0, 0.1])
-    assert core_metric(scores) == pytest.approx((0.35 / 0.75 + 0.1) / 3)
+    assert centred_mean(scores) == pytest.approx((0.35 / 0.75 + 0.1) / 3)
 
 
 def test_a_long_prompt_keeps_its_scored_end(tokenizer):

@@ -13,7 +13,6 @@ FLOPs are counted from what ran: every prompt token and generated token, each at
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,32 +23,14 @@ from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model.compute import Compute
 from .report_files import plt, report_dir, save_figure
+from .scores import TaskScore, centred_mean
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@dataclass
-class TaskScore:
-    task: str
-    mode: str
-    correct: int
-    total: int
-    baseline: float  # chance accuracy
-    flops: float  # forward FLOPs spent on the task's items, prompts and answers
-    cropped: int = 0  # prompts longer than the context, whose start was cut off
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-    @property
-    def centred(self) -> float:
-        return (self.accuracy - self.baseline) / (1 - self.baseline)
-
-
 def chat_core(scores: Sequence[TaskScore]) -> float:
     """nanochat's ChatCORE: the mean centred accuracy."""
-    return sum(s.centred for s in scores) / len(scores)
+    return centred_mean(scores)
 
 
 def evaluate_task(model, tokenizer, task, *, compute: Compute | None = None, mode: str = "full",

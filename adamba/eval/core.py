@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.compute import Compute
+from .scores import TaskScore
 
 KINDS = ("multiple_choice", "schema", "language_modeling")
 # the 22 tasks of the DCLM bundle's core.yaml, as nanochat runs them
@@ -52,31 +53,6 @@ class CoreTask:
             raise ValueError(f"{self.label}: icl_task_type {self.kind!r} is not one of {', '.join(KINDS)}")
         if not 0 <= self.baseline < 1:
             raise ValueError(f"{self.label}: random baseline {self.baseline!r} must be in [0, 1)")
-
-
-@dataclass
-class CoreScore:
-    task: str
-    kind: str
-    correct: int
-    total: int
-    baseline: float
-    flops: float
-    cropped: int = 0  # requests whose start was cut to fit the context
-    mode: str = "full"  # the compute mode it was scored at
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-    @property
-    def centred(self) -> float:
-        """(accuracy - baseline) / (1 - baseline): 0 at chance, 1 when every item is right."""
-        return (self.accuracy - self.baseline) / (1 - self.baseline)
-
-
-def core_metric(scores: Sequence[CoreScore]) -> float:
-    return sum(s.centred for s in scores) / len(scores)
 
 
 def fewshot_examples(task: CoreTask, index: int) -> list[dict]:
@@ -196,7 +172,7 @@ def score_continuations(model, sequences: Sequence[tuple[list[int], int]], compu
 
 def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | None = None, mode: str = "full",
                        max_items: int | None = None, batch_size: int = 16, rank: int = 0,
-                       world_size: int = 1) -> CoreScore:
+                       world_size: int = 1) -> TaskScore:
     """Score the first `max_items` items of `task` (None: all) at `compute`, striped across ranks."""
     compute = compute or Compute()
     n = len(task.items) if max_items is None else min(max_items, len(task.items))
@@ -217,5 +193,5 @@ def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | N
     totals = torch.tensor([correct, len(mine), flops, cropped], dtype=torch.float64)
     if world_size > 1:
         dist.all_reduce(totals)
-    return CoreScore(task.label, task.kind, int(totals[0]), int(totals[1]), task.baseline, float(totals[2]),
-                     int(totals[3]), mode)
+    return TaskScore(task.label, mode, int(totals[0]), int(totals[1]), task.baseline, float(totals[2]),
+                     int(totals[3]), kind=task.kind)

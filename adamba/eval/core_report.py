@@ -8,23 +8,24 @@ import io
 from collections.abc import Sequence
 
 from ..common import write_atomic
-from .core import CORE_LABELS, CORE_TASK_COUNT, CoreScore, core_metric
+from .core import CORE_LABELS, CORE_TASK_COUNT
 from .report_files import plt, report_dir, save_figure
+from .scores import TaskScore, centred_mean
 
 
-def counted(scores: Sequence[CoreScore], from_bundle: bool) -> list[CoreScore]:
+def counted(scores: Sequence[TaskScore], from_bundle: bool) -> list[TaskScore]:
     """The scores the metric averages: every bundle task, or the offline tasks that are CORE's (not the cloze)."""
     return [s for s in scores if from_bundle or s.task in CORE_LABELS]
 
 
-def metric_name(scores: Sequence[CoreScore], from_bundle: bool) -> str:
+def metric_name(scores: Sequence[TaskScore], from_bundle: bool) -> str:
     """CORE only for the whole bundle; anything less says how much of it it is."""
     tasks = len({s.task for s in counted(scores, from_bundle)})
     return "CORE" if from_bundle and tasks == CORE_TASK_COUNT else \
         f"CORE-{'bundle' if from_bundle else 'offline'}, {tasks} of {CORE_TASK_COUNT} tasks"
 
 
-def markdown(scores: Sequence[CoreScore], modes: Sequence[str], from_bundle: bool) -> str:
+def markdown(scores: Sequence[TaskScore], modes: Sequence[str], from_bundle: bool) -> str:
     name = metric_name(scores, from_bundle)
     tasks = list(dict.fromkeys(s.task for s in scores))
     cell = {(s.task, s.mode): s for s in scores}
@@ -35,7 +36,7 @@ def markdown(scores: Sequence[CoreScore], modes: Sequence[str], from_bundle: boo
         lines.append(f"| {task} | {first.kind} | {first.total} | {100 * first.baseline:.1f}% | " + " | ".join(
             f"{100 * cell[task, m].accuracy:.1f}% ({cell[task, m].centred:+.3f})" for m in modes) + " |")
     per_mode = {m: [s for s in counted(scores, from_bundle) if s.mode == m] for m in modes}
-    lines.append(f"| **{name}** | | | | " + " | ".join(f"**{core_metric(per_mode[m]):.4f}**" for m in modes) + " |")
+    lines.append(f"| **{name}** | | | | " + " | ".join(f"**{centred_mean(per_mode[m]):.4f}**" for m in modes) + " |")
     lines.append("| forward FLOPs spent (all tasks) | | | | " + " | ".join(
         f"{sum(s.flops for s in scores if s.mode == m):.3g}" for m in modes) + " |")
     extra = sorted({s.task for s in scores} - {s.task for s in counted(scores, from_bundle)})
@@ -46,7 +47,7 @@ def markdown(scores: Sequence[CoreScore], modes: Sequence[str], from_bundle: boo
     return "\n".join(lines) + note
 
 
-def write_core_report(name: str, scores: Sequence[CoreScore], modes: Sequence[str], from_bundle: bool,
+def write_core_report(name: str, scores: Sequence[TaskScore], modes: Sequence[str], from_bundle: bool,
                       source: str) -> tuple:
     out = report_dir(name)
     buffer = io.StringIO()
@@ -60,7 +61,7 @@ def write_core_report(name: str, scores: Sequence[CoreScore], modes: Sequence[st
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 2]})
     per_mode = {m: [s for s in counted(scores, from_bundle) if s.mode == m] for m in modes}
     flops = [sum(s.flops for s in per_mode[m]) for m in modes]
-    values = [core_metric(per_mode[m]) for m in modes]
+    values = [centred_mean(per_mode[m]) for m in modes]
     left.plot(flops, values, marker="o")
     for m, x, y in zip(modes, flops, values, strict=True):
         left.annotate(m, (x, y), fontsize=8, textcoords="offset points", xytext=(4, 4))
