@@ -160,11 +160,11 @@ def score_continuations(model, sequences: Sequence[tuple[list[int], int]], compu
         for b, i in enumerate(chosen):
             ids[b, :len(sequences[i][0])] = torch.tensor(sequences[i][0])
         ids = ids.to(device)
-        logp = torch.log_softmax(model(ids, compute=compute).float(), dim=-1)
+        logits = model(ids, compute=compute)
         for b, i in enumerate(chosen):
             tokens, start = sequences[i]
             targets = ids[b, start:len(tokens)]
-            predicted = logp[b, start - 1:len(tokens) - 1]
+            predicted = torch.log_softmax(logits[b, start - 1:len(tokens) - 1].float(), dim=-1)  # the scored rows
             results[i] = Scored(predicted.gather(-1, targets[:, None]).sum().item(), len(targets),
                                 bool((predicted.argmax(-1) == targets).all()))
     return results
@@ -179,7 +179,8 @@ def evaluate_core_task(model, tokenizer, task: CoreTask, *, compute: Compute | N
     mine = list(range(rank, n, world_size))
     requests, cropped = _requests(task, tokenizer, mine, model.config.sequence_len)
     scored = score_continuations(model, [(r.tokens, r.start) for r in requests], compute, batch_size)
-    flops = sum(len(r.tokens) * model.count_flops(len(r.tokens), compute).forward for r in requests)
+    per_token = {n: model.count_flops(n, compute).forward for n in {len(r.tokens) for r in requests}}
+    flops = sum(len(r.tokens) * per_token[len(r.tokens)] for r in requests)
     by_item: dict[int, list[int]] = {}
     for i, request in enumerate(requests):
         by_item.setdefault(request.item, []).append(i)
