@@ -184,9 +184,12 @@ class Scheduler:
             if not self.active and group != self.group:
                 self.cache = None  # a looped model's loop slots depend on the loops
             self.group = group
+            slot = self.rows.index(None)
             try:
-                self._prefill(self.rows.index(None), request)
-            except Exception as error:
+                self._prefill(slot, request)
+            except Exception as error:  # this request fails; its slot must not stay taken
+                if self.rows[slot] is not None and self.rows[slot].request is request:
+                    self.rows[slot] = None
                 request.on_event("error", f"{type(error).__name__}: {error}")
 
     def _group(self, compute: Compute) -> tuple:
