@@ -202,3 +202,34 @@ def test_a_bundle_served_over_http_downloads_verifies_and_scores(tmp_path, token
     report = run_dir("tiny").parent.parent / "reports" / "tiny"
     assert (report / "core.png").exists() and len((report / "core.csv").read_text().splitlines()) == 4
     assert load_checkpoint(run_dir("tiny")).tokenizer is not None
+
+
+def test_two_process_torchrun_scores_as_one_process(tokenizer, capsys):
+    """`adamba eval core` under torchrun stripes the items over the ranks and sums the counts: the same table as
+    one process (offline tasks from the wheel)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV, tiny_config
+    from test_train import ROOT, _free_port
+
+    from adamba.checkpoint import run_dir, save_checkpoint
+    from adamba.cli import main
+    from adamba.model import AdambaLM
+
+    torch.manual_seed(0)
+    model = AdambaLM.build(tiny_config(sequence_len=64))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    save_checkpoint(run_dir("tiny"), model, step=1, tokenizer=tokenizer)
+    flags = ["eval", "core", "tiny", "--tasks", "copa,winogrande", "--max-per-task", "9", "--device", "cpu"]
+    assert main(flags) == 0
+    alone = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "adamba.cli", *flags],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table == alone and any(line.startswith("| copa | multiple_choice | 9 |") for line in table)

@@ -66,3 +66,39 @@ def test_simple_evaluate_offline_on_a_local_task_matches_a_full_forward(tmp_path
                 logp = torch.log_softmax(model(torch.tensor([whole]))[0], -1)
             expected = sum(logp[t - 1, whole[t]].item() for t in range(len(head), len(whole)))
             assert loglikelihood == pytest.approx(expected, abs=1e-4)
+
+
+def test_rolling_loglikelihood_and_generation_against_the_model_itself(tmp_path):
+    """loglikelihood_rolling: a string longer than the context, scored in windows, equals the sum of the same
+    windows' full forwards; generate_until: the engine's greedy reply cut before the first stop string."""
+    from types import SimpleNamespace
+
+    from adamba.eval.lm_eval_adapter import AdambaEvalModel
+    from adamba.infer.engine import Engine
+    from adamba.infer.sampling import SamplingParams
+
+    tokenizer = Tokenizer.train(make_documents(), 512, "lm-eval-test")
+    torch.manual_seed(1)
+    model = AdambaLM.build(tiny_config(sequence_len=32))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    save_checkpoint(run_dir("small"), model, step=1, tokenizer=tokenizer)
+    adapter = AdambaEvalModel("small", device="cpu", batch_size=2)
+    text = " ".join(make_documents(3, seed=5))[:400]
+    [total] = adapter.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
+    tokens, expected = tokenizer.encode(text), 0.0
+    for i in range(0, len(tokens), 31):  # windows of context - 1 tokens, each after <|bos|>
+        window = [tokenizer.bos_id, *tokens[i:i + 31]]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([window])).double()[0], -1)
+        expected += sum(logp[t - 1, window[t]].item() for t in range(1, len(window)))
+    assert len(tokens) > 31 and total == pytest.approx(expected, abs=1e-3)
+
+    prompt = "The king and the queen"
+    [done] = Engine(model, tokenizer).generate([tokenizer.encode(prompt, bos=True)], 12, SamplingParams(0),
+                                               stop_tokens=[tokenizer.bos_id])
+    reply = tokenizer.decode(done.tokens)
+    stop = reply[len(reply) // 2:len(reply) // 2 + 2]
+    [text] = adapter.generate_until([SimpleNamespace(args=(prompt, {"until": [stop], "max_gen_toks": 12}))],
+                                    disable_tqdm=True)
+    assert stop and text == reply[:reply.index(stop)]
