@@ -191,6 +191,9 @@ def test_a_bundle_served_over_http_downloads_verifies_and_scores(tmp_path, token
         torch.manual_seed(0)
         assert [(t.label, t.kind, t.baseline, len(t.items)) for t in loaded] == \
             [(t.label, t.kind, pytest.approx(t.baseline), len(t.items)) for t in tasks]
+        order = list(range(len(tasks[0].items)))
+        random.Random(1337).shuffle(order)  # nanochat's order: its first --max-per-task items are these
+        assert loaded[0].items == [tasks[0].items[i] for i in order]
         torch.manual_seed(0)
         save_checkpoint(run_dir("tiny"), AdambaLM.build(tiny_config(sequence_len=128)), step=1, tokenizer=tokenizer)
         assert main(["eval", "core", "tiny", "--bundle", url, "--bundle-sha256", digest, "--modes", "full",

@@ -9,7 +9,8 @@ Three task kinds, each item in the DCLM eval bundle's JSONL form:
 - language_modeling {"context", "continuation"}: right when greedy decoding reproduces the continuation exactly
   (every continuation token is the argmax after the tokens before it).
 
-Each prompt starts with `num_fewshot` solved examples drawn for the item by `random.Random(1234 + index)` from the
+A task's items are first shuffled with `random.Random(1337)` (so the first `max_items` are a fixed random subset);
+each prompt starts with `num_fewshot` solved examples drawn for the item by `random.Random(1234 + index)` from the
 task's other items (never the item itself), each followed by a blank line; context and continuation are joined by
 the task's delimiter. A prompt longer than the model's context keeps its end (the scored part) and loses its start.
 Requests -- one per choice or context -- are sorted by length and run in batches; each token's loss is read where
@@ -37,6 +38,7 @@ CORE_LABELS = frozenset({
     "boolq", "bigbench_language_identification"})
 CORE_TASK_COUNT = len(CORE_LABELS)
 FEWSHOT_SEED = 1234
+ORDER_SEED = 1337  # nanochat shuffles each task's items with this seed, then takes the first --max-per-task
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,14 @@ class CoreTask:
             raise ValueError(f"{self.label}: icl_task_type {self.kind!r} is not one of {', '.join(KINDS)}")
         if not 0 <= self.baseline < 1:
             raise ValueError(f"{self.label}: random baseline {self.baseline!r} must be in [0, 1)")
+
+
+def in_nanochat_order(items: Sequence[dict]) -> list[dict]:
+    """A task's items in the order nanochat scores them (and draws few-shot examples from): shuffled with a fixed
+    seed, so the first N are a fixed random subset."""
+    items = list(items)
+    random.Random(ORDER_SEED).shuffle(items)
+    return items
 
 
 def fewshot_examples(task: CoreTask, index: int) -> list[dict]:

