@@ -29,6 +29,17 @@ metric_list:
 """
 
 
+def saved_model(run: str, sequence_len: int, seed: int):
+    """A tiny model with a random, non-zero lm_head (so its log-likelihoods vary), saved as `run` with a tokenizer."""
+    tokenizer = Tokenizer.train(make_documents(), 512, "lm-eval-test")
+    torch.manual_seed(seed)
+    model = AdambaLM.build(tiny_config(sequence_len=sequence_len))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    save_checkpoint(run_dir(run), model, step=1, tokenizer=tokenizer)
+    return model, tokenizer
+
+
 def test_simple_evaluate_offline_on_a_local_task_matches_a_full_forward(tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -36,12 +47,7 @@ def test_simple_evaluate_offline_on_a_local_task_matches_a_full_forward(tmp_path
     from adamba.eval.lm_eval_adapter import AdambaEvalModel
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    tokenizer = Tokenizer.train(make_documents(), 512, "lm-eval-test")
-    torch.manual_seed(0)
-    model = AdambaLM.build(tiny_config(sequence_len=128))
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-    save_checkpoint(run_dir("toy"), model, step=1, tokenizer=tokenizer)
+    model, tokenizer = saved_model("toy", 128, seed=0)
     docs = [{"query": f"The {a} and the {b}:", "choices": ["king", "queen", "sword"], "gold": i % 3}
             for i, (a, b) in enumerate([("lord", "lady"), ("night", "day"), ("sea", "ship"), ("fire", "water")])]
     data = tmp_path / "toy.jsonl"
@@ -77,12 +83,7 @@ def test_rolling_loglikelihood_and_generation_against_the_model_itself(tmp_path)
     from adamba.infer.engine import Engine
     from adamba.infer.sampling import SamplingParams
 
-    tokenizer = Tokenizer.train(make_documents(), 512, "lm-eval-test")
-    torch.manual_seed(1)
-    model = AdambaLM.build(tiny_config(sequence_len=32))
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-    save_checkpoint(run_dir("small"), model, step=1, tokenizer=tokenizer)
+    model, tokenizer = saved_model("small", 32, seed=1)
     adapter = AdambaEvalModel("small", device="cpu", batch_size=2)
     text = " ".join(make_documents(3, seed=5))[:400]
     [total] = adapter.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
