@@ -137,7 +137,7 @@ def _requests(task: CoreTask, tokenizer, indices: Sequence[int], context: int) -
 def _common_length(sequences: list[list[int]]) -> int:
     """How many leading tokens every sequence shares."""
     n = 0
-    for column in zip(*sequences, strict=False):
+    for column in zip(*sequences, strict=False):  # sequences differ in length: the shared part ends at the shortest
         if any(t != column[0] for t in column):
             break
         n += 1

@@ -19,6 +19,8 @@ def with_width_predictor(model: AdambaLM, layers: int = 1) -> AdambaLM:
     config = dataclasses.replace(model.config, predictor_layers=layers)  # validated: raises naming the field
     weight = model.wte.weight
     grown = AdambaLM.build(config, weight.device).to(weight.dtype)
+    # not strict: the new predictor's weights are the only ones the old state lacks -- checked right below, so any
+    # other missing or unexpected key is still an error
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     new = {name for name in missing if not name.startswith("adaptive_heads.predictor.")}
     if new or unexpected:

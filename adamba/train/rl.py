@@ -168,13 +168,14 @@ def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int)
     groups = []
     for g, conversation in enumerate(conversations):
         group = []
+        # priced against the longest answer allowed at full width: narrower widths and shorter answers both spend
+        # less (a constant per prompt, so within a group only what the completion spent differs)
+        longest = answer_flops(model, len(prompts[g]), budget, None)[0]
         for r in range(g * samples, (g + 1) * samples):
             done, choice = completions[r], choices[r]
             spent, full = answer_flops(model, len(prompts[g]), len(done.tokens), choice)
             correct = bool(task.evaluate(conversation, tokenizer.decode(done.tokens)))
-            # priced against the longest answer allowed at full width: narrower widths and shorter answers both
-            # spend less (a constant per prompt, so within a group only what the completion spent differs)
-            price = (config.flops_price or 0.0) * spent / answer_flops(model, len(prompts[g]), budget, None)[0]
+            price = (config.flops_price or 0.0) * spent / longest
             group.append(Rollout(prompts[g], done, correct, spent, reward=float(correct) - price, choice=choice,
                                  flops_frac=spent / full))
         groups.append(group)
