@@ -16,6 +16,7 @@ import torch
 from ..model.cache import InferenceCache
 from ..model.compute import Compute
 from .sampling import SamplingParams, sample
+from .speculative import Draft, SpeculativeDecoder
 from .tool_use import Tool, ToolCall, ToolUse
 
 
@@ -26,6 +27,8 @@ class Completion:
     forced: list[bool] = field(default_factory=list)  # per token: forced by a tool call, not sampled
     tool_calls: list[ToolCall] = field(default_factory=list)
     stop_token: int | None = None  # the stop token that ended the row (not part of `tokens`), if one did
+    drafted: int = 0  # speculative decoding: draft tokens proposed for this row, and how many the model accepted
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,13 @@ class Engine:
     compiler on a CPU, Triton on a GPU). Prefill runs eagerly. Not for looped models or adaptive exits, whose
     steps depend on values only known at run time."""
 
-    def __init__(self, model, tokenizer=None, *, compile: bool = False):
+    def __init__(self, model, tokenizer=None, *, compile: bool = False, speculative: Draft | None = None):
+        """`speculative`: decode with the model's own narrow slice or early exit as a draft (speculative.py),
+        for every call that does not pass its own."""
         self.model, self.tokenizer = model, tokenizer
+        if speculative is not None:
+            speculative.check(model.config)
+        self.speculative = speculative
         if compile and model.config.loop is not None:
             raise ValueError("compile: looped models (config.loop) decode eagerly; use Engine(model) without compile")
         self.decode_step = torch.compile(model, dynamic=False) if compile else model
@@ -57,9 +65,15 @@ class Engine:
         padded = tokenizer is not None and model.config.vocab_size > tokenizer.vocab_size
         self.vocab = tokenizer.vocab_size if padded else None
 
-    def _check(self, prompts: Sequence[Sequence[int]], compute: Compute, stop_strings: Sequence[str]) -> Compute:
-        """The call's compute choice, once its prompts, compute and stop strings are checked."""
+    def _check(self, prompts: Sequence[Sequence[int]], compute: Compute, stop_strings: Sequence[str],
+               draft: Draft | None, tool: Tool | None) -> Compute:
+        """The call's compute choice, once its prompts, compute, stop strings and draft are checked."""
         compute.check(self.model.config)
+        if draft is not None:
+            draft.check(self.model.config)
+            if self.compiled or compute.adaptive is not None or tool is not None:
+                raise ValueError("speculative: decodes eagerly, without adaptive exits and without tool calls; use "
+                                 "an Engine without compile, or drop adaptive / tool")
         if self.compiled and compute.adaptive is not None:
             raise ValueError("adaptive: a compiled engine (compile=True) decodes at fixed widths; use an Engine "
                              "without compile for adaptive exits")
@@ -80,7 +94,7 @@ class Engine:
     def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams | None = None,
               *, seed: int | None = None, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
               completions: list[Completion] | None = None, compute: Compute | None = None,
-              tool: Tool | None = None) -> Iterator[list[tuple[int, int]]]:
+              tool: Tool | None = None, speculative: Draft | None = None) -> Iterator[list[tuple[int, int]]]:
         """Decode all prompts together; yield, per step, the (row, token) pairs produced in that step.
 
         Pass a list as `completions` to receive each row's tokens and finish reason; a stop token ends
@@ -90,21 +104,27 @@ class Engine:
         tokens still leave their state in every later layer) or expand; with its `predictor`, each row's widths are
         chosen from its prompt before prefill, within the width as a budget. Rows may exit or run at different
         widths in one step. `tool` (e.g. tools.calculator.calculate): run on each row's <|python_start|> ...
-        <|python_end|> call, its result forced into the row (tool_use.py); None: tool calls are not executed."""
-        compute = self._check(prompts, compute or Compute(), stop_strings)
+        <|python_end|> call, its result forced into the row (tool_use.py); None: tool calls are not executed.
+        `speculative` (default: the engine's): a draft whose tokens the model verifies k at a time, a step then
+        yielding up to k + 1 tokens per row, with the output the model alone gives (speculative.py)."""
+        draft = speculative if speculative is not None else self.speculative
+        compute = self._check(prompts, compute or Compute(), stop_strings, draft, tool)
         params = params or SamplingParams()
         model = self.model
         device = next(model.parameters()).device
         B = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         capacity = min(model.config.sequence_len, int(lengths.max()) + max_new_tokens)
-        # A compiled step holds K/V for the whole context: one graph serves every generation of this batch size.
-        cache = InferenceCache(model, B, model.config.sequence_len if self.compiled else capacity,
-                               compute=compute, static=self.compiled)
         ids = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        if draft is not None:  # room to verify k + 1 tokens past the last one kept
+            decoder = SpeculativeDecoder(model, draft, B, min(model.config.sequence_len, capacity + draft.k + 1),
+                                         compute, params, generator, self.vocab)
+        else:  # a compiled step holds K/V for the whole context: one graph serves every generation of this batch size
+            cache = InferenceCache(model, B, model.config.sequence_len if self.compiled else capacity,
+                                   compute=compute, static=self.compiled)
         rows = completions if completions is not None else []
         rows[:] = [Completion() for _ in range(B)]
         limits = _Limits(frozenset(stop_tokens), stop_strings, max_new_tokens, capacity)
@@ -116,6 +136,14 @@ class Engine:
         was_training = model.training
         model.eval()
         try:
+            if draft is not None:
+                logits = decoder.prefill(ids, lengths)
+                next_ids = sample(logits, params, generator)
+                produced = self._record(rows, next_ids.tolist(), None, None, limits, lengths.tolist())
+                if produced:
+                    yield produced
+                yield from self._speculate(decoder, rows, next_ids, lengths.tolist(), limits)
+                return
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
             logits = model(ids, cache=cache, compute=compute)[torch.arange(B, device=device), lengths - 1]
             for _ in range(max_new_tokens):
@@ -141,14 +169,36 @@ class Engine:
         finally:
             model.train(was_training)
 
-    def _record(self, rows: list[Completion], tokens: list[int], forced: list[bool] | None, tools: ToolUse | None,
-                limits: _Limits, held: list[int]) -> list[tuple[int, int]]:
+    def _speculate(self, decoder: SpeculativeDecoder, rows: list[Completion], last: torch.Tensor,
+                   prompt_lengths: list[int], limits: _Limits) -> Iterator[list[tuple[int, int]]]:
+        """Speculative rounds until every row has finished; each yields the tokens the round gave every row, taken
+        one at a time as plain decoding would (a row that stops mid-round drops the rest)."""
+        active = torch.tensor([not row.finish_reason for row in rows], device=last.device)
+        while bool(active.any()):
+            tokens, accepted = decoder.round(last, active)
+            tokens, accepted = tokens.tolist(), accepted.tolist()
+            for row, n, running in zip(rows, accepted, active.tolist(), strict=True):
+                if running:
+                    row.drafted, row.accepted = row.drafted + len(tokens[0]) - 1, row.accepted + n
+            produced = []
+            for j in range(len(tokens[0])):
+                step = [row_tokens[j] if j <= n else None for row_tokens, n in zip(tokens, accepted, strict=True)]
+                held = [length + len(row.tokens) for length, row in zip(prompt_lengths, rows, strict=True)]
+                produced += self._record(rows, step, None, None, limits, held)
+            if produced:
+                yield produced
+            last = torch.tensor([row_tokens[n] for row_tokens, n in zip(tokens, accepted, strict=True)],
+                                device=last.device)
+            active = torch.tensor([not row.finish_reason for row in rows], device=last.device)
+
+    def _record(self, rows: list[Completion], tokens: list[int | None], forced: list[bool] | None,
+                tools: ToolUse | None, limits: _Limits, held: list[int]) -> list[tuple[int, int]]:
         """Append each unfinished row's token (a stop token ends the row instead, unless a tool forced it) and
-        end rows that reach a limit; returns the (row, token) pairs produced."""
+        end rows that reach a limit; returns the (row, token) pairs produced. None: no token for that row."""
         produced = []
         for b, token in enumerate(tokens):
             row = rows[b]
-            if row.finish_reason:
+            if row.finish_reason or token is None:
                 continue
             was_forced = forced is not None and forced[b]
             if token in limits.stop_tokens and not was_forced:

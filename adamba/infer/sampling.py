@@ -25,13 +25,12 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V)."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from (..., V): temperature, top-k, min-p and top-p applied, renormalised
+    (speculative decoding compares two such distributions). Not for greedy decoding (temperature 0)."""
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.min_p is not None:
@@ -41,4 +40,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # drop a token when the more likely ones before it already reach top_p (the first always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p * sorted_probs.sum(-1, keepdim=True)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)

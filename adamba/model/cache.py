@@ -94,6 +94,13 @@ class KVState:
             self.inputs[:view.inputs.size(0)] = view.inputs
         self.min_heads = min(self.min_heads, view.min_heads)
 
+    def begin_trail(self) -> None:
+        """Nothing to keep for speculative decoding: a rollback moves the rows' lengths back, and the entries past
+        them are masked until a later token rewrites them."""
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        """See `begin_trail`."""
+
     def copy_new(self, source: KVState, cache: InferenceCache, T: int) -> None:
         """Give the T new tokens of each row the entries `source` (another loop iteration's slot) holds for
         them: K/V depend only on a token's layer input and position, so this is what running the layer on that
@@ -150,9 +157,8 @@ class InferenceCache:
         if source.capacity > self.capacity or source.loop_slots != self.loop_slots:
             raise ValueError(f"load_row: a cache of capacity {source.capacity} and {source.loop_slots} loop slot(s) "
                              f"does not fit one of capacity {self.capacity} and {self.loop_slots}")
-        for mine, theirs in zip(self.states, source.states, strict=True):
-            for state, other in (zip(mine, theirs, strict=True) if isinstance(mine, list) else [(mine, theirs)]):
-                state.load_row(slot, other, row)
+        for state, other in zip(self.layer_states(), source.layer_states(), strict=True):
+            state.load_row(slot, other, row)
         if source.loop_last is not None:
             if self.loop_last is None:
                 self.loop_last = source.loop_last.new_zeros(self.batch, source.loop_last.size(-1))
@@ -172,12 +178,28 @@ class InferenceCache:
 
     def absorb(self, view: InferenceCache) -> None:
         """Take back what a forward on a `first_rows` view changed beyond the shared tensors."""
-        for mine, theirs in zip(self.states, view.states, strict=True):
-            for state, other in (zip(mine, theirs, strict=True) if isinstance(mine, list) else [(mine, theirs)]):
-                state.absorb(other)
+        for state, other in zip(self.layer_states(), view.layer_states(), strict=True):
+            state.absorb(other)
         if view.loop_last is not None and self.loop_last is None:
             self.loop_last = view.loop_last.new_zeros(self.batch, view.loop_last.size(-1))
             self.loop_last[:view.batch] = view.loop_last
+
+    def layer_states(self) -> list:
+        """Every layer's state, each loop slot's included."""
+        return [state for layer in self.states for state in (layer if isinstance(layer, list) else [layer])]
+
+    def begin_trail(self) -> None:
+        """From here on, remember what is needed to take back tokens (speculative decoding, infer/speculative.py):
+        attention by lengths, Mamba by the state after each token (ssm_state.py)."""
+        self.trail_start = self.lengths.clone()
+        for state in self.layer_states():
+            state.begin_trail()
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Row b keeps only the first keep[b] tokens read since `begin_trail`, as if it had read only those."""
+        for state in self.layer_states():
+            state.rollback(keep)
+        self.lengths.copy_(self.trail_start + keep)
 
     # --- called by the model around each forward -------------------------------------------------------
     def begin(self, T: int) -> torch.Tensor:

@@ -12,6 +12,9 @@ strings (CLI flags, TOML, HTTP fields) become one in `Compute.parse`. Its three 
   `looped.as_plan`.
 - adaptive (non-looped models with gates): an `exits.Adaptive` policy -- early exit, expansion, the width
   predictor.
+- depth (non-looped models): run only the first `depth` blocks, then the head -- the model truncated at an exit
+  (what every token exiting there computes, without the state updates of later layers: their cache state is left
+  as it was). An exit draft of speculative decoding (infer/speculative.py). None: every block.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Compute:
     width: Any = None
     loops: Any = None
     adaptive: Adaptive | None = None
+    depth: int | None = None
 
     @classmethod
     def parse(cls, config: ModelConfig, width: str | None = None, loops: str | int | None = None,
@@ -64,6 +68,11 @@ class Compute:
             require_loop(config)
         if self.adaptive is not None and config.loop is not None:
             raise ValueError("adaptive: early exit is not defined for looped models (use loops=Loops(exit=...))")
+        if self.depth is not None:
+            if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 1 <= self.depth <= config.n_layer:
+                raise ValueError(f"depth: {self.depth!r} is not a number of blocks from 1 to n_layer={config.n_layer}")
+            if config.loop is not None or self.adaptive is not None:
+                raise ValueError("depth: a truncated stack is not defined for looped models or with adaptive exits")
 
     def layer_widths(self, config: ModelConfig) -> list[int | None]:
         """Per-layer widths, None = full (for a per-iteration callable, see `Recurrence.iteration_widths`)."""

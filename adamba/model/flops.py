@@ -49,7 +49,7 @@ def count_flops(config: ModelConfig, context: int | None = None,
                 widths: list[int | None] | None = None, *, loops: int | None = None,
                 loop_widths: list[list[int | None]] | None = None, probes: int = 0,
                 layers: list[tuple[str, int | None, int | None]] | None = None, exit_layer: int | None = None,
-                gates: int = 0) -> FlopCount:
+                gates: int = 0, depth: int | None = None) -> FlopCount:
     """Per-token forward FLOPs; `widths` (from config.layer_widths) gives each attention layer's Matryoshka
     width, None meaning full. A layer at width w uses w/head_dim query heads, the K/V heads they read
     (ceil(n_q / group)), w input and output coordinates and mlp_ratio * w hidden neurons.
@@ -58,7 +58,8 @@ def count_flops(config: ModelConfig, context: int | None = None,
     updates its state with the token's frozen hidden state (CALM's state propagation): attention computes the
     token's K/V (no query, scores, output projection or MLP), Mamba the input side of its mixer (in_proj without
     the gate z, conv, x_proj / dt) and the scan, no out_proj or MLP. The lm_head runs once either way.
-    `gates`: gate MLPs the token evaluated (each 2 (d * gate_hidden + gate_hidden))."""
+    `gates`: gate MLPs the token evaluated (each 2 (d * gate_hidden + gate_hidden)). `depth` (Compute.depth): only
+    the first `depth` blocks run, later ones not at all."""
     context = context or config.sequence_len
     d, hd = config.n_embd, config.model_head_dim
     group = config.n_head // config.n_kv_head
@@ -71,6 +72,8 @@ def count_flops(config: ModelConfig, context: int | None = None,
     for i, (kind, window, width) in enumerate(layers if layers is not None else
                                               zip(config.block_pattern, config.attention_windows(), widths,
                                                   strict=True)):
+        if depth is not None and i >= depth:
+            break
         propagate = exit_layer is not None and i >= exit_layer
         if kind == ATTENTION:
             w = width or d

@@ -28,6 +28,7 @@ from .context import BlockContext, keep_active
 from .mlp import MLP
 from .norm import rms_norm
 from .scan import cuda_causal_conv1d, selective_scan, sequential_scan
+from .ssm_state import ConvSSMState, keep_conv_window
 
 
 def dt_rank_for(d_model: int, dt_rank: int | str) -> int:
@@ -56,36 +57,14 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d,
     return F.silu(out).transpose(1, 2), window
 
 
-def keep_conv_window(conv: torch.Tensor, window: torch.Tensor, valid: torch.Tensor | None) -> None:
-    """Store in `conv` (B, channels, d_conv - 1) the last conv inputs of `window` (B, channels, d_conv - 1 + L):
-    the history the next token's conv reads. With right padding, each row's history ends at its last real
-    token (`valid` of them), not at the padding."""
-    k = conv.size(-1)
-    if valid is None:
-        conv.copy_(window[:, :, window.size(-1) - k:])
-        return
-    idx = (valid + k)[:, None] - torch.arange(k, 0, -1, device=window.device)[None, :]
-    conv.copy_(window.gather(2, idx[:, None, :].expand(-1, window.size(1), -1)))
-
-
-class MambaState:
-    """Decoding state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state, per row."""
+class MambaState(ConvSSMState):
+    """Decoding state of one Mamba layer: the last d_conv-1 conv inputs (B, d_inner, d_conv - 1) and the SSM state
+    (B, d_inner, d_state), per row (ssm_state.py)."""
 
     def __init__(self, batch: int, d_inner: int, d_conv: int, d_state: int, device, dtype):
-        self.conv = torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype)
-        self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=dtype)
+        super().__init__(torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype),
+                         torch.zeros(batch, d_inner, d_state, device=device, dtype=dtype))
         self.A: torch.Tensor | None = None  # -exp(A_log), computed at the first decoding step
-
-    def load_row(self, slot: int, source, row: int = 0) -> None:
-        """Row `slot` takes over row `row` of `source` (see InferenceCache.load_row)."""
-        self.conv[slot], self.ssm[slot] = source.conv[row], source.ssm[row]
-
-    def first_rows(self, n: int) -> MambaState:
-        """A state over rows [0, n) sharing this one's tensors (see InferenceCache.first_rows)."""
-        view = object.__new__(MambaState)
-        view.conv, view.ssm = self.conv[:n], self.ssm[:n]
-        view.A = self.A
-        return view
 
     def absorb(self, view: MambaState) -> None:
         if view.A is not None:
@@ -164,8 +143,13 @@ class Mamba(nn.Module):
         # An all-zero state (a fresh cache) is the same as none, and none lets the fused CUDA kernel run prefill;
         # single-token steps never use that kernel, so they skip the check (a device sync) on the hot path.
         h0 = state.ssm.to(f) if state is not None and (L == 1 or bool(state.ssm.any())) else None
-        scan = sequential_scan if L == 1 else selective_scan  # one step needs no chunking
-        y, h = scan(x.to(f), dt.to(f), A, B.to(f), C.to(f), self.D.to(f), h0)
+        args = (x.to(f), dt.to(f), A, B.to(f), C.to(f), self.D.to(f), h0)
+        if state is not None and state.trail is not None:  # speculative decoding keeps the state after each token
+            y, states = sequential_scan(*args, all_states=True)
+            h = states[:, -1]
+            state.record(states, window[..., -L:], valid)
+        else:
+            y, h = (sequential_scan if L == 1 else selective_scan)(*args)  # one step needs no chunking
         if state is not None:
             state.ssm.copy_(h)
             keep_conv_window(state.conv, window, valid)
@@ -204,9 +188,11 @@ class Mamba(nn.Module):
             A = state.A
         y = scan_cpu.scan_step(x, dt, z, A, B, C, self.D, state.ssm) if output and not compiling else None
         if y is not None:  # the compiled kernel: the same equations in one pass over the state
+            state.record(state.ssm[:, None], window[..., -1:], None)
             return self.out_proj(y[:, None])
         h = torch.exp(dt[..., None] * A) * state.ssm.to(f) + (dt * x)[..., None] * B[:, None, :]
         state.ssm.copy_(h)
+        state.record(state.ssm[:, None], window[..., -1:], None)
         if not output:
             return None
         y = (h * C[:, None, :]).sum(-1) + self.D.to(f) * x  # twice as fast as a bmm with inner size d_state

@@ -26,31 +26,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mamba import SSMBlock, causal_conv_silu, keep_conv_window
+from .mamba import SSMBlock, causal_conv_silu
 from .ssd import ssd_scan, ssd_sequential
+from .ssm_state import ConvSSMState, keep_conv_window
 
 
-class Mamba2State:
+class Mamba2State(ConvSSMState):
     """Decoding state of one Mamba-2 layer, per row: the last d_conv-1 inputs of the conv (x, B and C
-    channels) and the SSM state (nheads, headdim, d_state)."""
+    channels) and the SSM state (nheads, headdim, d_state) (ssm_state.py)."""
 
     def __init__(self, batch: int, conv_dim: int, d_conv: int, nheads: int, headdim: int, d_state: int,
                  device, dtype):
-        self.conv = torch.zeros(batch, conv_dim, d_conv - 1, device=device, dtype=dtype)
-        self.ssm = torch.zeros(batch, nheads, headdim, d_state, device=device, dtype=dtype)
-
-    def load_row(self, slot: int, source, row: int = 0) -> None:
-        """Row `slot` takes over row `row` of `source` (see InferenceCache.load_row)."""
-        self.conv[slot], self.ssm[slot] = source.conv[row], source.ssm[row]
-
-    def first_rows(self, n: int) -> Mamba2State:
-        """A state over rows [0, n) sharing this one's tensors (see InferenceCache.first_rows)."""
-        view = object.__new__(Mamba2State)
-        view.conv, view.ssm = self.conv[:n], self.ssm[:n]
-        return view
-
-    def absorb(self, view: Mamba2State) -> None:
-        """Nothing to take back: conv and ssm are shared, and nothing else is kept per cache."""
+        super().__init__(torch.zeros(batch, conv_dim, d_conv - 1, device=device, dtype=dtype),
+                         torch.zeros(batch, nheads, headdim, d_state, device=device, dtype=dtype))
 
 
 class GatedRMSNorm(nn.Module):
@@ -166,8 +154,12 @@ class Mamba2(nn.Module):
         h0 = state.ssm.to(f) if state is not None else None
         args = (x.to(f).unflatten(-1, (self.nheads, self.headdim)), dt, A, B.to(f).unflatten(-1, (G, N)),
                 C.to(f).unflatten(-1, (G, N)), self.D.to(f), h0)
-        # one step needs no chunking (the decode hot path); a sequence takes the chunked SSD form
-        y, h = ssd_sequential(*args) if L == 1 else ssd_scan(*args, chunk_size=self.chunk_size)
+        if state is not None and state.trail is not None:  # speculative decoding keeps the state after each token
+            y, states = ssd_sequential(*args, all_states=True)
+            h = states[:, -1]
+            state.record(states, window[..., -L:], valid)
+        else:  # one step needs no chunking (the decode hot path); a sequence takes the chunked SSD form
+            y, h = ssd_sequential(*args) if L == 1 else ssd_scan(*args, chunk_size=self.chunk_size)
         if state is not None:
             state.ssm.copy_(h)
             keep_conv_window(state.conv, window, valid)

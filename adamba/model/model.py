@@ -124,7 +124,7 @@ class AdambaLM(nn.Module):
         if probes:
             require_loop(self.config, "probes")
         return count_flops(self.config, context, compute.layer_widths(self.config), exit_layer=exit_layer,
-                           gates=gates)
+                           gates=gates, depth=compute.depth)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 compute: Compute | None = None, cache: InferenceCache | None = None, loss_reduction: str = "mean",
@@ -150,7 +150,7 @@ class AdambaLM(nn.Module):
             exits = ExitPolicy(self, idx.shape, idx.device, widths, exit_layers, adaptive) \
                 if exit_layers is not None or adaptive is not None else None
             run = ForwardPass(self, cos, sin, cache, widths, exits, hidden_layers, width_probs)
-            logits, ran = self.head(self.run_layers(x, range(len(self.blocks)), run)), None
+            logits, ran = self.head(self.run_layers(x, range(compute.depth or len(self.blocks)), run)), None
         else:
             if exit_layers is not None:
                 raise ValueError("exit_layers: early exit is not defined for looped models (use "

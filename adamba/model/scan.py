@@ -25,9 +25,10 @@ import torch
 from . import scan_cpu
 
 
-def sequential_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequential_scan(x, dt, A, B, C, D, h0=None, all_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one time step at a time. Decays exp(dt*A) <= 1 and inputs dt*B*x are computed for all
-    steps at once, so the Python loop only multiplies and adds."""
+    steps at once, so the Python loop only multiplies and adds. `all_states`: return the state after every step
+    (B, L, d_inner, N) instead of the last one."""
     batch, _, d_inner = x.shape
     decay = torch.exp(dt[..., None] * A)  # (B, L, d_inner, N)
     inputs = (dt * x)[..., None] * B[:, :, None, :]
@@ -39,8 +40,9 @@ def sequential_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Ten
         states.append(h)
     if not states:
         return x.new_zeros(batch, 0, d_inner), h
-    y = torch.einsum("bldn,bln->bld", torch.stack(states, dim=1), C)
-    return y + x * D, h
+    stacked = torch.stack(states, dim=1)
+    y = torch.einsum("bldn,bln->bld", stacked, C)
+    return y + x * D, stacked if all_states else h
 
 
 @functools.cache

@@ -27,23 +27,26 @@ import torch
 import torch.nn.functional as F
 
 
-def ssd_sequential(x, dt, A, B, C, D=None, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence one time step at a time (no chunking): exact, O(L) Python steps."""
+def ssd_sequential(x, dt, A, B, C, D=None, h0=None, all_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence one time step at a time (no chunking): exact, O(L) Python steps. `all_states`: return the
+    state after every step (batch, L, H, P, N) instead of the last one."""
     batch, L, H, P = x.shape
     G, N = B.shape[-2:]
     decay = torch.exp(dt * A)  # (batch, L, H), each <= 1
     xdt = (x * dt[..., None]).view(batch, L, G, H // G, P, 1)
     h = h0 if h0 is not None else x.new_zeros(batch, H, P, N)
-    ys = []
+    ys, states = [], []
     # unbind, not x[:, t]: the backward of indexing writes a full-size gradient at every step (O(L^2))
     for decay_t, xdt_t, B_t, C_t in zip(decay.unbind(1), xdt.unbind(1), B.unbind(1), C.unbind(1), strict=True):
         inputs = (xdt_t * B_t[:, :, None, None, :]).view(batch, H, P, N)  # dt x B^T, B shared within a group
         h = decay_t[:, :, None, None] * h + inputs
+        if all_states:
+            states.append(h)
         ys.append((h.view(batch, G, H // G, P, N) @ C_t[:, :, None, :, None]).view(batch, H, P))
     y = torch.stack(ys, dim=1)
     if D is not None:
         y = y + x * D[:, None]
-    return y, h
+    return y, torch.stack(states, dim=1) if all_states else h
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
