@@ -249,13 +249,20 @@ def cmd_eval_adaptive(args) -> None:
 def cmd_sample(args) -> None:
     from .infer.engine import Engine
     from .infer.sampling import SamplingParams
+    from .infer.speculative import Draft
     from .model.compute import Compute
 
     ckpt = _load(args)
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; sampling needs one")
     tokenizer = ckpt.tokenizer
-    engine = Engine(ckpt.model, tokenizer, compile=args.compile)
+    draft = None
+    if args.speculative:
+        try:
+            draft = Draft.parse(ckpt.model.config, args.speculative, k=args.draft_tokens)
+        except ValueError as error:
+            raise ValueError(f"--{error}") from None
+    engine = Engine(ckpt.model, tokenizer, compile=args.compile, speculative=draft)
     compute = Compute.parse(ckpt.model.config, width=args.mode, loops=args.loops, adaptive=args.adaptive,
                             names={"width": "--mode", "loops": "--loops", "adaptive": "--adaptive"})
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
@@ -263,11 +270,16 @@ def cmd_sample(args) -> None:
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         print(args.prompt, end="", flush=True)
-        tokens = engine.stream(prompt, args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
-                               compute=compute)
-        for piece in tokenizer.decode_stream(tokens):
+        completions = []
+        steps = engine.steps([prompt], args.max_tokens, params, seed=seed, stop_tokens=[tokenizer.bos_id],
+                             compute=compute, completions=completions)
+        for piece in tokenizer.decode_stream(token for produced in steps for _, token in produced):
             print(piece, end="", flush=True)
         print()
+        if draft is not None and completions[0].drafted:
+            done = completions[0]
+            print(f"[speculative {args.speculative}, k={draft.k}: {done.accepted} of {done.drafted} drafted tokens "
+                  f"accepted ({100 * done.accepted / done.drafted:.0f}%)]", file=sys.stderr)
         if i + 1 < args.num_samples:
             print("-" * 40)
 
@@ -392,7 +404,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "(kl, latent, kl:16 = at most 16); default: the config's mean_recurrence")
     sa.add_argument("--compile", action="store_true",
                     help="decode with one compiled graph per step (torch.compile: seconds to compile per mode, then "
-                         "about twice as fast for small models; not with --adaptive or looped models)")
+                         "about twice as fast for small models; not with --adaptive, --speculative or looped models)")
+    sa.add_argument("--speculative", default=None, metavar="DRAFT",
+                    help="self-speculative decoding: the model's own narrow slice (ghost, whisper, a width) or its "
+                         "first J blocks (exit:J) draft, the full model verifies; the output is the model's own")
+    sa.add_argument("--draft-tokens", type=int, default=4, help="--speculative: tokens drafted per round (k)")
     sa.add_argument("--device", default="auto")
     sa.set_defaults(func=cmd_sample)
 

@@ -65,6 +65,15 @@ def test_train_sample_eval_from_the_command_line(corpus_dir, tmp_path, capsys):
     assert main(compiled) == 0 and capsys.readouterr().out.startswith("The")
     assert main([*compiled, "--adaptive", "seeds"]) == 2
     assert "adaptive: a compiled engine (compile=True) decodes at fixed widths" in capsys.readouterr().err
+    greedy = ["sample", "cli", "--prompt", "The king", "--max-tokens", "20", "--temperature", "0", "--device", "cpu"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--speculative", "exit:1", "--draft-tokens", "3"]) == 0
+    spoken = capsys.readouterr()
+    assert spoken.out == plain
+    assert re.search(r"\[speculative exit:1, k=3: \d+ of \d+ drafted tokens accepted", spoken.err)
+    assert main([*greedy, "--speculative", "exit:7"]) == 2
+    assert "--speculative: depth: 7 is not a number of blocks from 1 to n_layer=2" in capsys.readouterr().err
 
 
 def test_bad_input_gives_clear_errors(corpus_dir, capsys):

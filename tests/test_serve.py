@@ -21,6 +21,7 @@ from adamba.chat.render import render_prompt
 from adamba.data.tokenizer import Tokenizer
 from adamba.infer.engine import Engine
 from adamba.infer.sampling import SamplingParams
+from adamba.infer.speculative import Draft
 from adamba.model import AdambaLM
 from adamba.model.compute import Compute
 from adamba.serve.api import create_app
@@ -542,3 +543,55 @@ def test_a_step_on_the_first_rows_of_a_cache_writes_what_a_whole_batch_step_woul
             assert torch.equal(before, after)
         final = torch.randint(0, 512, (3, 1))
         torch.testing.assert_close(model(final, cache=viewed)[:2], model(final, cache=whole)[:2], atol=0, rtol=0)
+
+
+def test_speculative_requests_answer_as_plain_greedy_decoding_and_count_their_compute(server, model, tokenizer):
+    """Concurrent speculative requests (two drafts, rows of different lengths sharing rounds) give the engine's plain
+    greedy replies; usage counts what speculation spent on top: rejected drafts at full cost and the draft's reads."""
+    client = server.client()
+    cases = [(ask(text), spec) for text in ("the king", "a sword and a crown for the prince", "night")
+             for spec in ("ghost", "exit:1")]
+
+    def request(case):
+        messages, spec = case
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                              extra_body={"compute": {"speculative": spec, "draft_tokens": 3}})
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(request, cases))
+    for (messages, spec), reply in zip(cases, replies, strict=True):
+        tokens = alone(model, tokenizer, messages, 24)
+        assert reply.choices[0].message.content == tokenizer.decode(tokens)
+        info = reply.usage.model_extra["compute"]["speculative"]
+        assert info["k"] == 3 and 0 <= info["accepted"] <= info["drafted"] and info["drafted"] > 0
+        # by hand: plain FLOPs + rejected drafts read at full width + the draft's reads (the prompt, every drafted
+        # token, and d_k again after rounds that accepted all k: between 0 and drafted / k of those)
+        prompt, length = reply.usage.prompt_tokens, reply.usage.prompt_tokens + len(tokens)
+        full = model.count_flops(length).forward
+        draft = model.count_flops(length, Draft.parse(model.config, spec).compute()).forward
+        extra = reply.usage.model_extra["flops"] - length * full - (info["drafted"] - info["accepted"]) * full
+        again = extra / draft - prompt - info["drafted"]
+        assert again == pytest.approx(round(again)) and 0 <= round(again) <= info["drafted"] / 3
+
+    reply = client.completions.create(model="tiny", prompt="the king", max_tokens=6, temperature=0, logprobs=2,
+                                      extra_body={"compute": {"speculative": "exit:1"}})
+    plain = client.completions.create(model="tiny", prompt="the king", max_tokens=6, temperature=0, logprobs=2)
+    assert reply.choices[0].text == plain.choices[0].text
+    assert reply.choices[0].logprobs.token_logprobs == pytest.approx(plain.choices[0].logprobs.token_logprobs,
+                                                                     abs=1e-9)
+    sampled = client.completions.create(model="tiny", prompt="the", max_tokens=8, temperature=1.0, seed=5,
+                                        extra_body={"compute": {"speculative": "ghost"}, "ignore_eos": True})
+    assert sampled.usage.completion_tokens == 8
+
+
+def test_speculative_errors_name_the_field(server, model, tokenizer):
+    ok = {"model": "tiny", "messages": ask("hi"), "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**ok, "compute": {"speculative": "exit:9"}}, timeout=30)
+    assert r.status_code == 400 and error_of(r)["param"] == "compute.speculative"
+    assert "depth: 9" in error_of(r)["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={**ok, "compute": {"draft_tokens": 0}}, timeout=30)
+    assert r.status_code == 400 and error_of(r)["param"] == "compute.draft_tokens"
+    with Running(create_app(model, tokenizer, "tiny", tools=True)) as running:
+        r = httpx.post(running.url + "/v1/chat/completions", json={**ok, "compute": {"speculative": "ghost"}},
+                       timeout=30)
+        assert r.status_code == 400 and "--no-tools" in error_of(r)["message"]

@@ -175,7 +175,7 @@ class Engine:
         one at a time as plain decoding would (a row that stops mid-round drops the rest)."""
         active = torch.tensor([not row.finish_reason for row in rows], device=last.device)
         while bool(active.any()):
-            tokens, accepted = decoder.round(last, active)
+            tokens, accepted, _ = decoder.round(last, active)
             tokens, accepted = tokens.tolist(), accepted.tolist()
             for row, n, running in zip(rows, accepted, active.tolist(), strict=True):
                 if running:

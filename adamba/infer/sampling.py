@@ -28,7 +28,7 @@ class SamplingParams:
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampling draws from (..., V): temperature, top-k, min-p and top-p applied, renormalised
     (speculative decoding compares two such distributions). Not for greedy decoding (temperature 0)."""
-    logits = logits.float() / params.temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

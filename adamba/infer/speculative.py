@@ -80,11 +80,11 @@ class Draft:
         return draft
 
 
-def accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target: torch.Tensor,
+def accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target: torch.Tensor,
            params: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The acceptance rule: (accepted draft tokens per row n (B,), the row's next token (B,)).
 
-    draft_tokens (B, k); draft_probs (B, k, V) the distributions they were drawn from (None when greedy);
+    draft_tokens (B, k); draft_probs (B, k, V) the distributions they were drawn from (unused when greedy);
     target (B, k + 1, V): the full model's logits after last, d_1, .., d_k."""
     B, k = draft_tokens.shape
     rows = torch.arange(B, device=target.device)
@@ -113,9 +113,11 @@ class SpeculativeDecoder:
 
     def __init__(self, model, draft: Draft, batch: int, capacity: int, compute: Compute, params: SamplingParams,
                  generator: torch.Generator | None, vocab: int | None):
+        """`params` and `generator`: every row's sampling, until `set_sampler` gives a row its own."""
         self.model, self.draft, self.compute = model, draft, compute
         self.draft_compute = draft.compute()
-        self.params, self.generator, self.vocab = params, generator, vocab
+        self.vocab = vocab
+        self.samplers = [(params, generator)] * batch
         self.cache = InferenceCache(model, batch, capacity, compute=compute)
         self.draft_cache = InferenceCache(model, batch, capacity, compute=self.draft_compute)
         device = self.cache.lengths.device
@@ -135,61 +137,85 @@ class SpeculativeDecoder:
         self.cache.valid = lengths
         return self.logits(self.model(ids, cache=self.cache, compute=self.compute)[rows, lengths - 1])
 
-    def _propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.logits(logits)
-        if self.params.temperature == 0:
-            return logits.argmax(-1), None
-        probs = probabilities(logits, self.params)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
+    def set_sampler(self, row: int, params: SamplingParams, generator: torch.Generator | None) -> None:
+        self.samplers[row] = (params, generator)
 
-    def _draft_reads(self, last: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
+    def _sampler_groups(self, n: int) -> list[tuple[SamplingParams, torch.Generator | None, torch.Tensor]]:
+        """The first n rows, in groups that share sampling parameters and a generator, each group sampled in one
+        call (an engine's batch is one group; a server's rows each have their own seed)."""
+        groups: dict[tuple, list[int]] = {}
+        for b, (params, generator) in enumerate(self.samplers[:n]):
+            groups.setdefault((params, id(generator)), []).append(b)
+        device = self.cache.lengths.device
+        return [(*self.samplers[rows[0]], torch.tensor(rows, device=device)) for rows in groups.values()]
+
+    def _propose(self, logits: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft's next token per row, and the distribution it was drawn from (zeros for greedy rows)."""
+        logits = self.logits(logits)
+        tokens, probs = logits.argmax(-1), torch.zeros_like(logits)
+        for params, generator, rows in groups:
+            if params.temperature != 0:
+                probs[rows] = probabilities(logits[rows], params)
+                tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator)[:, 0]
+        return tokens, probs
+
+    def _draft_reads(self, cache: InferenceCache, last: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
         """The draft's first step: it reads `last`, after d_k of the previous round where it accepted all k (in one
         right-padded forward, or two where that would run past the context); returns its logits (B, V)."""
-        model, cache, lag = self.model, self.draft_cache, self.lag.long()
+        model, B = self.model, last.size(0)
+        lagging, held = self.lag[:B], self.held[:B]
+        lag = lagging.long()
         if not bool(lag.any()) and bool(keep_rows.all()):
             return model(last[:, None], cache=cache, compute=self.draft_compute)[:, 0]
         if int(cache.lengths.max()) + 2 <= cache.capacity:
             cache.valid = (1 + lag) * keep_rows
-            logits = model(torch.stack([torch.where(self.lag, self.held, last), last], dim=1), cache=cache,
+            logits = model(torch.stack([torch.where(lagging, held, last), last], dim=1), cache=cache,
                            compute=self.draft_compute)
-            return logits[torch.arange(last.size(0), device=last.device), lag]
+            return logits[torch.arange(B, device=last.device), lag]
         cache.valid = lag * keep_rows
-        model(self.held[:, None], cache=cache, compute=self.draft_compute)
+        model(held[:, None], cache=cache, compute=self.draft_compute)
         cache.valid = keep_rows
         return model(last[:, None], cache=cache, compute=self.draft_compute)[:, 0]
 
     @torch.no_grad()
-    def round(self, last: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row has just produced `last` (B,), which neither cache has read. Returns (tokens (B, k + 1), n (B,)):
-        row b's next tokens are tokens[b, :n[b] + 1] (n[b] accepted draft tokens, then the full model's own).
-        Inactive rows (finished) keep their caches as they are."""
+    def round(self, last: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row has just produced `last` (B,), which neither cache has read. Returns (tokens (B, k + 1), n (B,),
+        the full model's logits (B, k + 1, V)): row b's next tokens are tokens[b, :n[b] + 1] (n[b] accepted draft
+        tokens, then the full model's own), token j chosen from logits[b, j]. Inactive rows (finished or free)
+        keep their caches as they are. B may be fewer than the caches' rows: the round then runs on the first B."""
         model, B = self.model, last.size(0)
+        whole = B == self.cache.batch
+        full, draft = (self.cache, self.draft_cache) if whole else \
+            (self.cache.first_rows(B), self.draft_cache.first_rows(B))
         keep_rows = active.long()
         if not bool(active.all()):  # finished rows write their (ignored) round at the start, never past the end
-            for cache in (self.cache, self.draft_cache):
+            for cache in (full, draft):
                 cache.lengths.mul_(keep_rows)
-        k = min(self.draft.k, self.cache.capacity - 1 - int(self.cache.lengths.max()))  # room for k + 1 tokens
-        logits = self._draft_reads(last, keep_rows)
+        k = min(self.draft.k, full.capacity - 1 - int(full.lengths.max()))  # room for k + 1 tokens
+        logits = self._draft_reads(draft, last, keep_rows)
+        groups = self._sampler_groups(B)
         drafts, draft_probs = [], []
-        self.draft_cache.begin_trail()
+        draft.begin_trail()
         for i in range(k):
-            token, probs = self._propose(logits)
+            token, probs = self._propose(logits, groups)
             drafts.append(token)
             draft_probs.append(probs)
             if i + 1 < k:
-                logits = model(token[:, None], cache=self.draft_cache, compute=self.draft_compute)[:, 0]
+                logits = model(token[:, None], cache=draft, compute=self.draft_compute)[:, 0]
         drafted = torch.stack(drafts, dim=1) if k else last.new_zeros(B, 0)
-        self.cache.begin_trail()
-        target = self.logits(model(torch.cat([last[:, None], drafted], dim=1), cache=self.cache,
-                                   compute=self.compute))
-        q = None
-        if self.params.temperature != 0:
-            q = torch.stack(draft_probs, dim=1) if k else target.new_zeros(B, 0, target.size(-1))
-        n, following = accept(drafted, q, target, self.params, self.generator)
-        self.cache.rollback((n + 1) * keep_rows)
-        self.draft_cache.rollback(n.clamp(max=max(k - 1, 0)) * keep_rows)
-        self.lag = (n == k) & active if k else torch.zeros_like(active)
+        full.begin_trail()
+        target = self.logits(model(torch.cat([last[:, None], drafted], dim=1), cache=full, compute=self.compute))
+        q = torch.stack(draft_probs, dim=1) if k else target.new_zeros(B, 0, target.size(-1))
+        n, following = torch.zeros_like(last), torch.zeros_like(last)
+        for params, generator, rows in groups:
+            n[rows], following[rows] = accept(drafted[rows], q[rows], target[rows], params, generator)
+        full.rollback((n + 1) * keep_rows)
+        draft.rollback(n.clamp(max=max(k - 1, 0)) * keep_rows)
+        if not whole:
+            self.cache.absorb(full)
+            self.draft_cache.absorb(draft)
+        self.lag[:B] = (n == k) & active if k else False
         if k:
-            self.held = drafted[:, -1]
+            self.held[:B] = drafted[:, -1]
         tokens = torch.cat([drafted, following[:, None]], dim=1)
-        return tokens.scatter(1, n[:, None], following[:, None]), n
+        return tokens.scatter(1, n[:, None], following[:, None]), n, target

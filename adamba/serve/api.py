@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat.render import render_prompt
 from ..infer.sampling import SamplingParams
+from ..infer.speculative import Draft
 from ..model.compute import Compute
 from ..tools.calculator import calculate
 from .protocol import ChatRequest, CompletionRequest, Sampling
@@ -158,6 +159,9 @@ class Server:
             info["layer_widths"] = config.width_values(compute.width)
         elif not job.decisions:
             info["loops"] = compute.loops if isinstance(compute.loops, int) else config.loop.mean_recurrence
+        if job.speculative is not None:
+            info["speculative"] = {"draft": job.speculative.compute().width or f"exit:{job.speculative.exit_layer}",
+                                   "k": job.speculative.k, "drafted": job.drafted, "accepted": job.accepted}
         made = job.decisions[len(job.prompt) - 1:][:len(job.tokens)]  # the positions that produced each token
         if made and len(made[0]) == 1:
             info["token_loops"] = [d[0] for d in made]
@@ -180,6 +184,7 @@ class Server:
             raise APIError(400, f"{field}: {limit} new tokens do not fit: the prompt has {len(prompt)} of the "
                                 f"model's {self.context}; ask for at most {room}", field, "context_length_exceeded")
         compute, top = _compute(self.model.config, body), _top_logprobs(body, chat)
+        draft = _draft(self.model.config, body)
         params = SamplingParams(body.temperature, body.top_k, body.top_p if body.top_p < 1 else None, body.min_p)
         loop = asyncio.get_running_loop()
         jobs = []
@@ -187,7 +192,7 @@ class Server:
             queue: asyncio.Queue = asyncio.Queue()
             seed = None if body.seed is None else (body.seed + i) % 2**63
             jobs.append((Job(prompt, limit or room, params, seed, stop_tokens, body.stops(), compute, top,
-                             tool, on_event=_bridge(loop, queue)), queue))
+                             tool, speculative=draft, on_event=_bridge(loop, queue)), queue))
         return jobs
 
     async def _serve(self, body: Sampling, http: Request, prompt: list[int], limit: int | None, stop_tokens, tool,
@@ -340,6 +345,16 @@ def _compute(config, body: Sampling) -> Compute:
         message = str(error)
         param = message.split(":", 1)[0] if message.startswith("compute.") else "compute"
         raise APIError(400, message if message.startswith("compute") else f"compute.{message}", param) from None
+
+
+def _draft(config, body: Sampling) -> Draft | None:
+    choice = body.compute
+    if choice is None or choice.speculative is None:
+        return None
+    try:
+        return Draft.parse(config, choice.speculative, k=choice.draft_tokens)
+    except ValueError as error:
+        raise APIError(400, f"compute.{error}", "compute.speculative") from None
 
 
 def _top_logprobs(body: Sampling, chat: bool) -> int | None:

@@ -15,12 +15,15 @@ MAX_TOP_LOGPROBS = 20
 
 
 class ComputeChoice(BaseModel):
-    """{"mode": "ghost" | a width | "64,128,...", "loops": 8 | "kl:16", "adaptive": "calibrated" | 0.9}."""
+    """{"mode": "ghost" | a width | "64,128,...", "loops": 8 | "kl:16", "adaptive": "calibrated" | 0.9,
+    "speculative": "ghost" | "exit:2" (self-speculative decoding's draft), "draft_tokens": 4 (its k)}."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     mode: str | int | None = None
     loops: str | int | None = None
     adaptive: str | float | None = None
+    speculative: str | None = None
+    draft_tokens: int = Field(default=4, ge=1, le=16)
 
 
 class StreamOptions(BaseModel):

@@ -14,9 +14,11 @@ one graph per combination of row widths in a step (rows at one mode: one graph),
 models, whose steps depend on values known only at run time.
 
 Rows batch together when their loops and adaptive policy agree (a looped model's iterations and an exit policy are
-per step, not per row); a request whose differ waits until the running ones finish. With early exit or a looped
-model's adaptive exit, each token's decisions (exit layer and gates, or iterations) are kept, and the request's
-FLOPs are counted from them.
+per step, not per row); a request whose differ waits until the running ones finish. Speculative requests
+(`Request.speculative`, infer/speculative.py) batch with those of the same draft and compute: each step is then one
+speculative round for every row (the draft's cache beside the model's), and gives each row up to k + 1 tokens. With
+early exit or a looped model's adaptive exit, each token's decisions (exit layer and gates, or iterations) are kept,
+and the request's FLOPs are counted from them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..infer.sampling import SamplingParams, sample
+from ..infer.speculative import Draft, SpeculativeDecoder
 from ..infer.tool_use import Tool, ToolUse
 from ..model.cache import InferenceCache
 from ..model.compute import Compute
@@ -67,12 +70,19 @@ class Request:
     compute: Compute = field(default_factory=Compute)
     top_logprobs: int | None = None  # None: no log-probabilities; k >= 0: the token's and the k most likely
     tool: Tool | None = None
+    speculative: Draft | None = None  # decode with this draft, verified by the model (the output is the model's)
     on_event: Callable[[str, object], None] = lambda kind, payload: None
     # filled in by the scheduler
     tokens: list[int] = field(default_factory=list)
     flops: float = 0.0  # forward FLOPs spent on it (prompt and reply), set when it finishes
     # per token (prompt, then reply), with adaptive compute: (exit layer, gates evaluated), or a loop count
     decisions: list[tuple] = field(default_factory=list)
+    # speculative decoding: draft tokens proposed and accepted, tokens the draft read, and tokens the model read
+    # beyond those it kept (rejected drafts): the compute speculation adds
+    drafted: int = 0
+    accepted: int = 0
+    draft_reads: int = 0
+    rejected_reads: int = 0
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -106,6 +116,7 @@ class Scheduler:
         self.rows: list[_Row | None] = [None] * max_batch
         self.group: tuple | None = None  # (loops, adaptive) of the running rows
         self.cache: InferenceCache | None = None
+        self.decoder: SpeculativeDecoder | None = None  # for a speculative group; its cache is then `cache`
         self.wake = threading.Condition()
         self.stats = collections.Counter()  # requests, prompt/completion tokens, flops, cancelled, steps
         self._stop = False
@@ -128,6 +139,12 @@ class Scheduler:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens; the model's context is {self.context} "
                              "(sequence_len), which must also hold at least one new token")
         request.compute.check(self.model.config)
+        if request.speculative is not None:
+            request.speculative.check(self.model.config)
+            if self.compiled or request.compute.adaptive is not None or request.tool is not None:
+                raise ValueError("compute.speculative: decodes eagerly, without adaptive exits or tool calls (a server "
+                                 "started with --compile, a request with compute.adaptive, or a chat on a server with "
+                                 "tools: start it with --no-tools)")
         if self.compiled and request.compute.adaptive is not None:
             raise ValueError("compute.adaptive: this server decodes with compiled steps (--compile), which run fixed "
                              "widths; early exit needs a server without --compile")
@@ -177,12 +194,12 @@ class Scheduler:
                 if not self.waiting:
                     return
                 request = self.waiting[0]
-                group = self._group(request.compute)
+                group = self._group(request)
                 if self.active and group != self.group:
                     return  # it waits for the running rows to finish
                 self.waiting.popleft()
             if not self.active and group != self.group:
-                self.cache = None  # a looped model's loop slots depend on the loops
+                self.cache = self.decoder = None  # a looped model's loop slots depend on the loops
             self.group = group
             slot = self.rows.index(None)
             try:
@@ -192,14 +209,24 @@ class Scheduler:
                     self.rows[slot] = None
                 request.on_event("error", f"{type(error).__name__}: {error}")
 
-    def _group(self, compute: Compute) -> tuple:
-        """What rows sharing a step must agree on: loops and adaptive policy; for a looped model, everything."""
+    def _group(self, request: Request) -> tuple:
+        """What rows sharing a step must agree on: loops and adaptive policy; for a looped model or speculative
+        decoding, everything."""
+        compute = request.compute
+        if request.speculative is not None:
+            return compute, request.speculative
         return (compute,) if self.model.config.loop is not None else (compute.loops, compute.adaptive)
 
     def _prefill(self, slot: int, request: Request) -> None:
         model, compute = self.model, request.compute
         if self.cache is None:
-            self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute, static=self.compiled)
+            if request.speculative is not None:
+                self.decoder = SpeculativeDecoder(model, request.speculative, self.max_batch, self.context, compute,
+                                                  request.params, None, self._padded_vocab())
+                self.cache = self.decoder.cache
+            else:
+                self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute,
+                                            static=self.compiled)
         alone = InferenceCache(model, 1, len(request.prompt), compute=compute)
         ids = torch.tensor([request.prompt], device=self.device)
         logits, decisions = self._forward(ids, alone, compute)
@@ -208,6 +235,13 @@ class Scheduler:
         self.cache.load_row(slot, alone)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**63))
+        if request.speculative is not None:  # the draft reads the prompt too
+            draft = self.decoder.draft_compute
+            alone = InferenceCache(model, 1, len(request.prompt), compute=draft)
+            model(ids, cache=alone, compute=draft)
+            self.decoder.draft_cache.load_row(slot, alone)
+            self.decoder.lag[slot] = False
+            self.decoder.set_sampler(slot, request.params, generator)
         widths = tuple(model.config.width_values(compute.width)) if model.config.loop is None else ()
         tools = ToolUse(self.tokenizer, request.tool, 1) if request.tool is not None else None
         row = _Row(request, generator, tools, widths)
@@ -220,6 +254,9 @@ class Scheduler:
         """One decode step for the slots up to the last occupied one (requests take the lowest free slot, so a
         light load runs a small batch; compiled steps keep every slot, for one graph): occupied rows feed their
         last token, free ones a dummy and stay parked."""
+        if self.decoder is not None:
+            self._speculative_step()
+            return
         n = self.max_batch if self.compiled else 1 + max(i for i, row in enumerate(self.rows) if row is not None)
         rows = self.rows[:n]
         cache = self.cache if n == self.max_batch else self.cache.first_rows(n)
@@ -238,6 +275,35 @@ class Scheduler:
         for slot in range(n):
             if self.rows[slot] is not None:
                 self._emit(slot, logits[slot])
+
+    def _speculative_step(self) -> None:
+        """One speculative round for the slots up to the last occupied one; each row's tokens are then emitted one
+        by one, as plain steps would (a row that stops mid-round drops the rest)."""
+        n = 1 + max(i for i, row in enumerate(self.rows) if row is not None)
+        rows = self.rows[:n]
+        last = torch.tensor([row.next_token if row is not None else 0 for row in rows], device=self.device)
+        active = torch.tensor([row is not None for row in rows], device=self.device)
+        lag = self.decoder.lag[:n].tolist()
+        tokens, accepted, logits = self.decoder.round(last, active)
+        k = tokens.size(1) - 1
+        self.stats["steps"] += 1
+        for slot, (row, made, n_ok, lagged) in enumerate(zip(rows, tokens.tolist(), accepted.tolist(), lag,
+                                                             strict=True)):
+            if row is None:
+                continue
+            request = row.request
+            request.drafted, request.accepted = request.drafted + k, request.accepted + n_ok
+            request.draft_reads += k + int(lagged)
+            request.rejected_reads += k - n_ok
+            for j in range(n_ok + 1):
+                if self.rows[slot] is not row:  # it stopped
+                    break
+                self._emit(slot, logits[slot, j], made[j])
+
+    def _padded_vocab(self) -> int | None:
+        """The tokenizer's vocabulary where the model's is padded past it (nanochat's multiple of 64)."""
+        vocab = self.tokenizer.vocab_size
+        return vocab if self.model.config.vocab_size > vocab else None
 
     def _forward(self, ids: torch.Tensor, cache: InferenceCache, compute: Compute) -> tuple[torch.Tensor, list]:
         """(logits, per row the decisions its tokens made: [] unless compute is adaptive)."""
@@ -260,6 +326,10 @@ class Scheduler:
         criterion's probes)."""
         length = len(request.prompt) + len(request.tokens)
         model, compute = self.model, request.compute
+        if request.speculative is not None:  # the draft's reads, and the model's reads of rejected drafts
+            draft = model.count_flops(length, request.speculative.compute()).forward
+            return (length + request.rejected_reads) * model.count_flops(length, compute).forward + \
+                (len(request.prompt) + request.draft_reads) * draft
         if not request.decisions:
             return length * model.count_flops(length, compute).forward
         costs: dict[tuple, float] = {}
@@ -285,15 +355,16 @@ class Scheduler:
         row_widths = tuple(row.widths if row is not None else full for row in rows)
         return Compute(loops=loops, adaptive=_with_rows(adaptive, row_widths))
 
-    def _emit(self, slot: int, logits: torch.Tensor) -> None:
-        """Choose row `slot`'s next token from its logits, report it, and finish the row if it stops."""
+    def _emit(self, slot: int, logits: torch.Tensor, chosen: int | None = None) -> None:
+        """Choose row `slot`'s next token from its logits (or take the one speculative decoding `chosen` from them),
+        report it, and finish the row if it stops."""
         row = self._row(slot)
         request = row.request
         vocab = self.tokenizer.vocab_size
         if logits.size(-1) > vocab:  # nanochat pads the vocabulary: ids past the tokenizer's never come out
             logits = logits.clone()
             logits[vocab:] = -math.inf
-        token = sample(logits[None], request.params, row.generator)
+        token = sample(logits[None], request.params, row.generator) if chosen is None else torch.tensor([chosen])
         forced = False
         if row.tools is not None:
             token, flags = row.tools.choose(token)
@@ -310,7 +381,7 @@ class Scheduler:
         row.next_token = token
         if request.stop_strings and any(s in self.tokenizer.decode(request.tokens[-64:]) for s in request.stop_strings):
             self._finish(slot, "stop")
-        elif len(request.tokens) >= request.max_tokens or int(self.cache.lengths[slot]) + 1 >= self.context:
+        elif len(request.tokens) >= request.max_tokens or len(request.prompt) + len(request.tokens) >= self.context:
             self._finish(slot, "length")
 
     def _row(self, slot: int) -> _Row:
