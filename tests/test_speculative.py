@@ -62,6 +62,8 @@ def test_greedy_speculative_output_equals_plain_greedy(pattern, draft):
     assert [c.finish_reason for c in spec] == [c.finish_reason for c in plain]
     drafted, accepted = sum(c.drafted for c in spec), sum(c.accepted for c in spec)
     assert 0.1 * drafted < accepted < 0.9 * drafted  # many rejections, many acceptances
+    [one] = Engine(model, speculative=draft).generate(PROMPTS[1:2], 70, SamplingParams(0))  # a row alone
+    assert one.tokens == plain[1].tokens
 
 
 def test_greedy_speculative_stops_like_plain_at_stop_tokens_and_the_context_end():

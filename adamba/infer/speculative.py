@@ -165,7 +165,11 @@ class SpeculativeDecoder:
         model, B = self.model, last.size(0)
         lagging, held = self.lag[:B], self.held[:B]
         lag = lagging.long()
-        if not bool(lag.any()) and bool(keep_rows.all()):
+        everyone = bool(keep_rows.all())
+        if everyone and not bool(lag.any()):
+            return model(last[:, None], cache=cache, compute=self.draft_compute)[:, 0]
+        if everyone and bool(lag.all()):  # two plain steps: a step is cheaper than a padded two-token forward
+            model(held[:, None], cache=cache, compute=self.draft_compute)
             return model(last[:, None], cache=cache, compute=self.draft_compute)[:, 0]
         if int(cache.lengths.max()) + 2 <= cache.capacity:
             cache.valid = (1 + lag) * keep_rows
