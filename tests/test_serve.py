@@ -563,7 +563,7 @@ def test_speculative_requests_answer_as_plain_greedy_decoding_and_count_their_co
         tokens = alone(model, tokenizer, messages, 24)
         assert reply.choices[0].message.content == tokenizer.decode(tokens)
         info = reply.usage.model_extra["compute"]["speculative"]
-        assert info["k"] == 3 and 0 <= info["accepted"] <= info["drafted"] and info["drafted"] > 0
+        assert info["draft"] == spec and info["k"] == 3 and 0 <= info["accepted"] <= info["drafted"] > 0
         # by hand: plain FLOPs + rejected drafts read at full width + the draft's reads (the prompt, every drafted
         # token, and d_k again after rounds that accepted all k: between 0 and drafted / k of those)
         prompt, length = reply.usage.prompt_tokens, reply.usage.prompt_tokens + len(tokens)

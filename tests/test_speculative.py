@@ -188,6 +188,8 @@ def test_draft_checks():
     config = random_model().config
     assert Draft.parse(config, "ghost", k=6) == Draft(width="ghost", k=6)
     assert Draft.parse(config, "exit:2") == Draft(exit_layer=2)
+    assert [d.describe() for d in (Draft(width="ghost"), Draft(exit_layer=2), Draft(width=32, exit_layer=3))] == \
+        ["ghost", "exit:2", "32+exit:3"]
     with pytest.raises(ValueError, match="positive integer"):
         Draft(width="ghost", k=0).check(config)
     with pytest.raises(ValueError, match="narrower"):

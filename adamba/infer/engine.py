@@ -47,7 +47,7 @@ class Engine:
     speed-ups are in BENCHMARKS.md, "elastic"). It costs one compilation (seconds to a minute) per batch size and
     width, holds K/V for the model's whole context from the start, and needs what torch.compile needs (a C++
     compiler on a CPU, Triton on a GPU). Prefill runs eagerly. Not for looped models or adaptive exits, whose
-    steps depend on values only known at run time."""
+    steps depend on values only known at run time, nor for speculative decoding (its rounds run eagerly)."""
 
     def __init__(self, model, tokenizer=None, *, compile: bool = False, speculative: Draft | None = None):
         """`speculative`: decode with the model's own narrow slice or early exit as a draft (speculative.py),

@@ -16,7 +16,8 @@ they are free draft models (MatFormer, Devvrit et al. 2023, §4.3: nested drafts
    state per row, for the round only).
 
 Rows accept different numbers of tokens; each cache keeps each row's own. After a round that accepted all k, the
-draft has not read d_k yet: it reads [d_k, next] at the start of the next round (right-padded with the others).
+draft has not read d_k yet: it reads d_k and the next token at the start of the next round (in one forward
+right-padded with the other rows, or as two plain steps when every row needs both).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class Draft:
 
     def compute(self) -> Compute:
         return Compute(width=self.width, depth=self.exit_layer)
+
+    def describe(self) -> str:
+        """As users write it: "ghost", "exit:2", "32+exit:3"."""
+        parts = [] if self.width is None else [str(self.width)]
+        return "+".join(parts + ([] if self.exit_layer is None else [f"exit:{self.exit_layer}"]))
 
     def check(self, config: ModelConfig) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:

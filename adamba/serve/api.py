@@ -160,7 +160,7 @@ class Server:
         elif not job.decisions:
             info["loops"] = compute.loops if isinstance(compute.loops, int) else config.loop.mean_recurrence
         if job.speculative is not None:
-            info["speculative"] = {"draft": job.speculative.compute().width or f"exit:{job.speculative.exit_layer}",
+            info["speculative"] = {"draft": job.speculative.describe(),
                                    "k": job.speculative.k, "drafted": job.drafted, "accepted": job.accepted}
         made = job.decisions[len(job.prompt) - 1:][:len(job.tokens)]  # the positions that produced each token
         if made and len(made[0]) == 1:
