@@ -584,14 +584,33 @@ def test_speculative_requests_answer_as_plain_greedy_decoding_and_count_their_co
     assert sampled.usage.completion_tokens == 8
 
 
-def test_speculative_errors_name_the_field(server, model, tokenizer):
+def test_speculative_errors_name_the_field_and_tools_may_run(server, model, tokenizer):
     ok = {"model": "tiny", "messages": ask("hi"), "max_tokens": 2}
     r = httpx.post(server.url + "/v1/chat/completions", json={**ok, "compute": {"speculative": "exit:9"}}, timeout=30)
     assert r.status_code == 400 and error_of(r)["param"] == "compute.speculative"
     assert "depth: 9" in error_of(r)["message"]
     r = httpx.post(server.url + "/v1/chat/completions", json={**ok, "compute": {"draft_tokens": 0}}, timeout=30)
     assert r.status_code == 400 and error_of(r)["param"] == "compute.draft_tokens"
+    with Running(create_app(model, tokenizer, "tiny", tools=True)) as running:  # tools on: the same reply
+        replies = [running.client().chat.completions.create(model="tiny", messages=ask("the king"), max_tokens=16,
+                                                            temperature=0, extra_body=extra)
+                   for extra in ({}, {"compute": {"speculative": "ghost"}})]
+        assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+
+
+def test_a_speculative_chat_runs_its_tool_calls_as_a_plain_one(tokenizer):
+    """A model that calls the calculator again and again: tool calls end rounds early and their output is drafted as
+    forced tokens; the reply equals the plain one, results included."""
+    from test_speculative import chain_model
+
+    special = tokenizer.special_id
+    chain = [special("<|python_start|>"), *tokenizer.encode("7*8"), special("<|python_end|>"),
+             special("<|output_end|>"), *tokenizer.encode(" so")]
+    model = chain_model(tokenizer, chain)
     with Running(create_app(model, tokenizer, "tiny", tools=True)) as running:
-        r = httpx.post(running.url + "/v1/chat/completions", json={**ok, "compute": {"speculative": "ghost"}},
-                       timeout=30)
-        assert r.status_code == 400 and "--no-tools" in error_of(r)["message"]
+        client = running.client()
+        replies = [client.chat.completions.create(model="tiny", messages=ask("7*8?"), max_tokens=30, temperature=0,
+                                                  extra_body=extra)
+                   for extra in ({}, {"compute": {"speculative": "ghost", "draft_tokens": 4}})]
+    plain, spec = (r.choices[0].message.content for r in replies)
+    assert spec == plain and plain.count("56") >= 2

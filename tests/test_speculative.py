@@ -14,6 +14,7 @@ from adamba.infer.sampling import SamplingParams, probabilities
 from adamba.infer.speculative import Draft
 from adamba.model.cache import InferenceCache
 from adamba.model.compute import Compute
+from adamba.model.exits import Adaptive
 
 PATTERNS = {"T": dict(), "M": dict(block_pattern="M"), "M2": dict(block_pattern="M2"),
             "hybrid": dict(block_pattern="TMTM2")}
@@ -109,7 +110,7 @@ def test_sampled_speculative_tokens_follow_the_full_models_distribution(pattern,
 
     assert p_value() > 1e-3
 
-    def always_accept(draft_tokens, draft_probs, target, params, generator):  # the rule a broken decoder would use
+    def always_accept(draft_tokens, draft_probs, target, params, generator, forced=None):  # a broken rule
         k = draft_tokens.size(1)
         nxt = torch.multinomial(probabilities(target[:, k], params), 1, generator=generator)[:, 0]
         return torch.full_like(nxt, k), nxt
@@ -194,5 +195,39 @@ def test_draft_checks():
         Draft(width="ghost", k=0).check(config)
     with pytest.raises(ValueError, match="narrower"):
         Draft().check(config)
-    with pytest.raises(ValueError, match="tool"):
-        Engine(random_model()).generate([[1]], 3, tool=lambda text: None, speculative=Draft(width="ghost"))
+    with pytest.raises(ValueError, match="adaptive"):
+        Engine(random_model()).generate([[1]], 3, compute=Compute(adaptive=Adaptive()),
+                                        speculative=Draft(width="ghost"))
+
+
+def chain_model(tokenizer, chain: list[int]) -> AdambaLM:
+    """A model whose greedy next token after chain[i] is chain[i + 1] (cyclically): the lm_head reads the token's own
+    embedding, and the blocks write little into the residual stream. Its replies make tool calls."""
+    model = random_model(torch.float32, vocab_size=tokenizer.vocab_size, block_pattern="TMTM2")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("c_proj.weight", "out_proj.weight")):
+                p.mul_(0.02)
+        model.lm_head.weight.zero_()
+        for token, following in zip(chain, chain[1:] + chain[:1], strict=True):
+            direction = model.wte.weight[token]
+            model.lm_head.weight[following] += 20 * direction / direction.norm() / model.config.n_embd ** 0.5
+    return model
+
+
+@pytest.mark.parametrize("draft", [Draft(width="ghost", k=4), Draft(exit_layer=2, k=3)], ids=["ghost", "exit"])
+def test_tool_calls_inside_rounds_force_their_output_as_plain_decoding_does(tokenizer, draft):
+    from adamba.tools.calculator import calculate
+
+    special = tokenizer.special_id
+    expression, word = tokenizer.encode("7*8"), tokenizer.encode(" so")
+    chain = [special("<|python_start|>"), *expression, special("<|python_end|>"), special("<|output_end|>"), *word]
+    assert len(set(chain)) == len(chain)
+    model = chain_model(tokenizer, chain)
+    prompts = [tokenizer.encode("What is 7*8?", bos=True), tokenizer.encode("Hi", bos=True) + word]
+    plain = Engine(model, tokenizer).generate(prompts, 40, SamplingParams(0), tool=calculate)
+    spec = Engine(model, tokenizer, speculative=draft).generate(prompts, 40, SamplingParams(0), tool=calculate)
+    assert len(plain[0].tool_calls) >= 2 and plain[0].tool_calls[0].result == "56"  # the chain calls the tool
+    for a, b in zip(spec, plain, strict=True):
+        assert (a.tokens, a.forced, a.tool_calls) == (b.tokens, b.forced, b.tool_calls)
+        assert a.finish_reason == b.finish_reason

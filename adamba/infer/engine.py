@@ -27,7 +27,9 @@ class Completion:
     forced: list[bool] = field(default_factory=list)  # per token: forced by a tool call, not sampled
     tool_calls: list[ToolCall] = field(default_factory=list)
     stop_token: int | None = None  # the stop token that ended the row (not part of `tokens`), if one did
-    drafted: int = 0  # speculative decoding: draft tokens proposed for this row, and how many the model accepted
+    # speculative decoding: draft tokens proposed for this row, and how many the model accepted (a tool's forced
+    # output, drafted as itself, counts as both)
+    drafted: int = 0
     accepted: int = 0
 
 
@@ -66,14 +68,14 @@ class Engine:
         self.vocab = tokenizer.vocab_size if padded else None
 
     def _check(self, prompts: Sequence[Sequence[int]], compute: Compute, stop_strings: Sequence[str],
-               draft: Draft | None, tool: Tool | None) -> Compute:
+               draft: Draft | None) -> Compute:
         """The call's compute choice, once its prompts, compute, stop strings and draft are checked."""
         compute.check(self.model.config)
         if draft is not None:
             draft.check(self.model.config)
-            if self.compiled or compute.adaptive is not None or tool is not None:
-                raise ValueError("speculative: decodes eagerly, without adaptive exits and without tool calls; use "
-                                 "an Engine without compile, or drop adaptive / tool")
+            if self.compiled or compute.adaptive is not None:
+                raise ValueError("speculative: decodes eagerly and without adaptive exits; use an Engine without "
+                                 "compile, or drop adaptive")
         if self.compiled and compute.adaptive is not None:
             raise ValueError("adaptive: a compiled engine (compile=True) decodes at fixed widths; use an Engine "
                              "without compile for adaptive exits")
@@ -108,7 +110,7 @@ class Engine:
         `speculative` (default: the engine's): a draft whose tokens the model verifies k at a time, a step then
         yielding up to k + 1 tokens per row, with the output the model alone gives (speculative.py)."""
         draft = speculative if speculative is not None else self.speculative
-        compute = self._check(prompts, compute or Compute(), stop_strings, draft, tool)
+        compute = self._check(prompts, compute or Compute(), stop_strings, draft)
         params = params or SamplingParams()
         model = self.model
         device = next(model.parameters()).device
@@ -139,10 +141,10 @@ class Engine:
             if draft is not None:
                 logits = decoder.prefill(ids, lengths)
                 next_ids = sample(logits, params, generator)
-                produced = self._record(rows, next_ids.tolist(), None, None, limits, lengths.tolist())
+                produced = self._record(rows, next_ids.tolist(), None, tools, limits, lengths.tolist())
                 if produced:
                     yield produced
-                yield from self._speculate(decoder, rows, next_ids, lengths.tolist(), limits)
+                yield from self._speculate(decoder, rows, next_ids, lengths.tolist(), limits, tools)
                 return
             cache.valid = lengths  # right padding: each row's next token overwrites its padding
             logits = model(ids, cache=cache, compute=compute)[torch.arange(B, device=device), lengths - 1]
@@ -170,24 +172,38 @@ class Engine:
             model.train(was_training)
 
     def _speculate(self, decoder: SpeculativeDecoder, rows: list[Completion], last: torch.Tensor,
-                   prompt_lengths: list[int], limits: _Limits) -> Iterator[list[tuple[int, int]]]:
+                   prompt_lengths: list[int], limits: _Limits,
+                   tools: ToolUse | None) -> Iterator[list[tuple[int, int]]]:
         """Speculative rounds until every row has finished; each yields the tokens the round gave every row, taken
-        one at a time as plain decoding would (a row that stops mid-round drops the rest)."""
+        one at a time as plain decoding would: a row that stops mid-round drops the rest, and one whose tool call
+        ends mid-round keeps the tokens up to it (the tool's output, forced, is drafted in the next round)."""
         active = torch.tensor([not row.finish_reason for row in rows], device=last.device)
         while bool(active.any()):
-            tokens, accepted, _ = decoder.round(last, active)
-            tokens, accepted = tokens.tolist(), accepted.tolist()
-            for row, n, running in zip(rows, accepted, active.tolist(), strict=True):
+            forced = [list(queue) for queue in tools.pending] if tools is not None else None
+            tokens, accepted, _ = decoder.round(last, active, forced)
+            tokens, kept = tokens.tolist(), accepted.tolist()
+            for row, n, running in zip(rows, kept, active.tolist(), strict=True):
                 if running:
                     row.drafted, row.accepted = row.drafted + len(tokens[0]) - 1, row.accepted + n
             produced = []
             for j in range(len(tokens[0])):
-                step = [row_tokens[j] if j <= n else None for row_tokens, n in zip(tokens, accepted, strict=True)]
+                step = [row_tokens[j] if j <= n else None for row_tokens, n in zip(tokens, kept, strict=True)]
+                flags = None
+                if tools is not None:  # a forced token was drafted as itself: take it off the row's queue
+                    flags = [token is not None and bool(queue) for token, queue in zip(step, tools.pending,
+                                                                                        strict=True)]
+                    for queue, flag in zip(tools.pending, flags, strict=True):
+                        if flag:
+                            queue.popleft()
                 held = [length + len(row.tokens) for length, row in zip(prompt_lengths, rows, strict=True)]
-                produced += self._record(rows, step, None, None, limits, held)
+                produced += self._record(rows, step, flags, tools, limits, held)
+                for b, token in enumerate(step):  # a call just ended: its output comes next, not the drafts
+                    if token is not None and tools is not None and not flags[b] and tools.pending[b]:
+                        kept[b] = j
+            decoder.commit(torch.tensor(kept, device=last.device))
             if produced:
                 yield produced
-            last = torch.tensor([row_tokens[n] for row_tokens, n in zip(tokens, accepted, strict=True)],
+            last = torch.tensor([row_tokens[n] for row_tokens, n in zip(tokens, kept, strict=True)],
                                 device=last.device)
             active = torch.tensor([not row.finish_reason for row in rows], device=last.device)
 

@@ -86,12 +86,13 @@ class Draft:
         return draft
 
 
-def accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target: torch.Tensor,
-           params: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The acceptance rule: (accepted draft tokens per row n (B,), the row's next token (B,)).
 
     draft_tokens (B, k); draft_probs (B, k, V) the distributions they were drawn from (unused when greedy);
-    target (B, k + 1, V): the full model's logits after last, d_1, .., d_k."""
+    target (B, k + 1, V): the full model's logits after last, d_1, .., d_k; forced (B, k): drafts accepted as they
+    are (a tool's output)."""
     B, k = draft_tokens.shape
     rows = torch.arange(B, device=target.device)
     if params.temperature == 0:
@@ -102,6 +103,8 @@ def accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target: torch.
         ratio = p[:, :k].gather(-1, picked)[..., 0] / draft_probs.gather(-1, picked)[..., 0]
         uniform = torch.rand(B, k, device=target.device, generator=generator)
         accepted = uniform < ratio  # u < p/q: probability min(1, p/q)
+    if forced is not None:
+        accepted = accepted | forced
     n = accepted.long().cumprod(-1).sum(-1)  # leading accepted tokens
     if params.temperature == 0:
         return n, target[rows, n].argmax(-1)
@@ -188,11 +191,14 @@ class SpeculativeDecoder:
         return model(last[:, None], cache=cache, compute=self.draft_compute)[:, 0]
 
     @torch.no_grad()
-    def round(self, last: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def round(self, last: torch.Tensor, active: torch.Tensor,
+              forced: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every row has just produced `last` (B,), which neither cache has read. Returns (tokens (B, k + 1), n (B,),
         the full model's logits (B, k + 1, V)): row b's next tokens are tokens[b, :n[b] + 1] (n[b] accepted draft
-        tokens, then the full model's own), token j chosen from logits[b, j]. Inactive rows (finished or free)
-        keep their caches as they are. B may be fewer than the caches' rows: the round then runs on the first B."""
+        tokens, then the full model's own), token j chosen from logits[b, j]. `forced[b]`: tokens row b must take
+        next (a tool's output, infer/tool_use.py), drafted in place of the draft's own and accepted as they are.
+        Inactive rows (finished or free) keep their caches as they are. B may be fewer than the caches' rows: the
+        round then runs on the first B. Then `commit` says how many of the tokens each row keeps."""
         model, B = self.model, last.size(0)
         whole = B == self.cache.batch
         full, draft = (self.cache, self.draft_cache) if whole else \
@@ -202,12 +208,18 @@ class SpeculativeDecoder:
             for cache in (full, draft):
                 cache.lengths.mul_(keep_rows)
         k = min(self.draft.k, full.capacity - 1 - int(full.lengths.max()))  # room for k + 1 tokens
+        # forced tokens per position (k + 1 of them: the last may be the row's next token), -1 where none
+        must = torch.full((B, k + 1), -1, dtype=torch.long, device=last.device)
+        for b, tokens in enumerate(forced or []):
+            if tokens:
+                must[b, :min(len(tokens), k + 1)] = torch.tensor(tokens[:k + 1])
         logits = self._draft_reads(draft, last, keep_rows)
         groups = self._sampler_groups(B)
         drafts, draft_probs = [], []
         draft.begin_trail()
         for i in range(k):
             token, probs = self._propose(logits, groups)
+            token = torch.where(must[:, i] >= 0, must[:, i], token)
             drafts.append(token)
             draft_probs.append(probs)
             if i + 1 < k:
@@ -217,15 +229,28 @@ class SpeculativeDecoder:
         target = self.logits(model(torch.cat([last[:, None], drafted], dim=1), cache=full, compute=self.compute))
         q = torch.stack(draft_probs, dim=1) if k else target.new_zeros(B, 0, target.size(-1))
         n, following = torch.zeros_like(last), torch.zeros_like(last)
+        kept_as_is = must[:, :k] >= 0 if forced else None
         for params, generator, rows in groups:
-            n[rows], following[rows] = accept(drafted[rows], q[rows], target[rows], params, generator)
-        full.rollback((n + 1) * keep_rows)
-        draft.rollback(n.clamp(max=max(k - 1, 0)) * keep_rows)
+            n[rows], following[rows] = accept(drafted[rows], q[rows], target[rows], params, generator,
+                                              None if kept_as_is is None else kept_as_is[rows])
+        if forced:  # where the row's next token is forced too, it replaces the chosen one
+            pick = must.gather(1, n[:, None])[:, 0]
+            following = torch.where(pick >= 0, pick, following)
+        self._round = (full, draft, whole, k, active, drafted)
+        tokens = torch.cat([drafted, following[:, None]], dim=1)
+        return tokens.scatter(1, n[:, None], following[:, None]), n, target
+
+    def commit(self, kept: torch.Tensor) -> None:
+        """After `round`: row b keeps its first kept[b] + 1 tokens (at most n[b] + 1; fewer where a tool call ends
+        it early), the last of them unread, as `last` of the next round."""
+        full, draft, whole, k, active, drafted = self._round
+        keep_rows = active.long()
+        full.rollback((kept + 1) * keep_rows)
+        draft.rollback(kept.clamp(max=max(k - 1, 0)) * keep_rows)
+        B = kept.size(0)
         if not whole:
             self.cache.absorb(full)
             self.draft_cache.absorb(draft)
-        self.lag[:B] = (n == k) & active if k else False
+        self.lag[:B] = (kept == k) & active if k else False
         if k:
             self.held[:B] = drafted[:, -1]
-        tokens = torch.cat([drafted, following[:, None]], dim=1)
-        return tokens.scatter(1, n[:, None], following[:, None]), n, target

@@ -16,9 +16,10 @@ models, whose steps depend on values known only at run time.
 Rows batch together when their loops and adaptive policy agree (a looped model's iterations and an exit policy are
 per step, not per row); a request whose differ waits until the running ones finish. Speculative requests
 (`Request.speculative`, infer/speculative.py) batch with those of the same draft and compute: each step is then one
-speculative round for every row (the draft's cache beside the model's), and gives each row up to k + 1 tokens. With
-early exit or a looped model's adaptive exit, each token's decisions (exit layer and gates, or iterations) are kept,
-and the request's FLOPs are counted from them.
+speculative round for every row (the draft's cache beside the model's), and gives each row up to k + 1 tokens (a
+tool call ends a row's round early; its output is drafted as forced tokens). With early exit or a looped model's
+adaptive exit, each token's decisions (exit layer and gates, or iterations) are kept, and the request's FLOPs are
+counted from them.
 """
 
 from __future__ import annotations
@@ -141,10 +142,9 @@ class Scheduler:
         request.compute.check(self.model.config)
         if request.speculative is not None:
             request.speculative.check(self.model.config)
-            if self.compiled or request.compute.adaptive is not None or request.tool is not None:
-                raise ValueError("compute.speculative: decodes eagerly, without adaptive exits or tool calls (a server "
-                                 "started with --compile, a request with compute.adaptive, or a chat on a server with "
-                                 "tools: start it with --no-tools)")
+            if self.compiled or request.compute.adaptive is not None:
+                raise ValueError("compute.speculative: decodes eagerly and without adaptive exits (not on a server "
+                                 "started with --compile, nor with compute.adaptive)")
         if self.compiled and request.compute.adaptive is not None:
             raise ValueError("compute.adaptive: this server decodes with compiled steps (--compile), which run fixed "
                              "widths; early exit needs a server without --compile")
@@ -284,8 +284,10 @@ class Scheduler:
         last = torch.tensor([row.next_token if row is not None else 0 for row in rows], device=self.device)
         active = torch.tensor([row is not None for row in rows], device=self.device)
         lag = self.decoder.lag[:n].tolist()
-        tokens, accepted, logits = self.decoder.round(last, active)
+        forced = [list(row.tools.pending[0]) if row is not None and row.tools is not None else [] for row in rows]
+        tokens, accepted, logits = self.decoder.round(last, active, forced if any(forced) else None)
         k = tokens.size(1) - 1
+        kept = accepted.tolist()
         self.stats["steps"] += 1
         for slot, (row, made, n_ok, lagged) in enumerate(zip(rows, tokens.tolist(), accepted.tolist(), lag,
                                                              strict=True)):
@@ -298,7 +300,12 @@ class Scheduler:
             for j in range(n_ok + 1):
                 if self.rows[slot] is not row:  # it stopped
                     break
+                was_forced = row.tools is not None and bool(row.tools.pending[0])
                 self._emit(slot, logits[slot, j], made[j])
+                if row.tools is not None and not was_forced and row.tools.pending[0]:  # a tool call just ended:
+                    kept[slot] = j  # its output comes next, not the rest of the drafts
+                    break
+        self.decoder.commit(torch.tensor(kept, device=self.device))
 
     def _padded_vocab(self) -> int | None:
         """The tokenizer's vocabulary where the model's is padded past it (nanochat's multiple of 64)."""
