@@ -296,7 +296,6 @@ class Scheduler:
             request = row.request
             request.drafted, request.accepted = request.drafted + k, request.accepted + n_ok
             request.draft_reads += k + int(lagged)
-            request.rejected_reads += k - n_ok
             for j in range(n_ok + 1):
                 if self.rows[slot] is not row:  # it stopped
                     break
@@ -305,6 +304,7 @@ class Scheduler:
                 if row.tools is not None and not was_forced and row.tools.pending[0]:  # a tool call just ended:
                     kept[slot] = j  # its output comes next, not the rest of the drafts
                     break
+            request.rejected_reads += k - kept[slot]  # read by the model, then dropped
         self.decoder.commit(torch.tensor(kept, device=self.device))
 
     def _padded_vocab(self) -> int | None:
