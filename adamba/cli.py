@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from .cli_chat import add_chat_commands
-from .cli_flags import add_config_flags, config_overrides
+from .cli_flags import add_config_flags, add_speculative_flags, config_overrides, speculative_draft
 from .config import ModelConfig, RunConfig, TrainConfig, load_toml, read_toml, require_loop
 
 
@@ -249,19 +249,13 @@ def cmd_eval_adaptive(args) -> None:
 def cmd_sample(args) -> None:
     from .infer.engine import Engine
     from .infer.sampling import SamplingParams
-    from .infer.speculative import Draft
     from .model.compute import Compute
 
     ckpt = _load(args)
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer.pkl; sampling needs one")
     tokenizer = ckpt.tokenizer
-    draft = None
-    if args.speculative:
-        try:
-            draft = Draft.parse(ckpt.model.config, args.speculative, k=args.draft_tokens)
-        except ValueError as error:
-            raise ValueError(f"--{error}") from None
+    draft = speculative_draft(args, ckpt.model.config)
     engine = Engine(ckpt.model, tokenizer, compile=args.compile, speculative=draft)
     compute = Compute.parse(ckpt.model.config, width=args.mode, loops=args.loops, adaptive=args.adaptive,
                             names={"width": "--mode", "loops": "--loops", "adaptive": "--adaptive"})
@@ -405,10 +399,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sa.add_argument("--compile", action="store_true",
                     help="decode with one compiled graph per step (torch.compile: seconds to compile per mode, then "
                          "about twice as fast for small models; not with --adaptive, --speculative or looped models)")
-    sa.add_argument("--speculative", default=None, metavar="DRAFT",
-                    help="self-speculative decoding: the model's own narrow slice (ghost, whisper, a width) or its "
-                         "first J blocks (exit:J) draft, the full model verifies; the output is the model's own")
-    sa.add_argument("--draft-tokens", type=int, default=4, help="--speculative: tokens drafted per round (k)")
+    add_speculative_flags(sa)
     sa.add_argument("--device", default="auto")
     sa.set_defaults(func=cmd_sample)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .cli_flags import add_config_flags, config_overrides
+from .cli_flags import add_config_flags, add_speculative_flags, config_overrides, speculative_draft
 from .config import (
     RL_IGNORED,
     RL_PRESETS,
@@ -76,6 +76,7 @@ def add_chat_commands(commands, eval_commands) -> None:
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--no-tools", action="store_true", help="do not execute the calculator")
+    add_speculative_flags(ch)
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=cmd_chat)
 
@@ -186,7 +187,7 @@ def cmd_chat(args) -> None:
     ckpt = _load(args)
     session = ChatSession(ckpt.model, ckpt.tokenizer, tool=None if args.no_tools else calculate,
                           params=SamplingParams(args.temperature, args.top_k), max_new_tokens=args.max_tokens,
-                          seed=args.seed)
+                          seed=args.seed, speculative=speculative_draft(args, ckpt.model.config))
     if args.mode:
         session.set_mode(args.mode)
     if args.prompt is not None:

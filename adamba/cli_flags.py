@@ -69,3 +69,22 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str, file_val
 
 def config_overrides(args: argparse.Namespace, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative", default=None, metavar="DRAFT",
+                        help="self-speculative decoding: the model's own narrow slice (ghost, whisper, a width) or its "
+                             "first J blocks (exit:J) draft, the full model verifies; the output is the model's own")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="--speculative: tokens drafted per round (k)")
+
+
+def speculative_draft(args: argparse.Namespace, config):
+    """The draft `--speculative` / `--draft-tokens` ask for (None: plain decoding); errors name the flag."""
+    from .infer.speculative import Draft
+
+    if not args.speculative:
+        return None
+    try:
+        return Draft.parse(config, args.speculative, k=args.draft_tokens)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None

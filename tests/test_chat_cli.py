@@ -48,6 +48,11 @@ def test_an_imported_nanochat_model_chats_from_nanochats_rendering(imported, cap
     again = ChatSession(ckpt.model, ckpt.tokenizer, seed=0, max_new_tokens=12)
     text = "".join(e.text for e in again.reply("What is 2+2?") if e.kind == "text")
     assert text.strip() in out.out
+    greedy = ["chat", "ncchat", "-p", "What is 2+2?", "--temperature", "0", "--max-tokens", "12", "--device", "cpu"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--speculative", "exit:1", "--draft-tokens", "3"]) == 0  # verified: the same reply
+    assert capsys.readouterr().out == plain
 
     assert main(["eval", "chat", "ncchat", "--tasks", "arithmetic,arc-easy", "--items", "3", "--modes", "full",
                  "--device", "cpu"]) == 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..infer.engine import Completion, Engine
 from ..infer.sampling import SamplingParams
+from ..infer.speculative import Draft
 from ..infer.tool_use import ToolCall
 from ..model.compute import Compute
 from ..tools.calculator import calculate
@@ -35,12 +36,13 @@ class Event:
 class ChatSession:
     def __init__(self, model, tokenizer, *, compute: Compute | None = None,
                  tool: Callable[[str], str | None] | None = calculate, params: SamplingParams | None = None,
-                 max_new_tokens: int = 256, seed: int | None = None):
+                 max_new_tokens: int = 256, seed: int | None = None, speculative: Draft | None = None):
+        """`speculative`: replies decoded with this draft (infer/speculative.py): the same replies, verified."""
         self.model, self.tokenizer, self.tool = model, tokenizer, tool
         self.compute = compute or Compute()
         self.params = params or SamplingParams(temperature=0.6, top_k=50)
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, speculative=speculative)
         self.system: str | None = None
         self.turns: list[dict] = []  # user and assistant messages, alternating
         self.stops = [tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id]
