@@ -108,6 +108,7 @@ def test_models_and_a_greedy_chat_reply_equal_the_engine_alone(server, model, to
     client = server.client()
     [entry] = client.models.list().data
     assert entry.id == "tiny" and entry.model_extra["max_model_len"] == 256
+    assert entry.model_extra["speculative_drafts"] == ["ghost", "exit:1"]  # TM: a narrow slice, the first block
     reply = client.chat.completions.create(model="tiny", messages=ask("the king and the queen"), max_tokens=20,
                                            temperature=0)
     expected = alone(model, tokenizer, ask("the king and the queen"), 20)

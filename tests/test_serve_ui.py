@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from urllib.parse import urlparse
 
@@ -90,6 +91,11 @@ def test_chat_in_a_browser_streams_replies_shows_flops_and_compute_per_token(pag
 
     page.click("#clear")
     assert page.locator(".message").count() == 0
+    page.select_option("#mode", "")
+    page.select_option("#draft", "exit:1")  # the server offers ghost and exit:1 for this 2-layer model
+    send(page, "a sword")
+    assert page.bodies[-1]["compute"] == {"mode": "", "speculative": "exit:1"}
+    assert re.search(r"draft exit:1: \d+ of \d+ accepted", page.locator("[data-testid=flops]").last.inner_text())
     assert all(urlparse(url).hostname == "127.0.0.1" for url in page.requests), page.requests
 
 

@@ -86,6 +86,19 @@ class Draft:
         return draft
 
 
+def offered_drafts(config: ModelConfig) -> list[str]:
+    """The drafts worth offering for a model (the server lists them for its UI): its smallest compute mode and the
+    first half of its stack, where each is a valid draft."""
+    offered = []
+    for spec in (min(config.compute_modes, key=config.compute_modes.get), f"exit:{config.n_layer // 2}"):
+        try:
+            Draft.parse(config, spec)
+        except ValueError:
+            continue
+        offered.append(spec)
+    return offered
+
+
 def accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The acceptance rule: (accepted draft tokens per row n (B,), the row's next token (B,)).

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat.render import render_prompt
 from ..infer.sampling import SamplingParams
-from ..infer.speculative import Draft
+from ..infer.speculative import Draft, offered_drafts
 from ..model.compute import Compute
 from ..tools.calculator import calculate
 from .protocol import ChatRequest, CompletionRequest, Sampling
@@ -131,7 +131,8 @@ class Server:
     async def models(self):
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "adamba",
                                             "max_model_len": self.context,
-                                            "compute_modes": dict(self.model.config.compute_modes)}]}
+                                            "compute_modes": dict(self.model.config.compute_modes),
+                                            "speculative_drafts": offered_drafts(self.model.config)}]}
 
     async def metrics(self):
         registry = CollectorRegistry()

@@ -34,6 +34,11 @@ async function loadModel() {
     select.appendChild(option);
   }
   select.value = "";
+  for (const draft of data.speculative_drafts || []) {
+    const option = document.createElement("option");
+    option.value = option.textContent = draft;
+    $("draft").appendChild(option);
+  }
 }
 
 function addMessage(role, text, index) {
@@ -71,6 +76,8 @@ function finishReply(reply, usage, tokens) {
   const cost = document.createElement("span");
   cost.setAttribute("data-testid", "flops");
   cost.textContent = `${usage.completion_tokens} tokens · ${formatFlops(usage.flops)}`;
+  const drafted = usage.compute && usage.compute.speculative;
+  if (drafted) cost.textContent += ` · draft ${drafted.draft}: ${drafted.accepted} of ${drafted.drafted} accepted`;
   reply.meta.appendChild(cost);
   const again = document.createElement("button");
   again.type = "button";
@@ -167,7 +174,8 @@ async function send(text) {
       body: JSON.stringify({ model: modelId, messages, stream: true, stream_options: { include_usage: true },
                              temperature: Number($("temperature").value), top_k: 50, logprobs: true,
                              max_tokens: Math.min(Number($("max-tokens").value) || 256, room(messages)),
-                             compute: { mode: $("mode").value } }),
+                             compute: { mode: $("mode").value,
+                                        ...($("draft").value ? { speculative: $("draft").value } : {}) } }),
     });
     if (!response.ok) throw new Error((await response.json()).error.message);
     const reader = response.body.getReader();
