@@ -52,9 +52,8 @@ def wide_model(args, device):
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     """The first `length` tokens of the last documents of the embedded corpus (its held-out end)."""
-    documents = [d for d in open_corpus("embedded").documents()]
     out = []
-    for text in reversed(documents):
+    for text in reversed(list(open_corpus("embedded").documents())):
         ids = tokenizer.encode(text, bos=True)
         if len(ids) >= length:
             out.append(ids[:length])

@@ -15,6 +15,7 @@ from adamba.infer.speculative import Draft
 from adamba.model.cache import InferenceCache
 from adamba.model.compute import Compute
 from adamba.model.exits import Adaptive
+from adamba.model.forward_pass import ForwardPass
 
 PATTERNS = {"T": dict(), "M": dict(block_pattern="M"), "M2": dict(block_pattern="M2"),
             "hybrid": dict(block_pattern="TMTM2")}
@@ -169,7 +170,6 @@ def test_a_truncated_draft_runs_only_its_blocks_and_its_flops():
     model = random_model(block_pattern="TMTM2")
     idx = torch.randint(0, 512, (2, 9))
     x, cos, sin = model.embed(idx)
-    from adamba.model.forward_pass import ForwardPass
     reference = model.head(model.run_layers(x, range(2), ForwardPass(model, cos, sin)))
     torch.testing.assert_close(model(idx, compute=Compute(depth=2)), reference)
     # the same count as a model of just those two blocks

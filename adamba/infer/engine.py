@@ -15,7 +15,7 @@ import torch
 
 from ..model.cache import InferenceCache
 from ..model.compute import Compute
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, sampled_vocab
 from .speculative import Draft, SpeculativeDecoder
 from .tool_use import Tool, ToolCall, ToolUse
 
@@ -62,10 +62,7 @@ class Engine:
             raise ValueError("compile: looped models (config.loop) decode eagerly; use Engine(model) without compile")
         self.decode_step = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
-        # A model's vocabulary may be padded past its tokenizer's (nanochat rounds it up to a multiple of 64 for
-        # fast matmuls): ids past the tokenizer's are never sampled, so every token can be decoded.
-        padded = tokenizer is not None and model.config.vocab_size > tokenizer.vocab_size
-        self.vocab = tokenizer.vocab_size if padded else None
+        self.vocab = sampled_vocab(model, tokenizer)
 
     def _check(self, prompts: Sequence[Sequence[int]], compute: Compute, stop_strings: Sequence[str],
                draft: Draft | None) -> Compute:
@@ -179,8 +176,8 @@ class Engine:
         ends mid-round keeps the tokens up to it (the tool's output, forced, is drafted in the next round)."""
         active = torch.tensor([not row.finish_reason for row in rows], device=last.device)
         while bool(active.any()):
-            forced = [list(queue) for queue in tools.pending] if tools is not None else None
-            tokens, accepted, _ = decoder.round(last, active, forced)
+            forced = [list(queue) for queue in tools.pending] if tools is not None else []
+            tokens, accepted, _ = decoder.round(last, active, forced if any(forced) else None)
             tokens, kept = tokens.tolist(), accepted.tolist()
             for row, n, running in zip(rows, kept, active.tolist(), strict=True):
                 if running:

@@ -25,6 +25,13 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
+def sampled_vocab(model, tokenizer) -> int | None:
+    """How many ids may be sampled, where the model's vocabulary is padded past its tokenizer's (nanochat rounds it up
+    to a multiple of 64 for fast matmuls; ids past the tokenizer's could not be decoded); None: every id."""
+    padded = tokenizer is not None and model.config.vocab_size > tokenizer.vocab_size
+    return tokenizer.vocab_size if padded else None
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampling draws from (..., V): temperature, top-k, min-p and top-p applied, renormalised
     (speculative decoding compares two such distributions). Not for greedy decoding (temperature 0)."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..infer.sampling import SamplingParams, sample
+from ..infer.sampling import SamplingParams, sample, sampled_vocab
 from ..infer.speculative import Draft, SpeculativeDecoder
 from ..infer.tool_use import Tool, ToolUse
 from ..model.cache import InferenceCache
@@ -222,7 +222,7 @@ class Scheduler:
         if self.cache is None:
             if request.speculative is not None:
                 self.decoder = SpeculativeDecoder(model, request.speculative, self.max_batch, self.context, compute,
-                                                  request.params, None, self._padded_vocab())
+                                                  request.params, None, sampled_vocab(model, self.tokenizer))
                 self.cache = self.decoder.cache
             else:
                 self.cache = InferenceCache(model, self.max_batch, self.context, compute=compute,
@@ -306,11 +306,6 @@ class Scheduler:
                     break
             request.rejected_reads += k - kept[slot]  # read by the model, then dropped
         self.decoder.commit(torch.tensor(kept, device=self.device))
-
-    def _padded_vocab(self) -> int | None:
-        """The tokenizer's vocabulary where the model's is padded past it (nanochat's multiple of 64)."""
-        vocab = self.tokenizer.vocab_size
-        return vocab if self.model.config.vocab_size > vocab else None
 
     def _forward(self, ids: torch.Tensor, cache: InferenceCache, compute: Compute) -> tuple[torch.Tensor, list]:
         """(logits, per row the decisions its tokens made: [] unless compute is adaptive)."""
