@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
+import torch.distributed as dist
 
-from .common import adamba_home, atomic_directory, write_atomic
+from .common import DistInfo, adamba_home, atomic_directory, print0, write_atomic
 from .config import ModelConfig
 from .data.tokenizer import Tokenizer
 from .model import AdambaLM
@@ -73,25 +74,51 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states: Python's, NumPy's, torch's CPU generator and, on a GPU, its own device's only
+    (a process computes on one GPU; the states of every visible GPU would not restore onto fewer GPUs)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def all_ranks_rng_states(device: torch.device, info: DistInfo) -> list[dict]:
+    """Every rank's `rng_state`, in rank order, for rank 0 to save. A collective: every rank calls it."""
+    state = rng_state(device)
+    if not info.enabled:
+        return [state]
+    states: list = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(saved: list[dict] | dict, device: torch.device, info: DistInfo) -> None:
+    """Each rank takes back the states it saved (`all_ranks_rng_states`). A run resumed on another number of ranks
+    cannot continue exactly anyway (the data is sharded otherwise), so its ranks keep their fresh seeds, and say so."""
+    if isinstance(saved, dict):  # checkpoints of version 1 before per-rank states: one process's states
+        saved = [saved]
+    if len(saved) != info.world_size:
+        print0(f"resume: the checkpoint holds the RNG states of {len(saved)} rank(s), this run has "
+               f"{info.world_size}; each rank keeps its fresh seed, so the run does not continue exactly")
+        return
+    state = saved[info.rank]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # older checkpoints held every visible GPU's state: this device's, if it was there
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_config: dict | None = None,
                     optimizers: list[torch.optim.Optimizer] | None = None, loader_state: dict | None = None,
-                    tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
-    """Write `directory`/step_NNNNNN atomically and return its path."""
+                    tokenizer: Tokenizer | None = None, extra: dict | None = None,
+                    rng_states: list[dict] | None = None) -> Path:
+    """Write `directory`/step_NNNNNN atomically and return its path. With `optimizers`, optimizer.pt holds their
+    states and `rng_states` (every rank's, from `all_ranks_rng_states`; default: this process's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
@@ -99,8 +126,9 @@ def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         safetensors.torch.save_file(state, tmp / WEIGHTS)
         if optimizers is not None:
-            torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()},
-                       tmp / OPTIMIZER)
+            if rng_states is None:
+                rng_states = [rng_state(next(model.parameters()).device)]
+            torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_states}, tmp / OPTIMIZER)
         if tokenizer is not None:
             tokenizer.save(tmp)
         meta = {

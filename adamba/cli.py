@@ -452,11 +452,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    from .common import shutdown_distributed
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"adamba: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
@@ -99,22 +100,34 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device a process computes on. Under torchrun each process owns one GPU, so "auto" and an index-less
+    "cuda" both mean cuda:LOCAL_RANK (torch.cuda.set_device and DDP's device_ids need the index)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name} asked for, but this torch sees no CUDA GPU (a CPU build of torch, or "
+                             "no driver); install the torch build for your CUDA, or use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype: bfloat16 where the GPU supports it, float32 elsewhere (CPU bf16 matmuls are slow)."""
+    """Compute dtype: bfloat16 where the GPU computes it natively (Ampere or newer), float32 elsewhere (CPU bf16
+    matmuls are slow, and on older GPUs torch only emulates bf16, several times slower than float32)."""
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return torch.bfloat16 if native_bf16 else torch.float32
+    if name == "bfloat16" and device.type == "cuda" and not native_bf16:
+        raise ValueError(f"dtype: bfloat16 is only emulated on {torch.cuda.get_device_name(device)} (it needs "
+                         "compute capability 8.0, Ampere, or newer); use --dtype float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -145,8 +158,17 @@ class DistInfo:
         return self.world_size > 1
 
 
+# Ranks wait for rank 0's one-off work (training the tokenizer, tokenizing an `hf:` dataset) on a CPU (gloo) group
+# of their own: NCCL's default 10-minute timeout would abort them long before a large dataset is tokenized, and
+# raising it for the whole run would let a real hang in training go unnoticed as long.
+PREPARE_TIMEOUT_ENV = "ADAMBA_PREPARE_TIMEOUT_S"
+PREPARE_TIMEOUT_S = 6 * 3600
+_prepare_group = None
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on GPU)."""
+    global _prepare_group
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
@@ -156,7 +178,23 @@ def init_distributed(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        timeout = float(os.environ.get(PREPARE_TIMEOUT_ENV, PREPARE_TIMEOUT_S))
+        _prepare_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     return info
+
+
+def wait_for_rank0() -> None:
+    """A barrier for rank 0's one-off work, with a timeout of hours ($ADAMBA_PREPARE_TIMEOUT_S, default 6 h)."""
+    if dist.is_initialized():
+        dist.barrier(group=_prepare_group)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (NCCL warns of leaked resources, and may hang at exit, without it)."""
+    global _prepare_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _prepare_group = None
 
 
 def print0(*args, **kwargs) -> None:

@@ -518,6 +518,13 @@ class TrainConfig:
     num_iterations: int = 100
     time_budget_s: float = 0.0  # > 0: stop (and save) once this much wall time has passed
     matrix_lr: float = 0.02  # Muon
+    # Muon's step: "classic" (Newton-Schulz, as nanochat in October 2025) or "polar" (nanochat since March 2026:
+    # Polar Express, with the options below; train/muon.py)
+    muon: str = "classic"
+    muon_beta2: float = 0.9  # polar: NorMuon's second-moment decay per neuron; 0 turns NorMuon off
+    muon_equilibrate: bool = True  # polar: MuonEq row equilibration before the orthogonalisation
+    muon_renormalise: bool = True  # polar: Muon+ renormalisation to sqrt(min(rows, cols)) after it
+    muon_cautious_wd: bool = True  # polar: weight decay only where the update and the weight agree in sign
     embedding_lr: float = 0.2  # AdamW
     unembedding_lr: float = 0.004  # AdamW
     scalar_lr: float = 0.004  # AdamW, for non-matrix block parameters (Mamba's A_log, D, dt bias, conv)
@@ -580,8 +587,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_numbers()
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32, bfloat16 or float16")
+        if self.dtype == "float16":  # its narrow exponent underflows gradients unless the loss is scaled
+            _fail("dtype", "float16 training needs loss scaling (a GradScaler), which adamba does not do",
+                  "use bfloat16 (GPUs from Ampere on) or float32")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32 or bfloat16")
         self._check_widths()
         self._check_adaptive()
         if self.stage is not None and self.stage not in TRAIN_STAGES:
@@ -608,6 +618,10 @@ class TrainConfig:
                 _fail(name, f"must be between 0 and 1, got {value!r}")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             _fail("warmdown_ratio", "warmup_ratio + warmdown_ratio exceeds 1")
+        if self.muon not in ("classic", "polar"):
+            _fail("muon", f"unknown Muon step {self.muon!r}", "use classic or polar")
+        if not isinstance(self.muon_beta2, (int, float)) or not 0 <= self.muon_beta2 < 1:
+            _fail("muon_beta2", f"must be in [0, 1), got {self.muon_beta2!r}", "0 turns NorMuon off")
 
     def _check_widths(self) -> None:
         """Matryoshka training, or one fixed width, and the energy penalty's weight."""
@@ -774,7 +788,8 @@ RL_PRESETS = {
 RL_TRAIN_DEFAULTS = dict(run_name="rl", warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
 RL_TRAIN_FIELDS = ("run_name", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr",
                    "weight_decay", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "grad_clip", "dtype", "device",
-                   "compile", "save_every", "seed")
+                   "compile", "save_every", "seed", "muon", "muon_beta2", "muon_equilibrate", "muon_renormalise",
+                   "muon_cautious_wd")
 RL_IGNORED = tuple(f.name for f in fields(TrainConfig) if f.name not in RL_TRAIN_FIELDS)
 
 

@@ -276,7 +276,8 @@ def main() -> None:
     verdict = "within" if ratio >= 0.95 else "NOT within"
     print(f"\nratio adamba/control = {ratio:.3f} ({verdict} 5%; median of paired A/B ratios {paired:.3f}); "
           f"{flops:.3g} training FLOPs/token"
-          + ("" if peak else f"; MFU needs a CUDA GPU listed in PEAK_FLOPS ({', '.join(PEAK_FLOPS)})"))
+          + ("" if peak else f"; MFU needs a CUDA GPU listed in PEAK_FLOPS "
+                                 f"({', '.join(' '.join(words) for words, _ in PEAK_FLOPS)})"))
     result = {
         "benchmark": "train_throughput", "device": str(device),
         "device_name": device_name,

@@ -12,7 +12,7 @@ from adamba.infer.sampling import SamplingParams
 from adamba.model.cache import InferenceCache
 from adamba.model.compute import Compute
 from adamba.model.mamba2 import Mamba2
-from adamba.model.ssd import cuda_chunk_scan, segsum, ssd_chunked, ssd_scan, ssd_sequential
+from adamba.model.ssd import segsum, ssd_chunked, ssd_sequential
 from tests.test_mamba import assert_no_decay_group, reference_causal_conv_silu
 
 
@@ -265,20 +265,3 @@ def test_optimizer_groups_and_flops_count_the_mixer():
     assert f.scan == 2 * (conv_dim * 4 + q * 16 + 128 * q + 2 * 128 * 16 + 128 * 16 / q)
     assert model.count_flops(4).scan == 2 * (conv_dim * 4 + 4 * 16 + 128 * 4 + 2 * 128 * 16 + 128 * 16 / 4)
     assert f.forward == f.projections + f.attention + f.lm_head + f.scan and math.isclose(f.train, 3 * f.forward)
-
-
-# Justified skips: the fused kernel exists only with a CUDA GPU and mamba_ssm (CI has neither); everywhere else
-# the PyTorch SSD path is tested above against the sequential reference and the float64 equations.
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.skipif(cuda_chunk_scan() is None, reason="mamba_ssm (mamba_chunk_scan_combined) is not installed")
-def test_fused_ssd_kernel_matches_pytorch_path():
-    leaves = ssd_inputs(2, 300, 4, 64, 2, 16, torch.float32)
-    leaves[1] = leaves[1] * 0.5
-    want_y, want_h = ssd_chunked(*leaves, chunk_size=64)
-    y, h = ssd_scan(*(t.cuda() for t in leaves), chunk_size=64)
-    torch.testing.assert_close(y.cpu(), want_y, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(h.cpu(), want_h, atol=1e-3, rtol=1e-3)
-    torch.manual_seed(0)
-    mixer = Mamba2(128, d_state=16, headdim=32, chunk_size=64)
-    u = torch.randn(2, 200, 128)
-    torch.testing.assert_close(mixer.cuda()(u.cuda()).cpu(), mixer.cpu()(u), atol=1e-3, rtol=1e-3)

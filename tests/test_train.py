@@ -108,6 +108,21 @@ def test_two_process_torchrun_step_equals_single_process(corpus_dir):
     assert moved > 1e-3  # the steps really changed the weights
 
 
+def test_torchrun_trains_a_model_whose_gates_and_predictor_the_plain_loss_leaves_unused(corpus_dir):
+    """Gates and a width predictor get no gradient from the plain loss; DDP must not wait for theirs at step 2."""
+    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
+    common = dict(num_iterations=2, device_batch_size=2, total_batch_size=4 * 32)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "adamba.cli", "train",
+                          *train_flags(corpus_dir, "gated", **common), "--block-pattern", "TT",
+                          "--min-exit-layer", "1", "--predictor-layers", "1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert sorted(losses("gated")) == [1, 2]
+    ck = load_checkpoint(run_dir("gated"))
+    assert ck.step == 2 and ck.model.adaptive_heads is not None
+
+
 def test_bpb_of_uniform_model_is_log_vocab_per_byte(corpus_dir, tokenizer):
     """With a zero lm_head every token costs ln(V) nats; count the bytes independently by decoding."""
     data = TokenizedCorpus(local_corpus(corpus_dir), tokenizer, val_fraction=0.3, progress=False)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
-from ..common import print0
+from ..common import print0, wait_for_rank0
 from .corpus import TEXT_FIELD, Corpus, open_corpus
 from .dataset import TokenizedCorpus, split_key
 from .tokenizer import Tokenizer, tokenizer_dir
@@ -46,11 +44,11 @@ def get_tokenizer(corpus: Corpus, name: str | None, vocab_size: int, val_fractio
 def prepare_data(data: str, tokenizer_name: str | None, vocab_size: int, val_fraction: float,
                  rank: int = 0, progress: bool = True, text_field: str = TEXT_FIELD) -> TokenizedCorpus:
     """Rank 0 trains the tokenizer and tokenizes the corpus; the other ranks then read the caches."""
-    if rank != 0 and dist.is_initialized():
-        dist.barrier()
+    if rank != 0:
+        wait_for_rank0()
     corpus = open_corpus(data, text_field)
     tokenizer = get_tokenizer(corpus, tokenizer_name, vocab_size, val_fraction)
     tokenized = TokenizedCorpus(corpus, tokenizer, val_fraction, progress=progress and rank == 0)
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
+    if rank == 0:
+        wait_for_rank0()
     return tokenized

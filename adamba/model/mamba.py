@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import scan_cpu
+from . import kernels, scan_cpu
 from .context import BlockContext, keep_active
 from .mlp import MLP
 from .norm import rms_norm
-from .scan import cuda_causal_conv1d, selective_scan, sequential_scan
-from .ssm_state import ConvSSMState, keep_conv_window
+from .scan import selective_scan, sequential_scan
+from .ssm_state import ConvSSMState, keep_conv_window, ssm_dtype
 
 
 def dt_rank_for(d_model: int, dt_rank: int | str) -> int:
@@ -43,7 +43,7 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d,
     Returns the output (B, L, channels) and the window [history, x] (B, channels, d_conv - 1 + L) whose last
     inputs a decoding state keeps (`keep_conv_window`); None on the fused CUDA path, taken only without history."""
     x = x.transpose(1, 2)
-    fused = cuda_causal_conv1d() if x.is_cuda and history is None else None
+    fused = kernels.resolve().causal_conv1d if x.is_cuda and history is None else None
     if fused is not None:  # training on a GPU: Dao-AILab's fused kernel (zero history, as below)
         return fused(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu").transpose(1, 2), None
     if history is None:
@@ -63,7 +63,7 @@ class MambaState(ConvSSMState):
 
     def __init__(self, batch: int, d_inner: int, d_conv: int, d_state: int, device, dtype):
         super().__init__(torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype),
-                         torch.zeros(batch, d_inner, d_state, device=device, dtype=dtype))
+                         torch.zeros(batch, d_inner, d_state, device=device, dtype=ssm_dtype(dtype)))
         self.A: torch.Tensor | None = None  # -exp(A_log), computed at the first decoding step
 
     def absorb(self, view: MambaState) -> None:
@@ -118,6 +118,13 @@ class Mamba(nn.Module):
     def new_state(self, batch: int, device, dtype) -> MambaState:
         return MambaState(batch, self.d_inner, self.d_conv, self.d_state, device, dtype)
 
+    def step_sizes(self, dt: torch.Tensor) -> torch.Tensor:
+        """softplus(dt_proj(dt)) in at least float32, the bias added after the matmul: under bf16 autocast the layer
+        would round the bias -- which sets each channel's time scale -- to bf16 before the softplus (mamba_ssm
+        likewise passes it to its kernel as a float32 delta_bias)."""
+        f = torch.promote_types(dt.dtype, torch.float32)
+        return F.softplus(F.linear(dt, self.dt_proj.weight).to(f) + self.dt_proj.bias.to(f))
+
     def forward(self, u: torch.Tensor, state: MambaState | None = None,
                 valid: torch.Tensor | None = None, output: bool = True) -> torch.Tensor | None:
         """u (B, L, d_model) -> (B, L, d_model). With `state`, continue from it and update it in place;
@@ -134,7 +141,7 @@ class Mamba(nn.Module):
             x = F.linear(u, self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
         x, window = causal_conv_silu(x, self.conv1d, state.conv if state is not None else None)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))
+        dt = self.step_sizes(dt)
         if valid is not None:  # padding must not move the state: dt = 0 means decay 1 and no input
             dt = dt * (torch.arange(L, device=u.device)[None, :, None] < valid[:, None, None])
         # The scan runs in at least float32: its state accumulates over the whole sequence (bf16 would drift).
@@ -173,7 +180,7 @@ class Mamba(nn.Module):
         keep_conv_window(state.conv, window, None)
         x = x[:, 0]
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))
+        dt = self.step_sizes(dt)
         f = torch.promote_types(x.dtype, torch.float32)
         x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
         # Inside a compiled step (torch.compile) the PyTorch form below is traced and fused by the compiler, and

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .mamba import SSMBlock, causal_conv_silu
 from .ssd import ssd_scan, ssd_sequential
-from .ssm_state import ConvSSMState, keep_conv_window
+from .ssm_state import ConvSSMState, keep_conv_window, ssm_dtype
 
 
 class Mamba2State(ConvSSMState):
@@ -38,7 +38,7 @@ class Mamba2State(ConvSSMState):
     def __init__(self, batch: int, conv_dim: int, d_conv: int, nheads: int, headdim: int, d_state: int,
                  device, dtype):
         super().__init__(torch.zeros(batch, conv_dim, d_conv - 1, device=device, dtype=dtype),
-                         torch.zeros(batch, nheads, headdim, d_state, device=device, dtype=dtype))
+                         torch.zeros(batch, nheads, headdim, d_state, device=device, dtype=ssm_dtype(dtype)))
 
 
 class GatedRMSNorm(nn.Module):

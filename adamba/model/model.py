@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig, require_loop
+from . import kernels
 from .attention import AttentionBlock
 from .cache import InferenceCache
 from .compute import Compute
@@ -63,7 +64,9 @@ class AdambaLM(nn.Module):
 
     @classmethod
     def build(cls, config: ModelConfig, device: torch.device | str = "cpu") -> AdambaLM:
-        """Allocate on the meta device (no memory, no init cost), then materialise on `device`."""
+        """Allocate on the meta device (no memory, no init cost), then materialise on `device`. On a GPU, the
+        state-space kernels are resolved first (kernels.py), and config values they cannot take fail here."""
+        kernels.check_config(config, torch.device(device))
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)

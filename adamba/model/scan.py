@@ -8,7 +8,7 @@ For each channel d and state index n, with step sizes dt > 0 and A < 0:
 Shapes here: x, dt (B, L, d_inner); A (d_inner, d_state); B, C (B, L, d_state); D (d_inner,);
 h0 (B, d_inner, d_state) or None. Returns y (B, L, d_inner) and the final state h_L.
 
-Three implementations, chosen by `selective_scan`: mamba_ssm's fused kernel on CUDA when it is installed;
+Three implementations, chosen by `selective_scan`: mamba_ssm's fused kernel on CUDA when it is installed (kernels.py);
 our compiled CPU kernel (`scan_cpu`, C++ with an exact backward) when it builds; otherwise
 `sequential_scan`, the recurrence in PyTorch. Measured (BENCHMARKS.md, "scan"): every pure-PyTorch form is
 memory-bound on (B, L, d_inner, d_state) tensors, and the plain loop over precomputed decays was the
@@ -22,9 +22,21 @@ import functools
 
 import torch
 
-from . import scan_cpu
+from . import kernels, scan_cpu
 
 
+def without_autocast(scan):
+    """Run `scan` (its first argument a tensor) with autocast off on that tensor's device. The mixers hand the scans
+    float32 inputs, and the state accumulates over the whole sequence, but under bf16 autocast einsum and matmul
+    would still compute in bf16 and the state would drift."""
+    @functools.wraps(scan)
+    def run(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return scan(x, *args, **kwargs)
+    return run
+
+
+@without_autocast
 def sequential_scan(x, dt, A, B, C, D, h0=None, all_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one time step at a time. Decays exp(dt*A) <= 1 and inputs dt*B*x are computed for all
     steps at once, so the Python loop only multiplies and adds. `all_states`: return the state after every step
@@ -45,32 +57,14 @@ def sequential_scan(x, dt, A, B, C, D, h0=None, all_states: bool = False) -> tup
     return y + x * D, stacked if all_states else h
 
 
-@functools.cache
-def cuda_selective_scan():
-    """state-spaces/mamba's fused CUDA scan, if that package imports (it is optional and GPU-only)."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or installed without its compiled extension
-        return None
-    return selective_scan_fn
-
-
-@functools.cache
-def cuda_causal_conv1d():
-    """Dao-AILab's fused causal depthwise conv + SiLU for CUDA, if `causal_conv1d` imports (optional)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:  # not installed, or installed without its compiled extension
-        return None
-    return causal_conv1d_fn
-
-
+@torch.compiler.disable  # none of its paths belongs in a compiled graph: a fused kernel, a C++ one, a Python loop
 def selective_scan(x, dt, A, B, C, D, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequence path used by the model: returns (y, final state).
 
-    On CUDA with mamba_ssm installed its fused kernel runs the scan (it has no initial-state input, so a
-    continuation from a nonzero state stays on the PyTorch path); on the CPU our compiled kernel."""
-    fused = cuda_selective_scan() if x.is_cuda and h0 is None else None
+    On CUDA with mamba_ssm's kernel (kernels.py) it runs the scan (it has no initial-state input, so a
+    continuation from a nonzero state stays on the PyTorch path); on the CPU our compiled kernel. Under torch.compile
+    this runs eagerly: the compiler would otherwise unroll the PyTorch loop once per time step."""
+    fused = kernels.resolve().selective_scan if x.is_cuda and h0 is None else None
     if fused is not None:  # its layout is (batch, channels, length)
         y, h = fused(x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
                      B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D, return_last_state=True)

@@ -16,17 +16,19 @@ with a_t = dt_t A. `ssd_chunked` evaluates it in chunks of Q steps (the paper's 
 form inside each chunk, and the recurrence only between chunks, so everything is a matmul and no
 (batch, L, d_inner, d_state) tensor is ever made (the memory wall of the Mamba-1 scan on a CPU).
 `ssd_sequential` is the recurrence itself, one step at a time: the decode step and the tests' reference.
-`ssd_scan` picks mamba_ssm's fused Triton kernel on CUDA when it imports, else `ssd_chunked`.
+`ssd_scan` picks mamba_ssm's fused Triton kernel on CUDA when it imports (kernels.py), else `ssd_chunked`.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+from .scan import without_autocast
 
+
+@without_autocast
 def ssd_sequential(x, dt, A, B, C, D=None, h0=None, all_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one time step at a time (no chunking): exact, O(L) Python steps. `all_states`: return the
     state after every step (batch, L, H, P, N) instead of the last one."""
@@ -61,6 +63,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~ones.tril(), float("-inf"))
 
 
+@without_autocast
 def ssd_chunked(x, dt, A, B, C, D=None, h0=None, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD algorithm in PyTorch (Dao & Gu 2024, section 6 / Listing 1), in four steps per chunk:
     (1) the intra-chunk output by the quadratic (attention-like) form; (2) the state each chunk produces by
@@ -100,20 +103,11 @@ def ssd_chunked(x, dt, A, B, C, D=None, h0=None, chunk_size: int = 64) -> tuple[
     return y, h.view(batch, H, P, N)
 
 
-@functools.cache
-def cuda_chunk_scan():
-    """state-spaces/mamba's fused SSD kernel (Triton), if that package imports (it is optional and GPU-only)."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # not installed, or installed without Triton / its compiled parts
-        return None
-    return mamba_chunk_scan_combined
-
-
 def ssd_scan(x, dt, A, B, C, D=None, h0=None, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequence path used by the model: returns (y, final state). On CUDA with mamba_ssm installed its
-    fused kernel (which takes an initial state too); everywhere else `ssd_chunked`."""
-    fused = cuda_chunk_scan() if x.is_cuda else None
+    """The sequence path used by the model: returns (y, final state). On CUDA with mamba_ssm's Triton kernel
+    (kernels.py; it takes an initial state too, and runs outside compiled graphs); everywhere else `ssd_chunked`,
+    which torch.compile may trace: matmuls, and a loop over only L / chunk_size chunks."""
+    fused = kernels.resolve().chunk_scan if x.is_cuda else None
     if fused is not None:
         return fused(x, dt, A, B, C, chunk_size, D=D, initial_states=h0, return_final_states=True)
     return ssd_chunked(x, dt, A, B, C, D, h0, chunk_size)

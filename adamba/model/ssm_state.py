@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def ssm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The SSM state is kept in at least float32, whatever the weights' dtype: it sums up every token read, and
+    rounding it to bf16 at each decoding step would compound (the conv window holds plain inputs: the cache's dtype)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def keep_conv_window(conv: torch.Tensor, window: torch.Tensor, valid: torch.Tensor | None) -> None:
     """Store in `conv` (B, channels, d_conv - 1) the last conv inputs of `window` (B, channels, d_conv - 1 + L):
     the history the next token's conv reads. With right padding, each row's history ends at its last real

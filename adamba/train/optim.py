@@ -1,6 +1,7 @@
 """Optimizers as in nanochat: Muon for the 2-D matrices inside blocks, AdamW for everything else.
 
-Muon (Jordan et al. 2024) orthogonalises each matrix's momentum with a Newton-Schulz iteration; we use
+Muon (Jordan et al. 2024) orthogonalises each matrix's momentum with a Newton-Schulz iteration (`--muon classic`,
+the default; `--muon polar` is today's step, train/muon.py); we use
 torch's implementation with the original shape-dependent step scale sqrt(max(1, rows/cols)), except that off
 CUDA the iteration runs in float32 (`Muon` below). Embedding and
 lm_head learning rates are scaled by (d_model/768)^-0.5, nanochat's rule for transferring them across widths.
@@ -14,6 +15,7 @@ import math
 import torch
 
 from ..config import TrainConfig
+from .muon import PolarMuon
 
 LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr")
 MUON_MOMENTUM = 0.95
@@ -95,13 +97,27 @@ def build_optimizers(model, config: TrainConfig) -> list[torch.optim.Optimizer]:
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=config.weight_decay, fused=fused)
     ] if adam_groups else []
-    if groups["matrix"]:
+    if groups["matrix"] and config.muon == "polar":
+        optimizers.append(PolarMuon(groups["matrix"], lr=config.matrix_lr, momentum=MUON_MOMENTUM,
+                                    weight_decay=config.weight_decay, beta2=config.muon_beta2,
+                                    equilibrate=config.muon_equilibrate, renormalise=config.muon_renormalise,
+                                    cautious=config.muon_cautious_wd))
+    elif groups["matrix"]:
         optimizers.append(Muon(groups["matrix"], lr=config.matrix_lr, momentum=MUON_MOMENTUM,
                                 weight_decay=config.weight_decay, adjust_lr_fn="original"))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def describe_muon(config: TrainConfig) -> str:
+    if config.muon == "classic":
+        return "Muon: classic (Newton-Schulz quintic, decoupled weight decay)"
+    options = [f"NorMuon beta2={config.muon_beta2:g}" if config.muon_beta2 else "no NorMuon",
+               "MuonEq" if config.muon_equilibrate else "no MuonEq", "Muon+" if config.muon_renormalise else "no Muon+",
+               "cautious weight decay" if config.muon_cautious_wd else "plain weight decay"]
+    return f"Muon: polar (Polar Express, {', '.join(options)})"
 
 
 def fine_tuning_config(config: TrainConfig, init_lr_frac: float, steps: int) -> TrainConfig:
@@ -134,7 +150,7 @@ def set_schedule(optimizers: list[torch.optim.Optimizer], step: int, config: Tra
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * mult
-        if isinstance(opt, torch.optim.Muon):
+        if isinstance(opt, (torch.optim.Muon, PolarMuon)):
             for group in opt.param_groups:
                 group["momentum"] = muon_momentum(step)
     return mult

@@ -29,7 +29,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..chat.render import render_for_completion
-from ..checkpoint import load_checkpoint, resolve_run, run_dir, save_checkpoint, set_rng_state
+from ..checkpoint import (
+    all_ranks_rng_states,
+    load_checkpoint,
+    resolve_run,
+    restore_rng_state,
+    run_dir,
+    save_checkpoint,
+)
 from ..common import autocast, init_distributed, pick_device, pick_dtype, print0, seed_everything
 from ..config import RLConfig, TrainConfig
 from ..eval.rl_report import write_rl_report
@@ -124,7 +131,7 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
     if resume:
         for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
             opt.load_state_dict(state)
-        set_rng_state(checkpoint.optimizer_state["rng"])
+        restore_rng_state(checkpoint.optimizer_state["rng"], device, info)
     print0(f"rl: {rl_config.task}, {rl_config.num_steps} steps of {rl_config.prompts_per_step} problems x "
            f"{rl_config.samples_per_prompt} samples (temperature {rl_config.temperature:g}"
            f"{f', top-k {rl_config.top_k}' if rl_config.top_k else ''}), advantages r - mean"
@@ -132,8 +139,19 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
            f"{rl_config.minibatches} minibatch(es), clip [{1 - rl_config.clip_low:g}, {1 + rl_config.clip_high:g}], "
            f"KL {rl_config.kl_coef:g}; {_compute_text(rl_config)}; learning rates x "
            f"{rl_config.init_lr_frac:g} (matrix {config.matrix_lr:.3g}), linear decay to {config.final_lr_frac:g}")
-    return RLRun(rl_config, config, info, device, dtype, model, wrap_for_training(model, config, device, info),
-                 reference, checkpoint.tokenizer, optimizers, out_dir, start_step=checkpoint.step if resume else 0)
+    return RLRun(rl_config, config, info, device, dtype, model,
+                 wrap_for_training(model, config, device, info, _untrained(model, rl_config)), reference,
+                 checkpoint.tokenizer, optimizers, out_dir, start_step=checkpoint.step if resume else 0)
+
+
+def _untrained(model, rl_config: RLConfig) -> list:
+    """What no RL step gives a gradient: exit and expansion gates, and the predictor without a FLOPs price."""
+    heads = model.adaptive_heads
+    if heads is None:
+        return []
+    unused = [*heads.exit_gates.parameters(), *heads.expansion_gates.parameters()]
+    return unused if rl_config.flops_price is not None else [*unused, *(heads.predictor.parameters()
+                                                                        if heads.predictor is not None else ())]
 
 
 def _compute_text(rl_config: RLConfig) -> str:
@@ -413,9 +431,11 @@ def rl(rl_config: RLConfig, config: TrainConfig, train_task, eval_task, *, resum
 
 
 def _save(run: RLRun, step: int, result: TrainResult) -> None:
+    rng_states = all_ranks_rng_states(run.device, run.info)
     if run.info.is_master:
         result.checkpoint = save_checkpoint(run.out_dir, run.model, step=step,
                                             train_config=run.train_config.to_dict(), optimizers=run.optimizers,
-                                            tokenizer=run.tokenizer, extra={"rl": run.config.to_dict()})
+                                            tokenizer=run.tokenizer, extra={"rl": run.config.to_dict()},
+                                            rng_states=rng_states)
     if run.info.enabled:
         dist.barrier()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..chat.render import render_conversation
-from ..checkpoint import load_checkpoint, resolve_run, run_dir, save_checkpoint
+from ..checkpoint import all_ranks_rng_states, load_checkpoint, resolve_run, run_dir, save_checkpoint
 from ..common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from ..config import SFTConfig, TrainConfig
 from ..data.conversations import ConversationLoader
@@ -40,6 +40,7 @@ from .trainer import (
     show_progress,
     step_record,
     train_step,
+    untrained_heads,
     wrap_for_training,
 )
 
@@ -84,8 +85,9 @@ def setup_sft(sft: SFTConfig, config: TrainConfig, conversations: Sequence[dict]
            f"{config.final_lr_frac:g}")
     optimizers = build_optimizers(model, config)
     if resume:
-        restore_training_state(checkpoint, optimizers, loader)
-    return Run(config, info, device, dtype, None, out_dir, model, wrap_for_training(model, config, device, info),
+        restore_training_state(checkpoint, optimizers, loader, device, info)
+    return Run(config, info, device, dtype, None, out_dir, model,
+               wrap_for_training(model, config, device, info, untrained_heads(model)),
                optimizers, loader, accum, start_step=checkpoint.step if resume else 0, tokenizer=tokenizer)
 
 
@@ -160,10 +162,12 @@ def _renderer(tokenizer):
 
 
 def _save(run: Run, step: int, result: TrainResult, sft_config: SFTConfig) -> None:
+    rng_states = all_ranks_rng_states(run.device, run.info)
     if run.info.is_master:
         result.checkpoint = save_checkpoint(
             run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
-            loader_state=run.loader.state_dict(), tokenizer=run.tokenizer, extra={"sft": sft_config.to_dict()})
+            loader_state=run.loader.state_dict(), tokenizer=run.tokenizer, extra={"sft": sft_config.to_dict()},
+            rng_states=rng_states)
     if run.info.enabled:
         dist.barrier()
 

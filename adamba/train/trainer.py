@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint, load_checkpoint, resolve_run, run_dir, save_checkpoint, set_rng_state
+from ..checkpoint import (
+    Checkpoint,
+    all_ranks_rng_states,
+    load_checkpoint,
+    resolve_run,
+    restore_rng_state,
+    run_dir,
+    save_checkpoint,
+)
 from ..common import (
     DistInfo,
     autocast,
@@ -45,11 +54,15 @@ from ..surgery.growth import GROWTH
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
 from .matryoshka import micro_step_widths
-from .optim import build_optimizers, lr_multiplier, set_schedule
+from .optim import build_optimizers, describe_muon, lr_multiplier, set_schedule
 from .stages import Stage, apply_stage
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# Dense bf16 peak FLOP/s (vendor datasheets: the "with sparsity" figure halved), for MFU: the words a GPU's name
+# must contain, the most specific first -- an H100 SXM reports "NVIDIA H100 80GB HBM3", the PCIe and NVL cards
+# name themselves, and their peaks are 24% and 16% lower.
+PEAK_FLOPS = [(("GH200",), 989e12), (("H200", "NVL"), 835e12), (("H200",), 989e12), (("H100", "NVL"), 835e12),
+              (("H100", "PCIE"), 756e12), (("H100",), 989e12), (("A100",), 312e12), (("L40S",), 362e12),
+              (("4090",), 165e12)]
 SAMPLE_PROMPTS = ["The ", "To be, or not", "KING"]
 REPLAN_AT = (5, 20, 50, 100)  # steps into a time-budgeted run at which num_iterations is re-fitted
 # Fields that do not change the optimisation trajectory, so a resumed run may set them freely.
@@ -68,11 +81,20 @@ class TrainResult:
     stage: str | None = None  # what a training stage froze or masked, and the optimizer memory saved (stages.py)
 
 
+def peak_flops_of(gpu_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA name; None for a GPU not in PEAK_FLOPS."""
+    words = set(re.split(r"[\s_-]+", gpu_name.upper()))
+    return next((flops for required, flops in PEAK_FLOPS if words.issuperset(required)), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    peak = peak_flops_of(name)
+    if peak is None:
+        print0(f"MFU not reported: no peak FLOP/s known for {name} (trainer.PEAK_FLOPS)")
+    return peak
 
 
 class MetricsLog:
@@ -199,11 +221,13 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     if stage is not None:
         print0(stage.describe())
     optimizers = build_optimizers(model, config)
+    print0(describe_muon(config))
     loader = DataLoader(data, "train", config.device_batch_size, model.config.sequence_len, rank=info.rank,
                         world_size=info.world_size, seed=config.seed, device=device)
     if checkpoint is not None:
-        restore_training_state(checkpoint, optimizers, loader)
-    return Run(config, info, device, dtype, data, out_dir, model, wrap_for_training(model, config, device, info),
+        restore_training_state(checkpoint, optimizers, loader, device, info)
+    return Run(config, info, device, dtype, data, out_dir, model,
+               wrap_for_training(model, config, device, info, untrained_heads(model)),
                optimizers, loader, accum, start_step=checkpoint.step if checkpoint is not None else 0, stage=stage,
                growth=growth, tokenizer=data.tokenizer)
 
@@ -251,8 +275,8 @@ def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInf
     check_adaptive_training(model_config, config)
     if info.enabled and (config.exit_loss_weight or config.exit_kl_weight or config.gate_loss_weight
                          or config.predictor_weight):
-        # gates and predictor take part in some passes of a step only; DDP's gradient averaging would need
-        # find_unused_parameters and a test that ranks stay in step, which does not exist yet
+        # gates and predictor take part in some passes of a step only; DDP looks for unused parameters when a
+        # model has them (wrap_for_training), but no test yet shows these objectives' ranks staying in step
         raise ValueError("exit_loss_weight: adaptive-compute training terms do not run under torchrun yet; train "
                          "them in one process")
     if config.fixed_loops:
@@ -279,24 +303,38 @@ def _describe_energy_penalty(config: TrainConfig) -> None:
 
 
 def restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
-                            loader: DataLoader) -> None:
+                            loader: DataLoader, device: torch.device, info: DistInfo) -> None:
     """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly."""
     for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
         opt.load_state_dict(state)
     loader.load_state_dict(checkpoint.meta["loader"])
-    set_rng_state(checkpoint.optimizer_state["rng"])
+    restore_rng_state(checkpoint.optimizer_state["rng"], device, info)
 
 
-def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device,
-                       info: DistInfo) -> torch.nn.Module:
-    """The model compiled (by default on CUDA only), and wrapped in DDP under torchrun."""
+def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device, info: DistInfo,
+                      untrained=()) -> torch.nn.Module:
+    """The model wrapped in DDP under torchrun, then compiled (by default on CUDA only). In that order: compiling
+    the DDP module lets TorchDynamo's DDPOptimizer cut the graph at DDP's gradient buckets, so all-reduces overlap
+    the backward; a model compiled first and wrapped after is one graph whose gradients DDP reduces only at its end.
+
+    `untrained`: parameters no pass of this run gives a gradient (e.g. exit gates and a width predictor under the
+    plain loss). Under DDP they are frozen first: DDP would wait for their gradients ("Expected to have finished
+    reduction ...") at the next step. Their optimizer skips them, as it would anyway without gradients."""
     train_model: torch.nn.Module = model
-    if config.compile if config.compile is not None else device.type == "cuda":
-        train_model = torch.compile(model)
     if info.enabled:
+        for p in untrained:
+            p.requires_grad_(False)
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda"
                                               else None)
+    if config.compile if config.compile is not None else device.type == "cuda":
+        train_model = torch.compile(train_model)
     return train_model
+
+
+def untrained_heads(model: AdambaLM) -> list[torch.nn.Parameter]:
+    """Gates and the width predictor: trained only by the adaptive-compute terms, which run in one process only
+    (check_training), so under torchrun no pass trains them."""
+    return list(model.adaptive_heads.parameters()) if model.adaptive_heads is not None else []
 
 
 # --- one optimizer step ------------------------------------------------------------------------------------------
@@ -510,11 +548,12 @@ def show_progress(bar: tqdm, record: dict) -> None:
 
 def _save(run: Run, step: int, result: TrainResult) -> None:
     """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer); the others wait for it."""
+    rng_states = all_ranks_rng_states(run.device, run.info)
     if run.info.is_master:
         result.checkpoint = save_checkpoint(
             run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
             loader_state=run.loader.state_dict(), tokenizer=run.tokenizer,
-            extra={GROWTH: run.growth} if run.growth else None)
+            extra={GROWTH: run.growth} if run.growth else None, rng_states=rng_states)
     if run.info.enabled:
         dist.barrier()
 
