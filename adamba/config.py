@@ -33,6 +33,10 @@ AVAILABLE_BLOCKS = {ATTENTION, MAMBA, MAMBA2}
 TRAIN_STAGES = ("mamba-only", "new-dims", "all")  # TrainConfig.stage (train/stages.py)
 
 
+VALUE_GATE_CHANNELS = 12  # nanochat's value-embedding gate reads the first 12 channels of the layer input
+SMEAR_GATE_CHANNELS = 24  # and its smear gate the first 24 of the embedding
+
+
 def _fail(field_name: str, problem: str, fix: str = "") -> None:
     message = f"{field_name}: {problem}"
     if fix:
@@ -212,6 +216,15 @@ class ModelConfig:
     short_window: int | None = None
     logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 disables
     rope_base: float = 10000.0
+    # Today's nanochat recipe (since March 2026; model/recipe.py), each off by default:
+    residual_scalars: bool = False  # before block i: x <- resid_lambdas[i] x + x0_lambdas[i] x0 (x0: the embedding)
+    # Attention layers whose values get a token's value embedding through a per-head gate (ResFormer): a list of
+    # layers, or "alternating" (every other attention layer, the last one included, as nanochat); None: none.
+    value_embeds: Any = None  # attention layers with value embeddings: "alternating", a list or "1,3"; None: none
+    smear: bool = False  # each position adds a gated share of the previous token's normalised embedding
+    backout: bool = False  # subtract backout_lambda x the residual after block `backout_layer` before the final norm
+    backout_layer: int | None = None  # None: n_layer // 2
+    qk_scale: float = 1.0  # queries and keys times this after QK-norm (nanochat today: 1.2)
     # Set by `adamba surgery widen` to the width the model had before it was first widened (None: never widened).
     # Every parameter-free RMSNorm over the residual stream (and Mamba-2's gated norm) then divides the sum of
     # squares by at most this many coordinates, so zero new coordinates leave the norm, and the function, as
@@ -263,6 +276,37 @@ class ModelConfig:
         self._check_mamba2()
         self._check_matryoshka()
         self._check_adaptive()
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """Today's nanochat options (model/recipe.py)."""
+        for name in ("residual_scalars", "smear", "backout"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.value_embeds, str) and re.fullmatch(r"\d+(,\d+)*", self.value_embeds):  # a flag's "1,3"
+            self.value_embeds = [int(i) for i in self.value_embeds.split(",")]
+        if self.value_embeds not in (None, "alternating"):
+            if not isinstance(self.value_embeds, (list, tuple)) or \
+                    any(not isinstance(i, int) or isinstance(i, bool) for i in self.value_embeds):
+                _fail("value_embeds", f"must be \"alternating\" or a list of layer indices, got {self.value_embeds!r}")
+            self.value_embeds = sorted(set(self.value_embeds))
+            attention = [i for i, kind in enumerate(self.block_pattern) if kind == ATTENTION]
+            bad = [i for i in self.value_embeds if i not in attention]
+            if bad:
+                _fail("value_embeds", f"layers {bad} are not attention layers", f"attention layers: {attention}")
+        if self.value_embed_layers and self.n_embd < VALUE_GATE_CHANNELS:
+            _fail("value_embeds", f"the gate reads {VALUE_GATE_CHANNELS} channels, more than n_embd={self.n_embd}")
+        if self.smear and self.n_embd < SMEAR_GATE_CHANNELS:
+            _fail("smear", f"the gate reads {SMEAR_GATE_CHANNELS} channels, more than n_embd={self.n_embd}")
+        if self.backout_layer is not None and (not isinstance(self.backout_layer, int) or
+                                               not 0 <= self.backout_layer < self.n_layer):
+            _fail("backout_layer", f"must be a layer index in [0, {self.n_layer - 1}], got {self.backout_layer!r}")
+        if self.backout and self.loop is not None:
+            _fail("backout", "not defined for looped models (which pass would the mid-stack residual be?)")
+        if self.backout and self.exit_layers:
+            _fail("backout", "early exits read the residual without the backout; train one or the other for now")
+        if not isinstance(self.qk_scale, (int, float)) or self.qk_scale <= 0:
+            _fail("qk_scale", f"must be > 0, got {self.qk_scale!r}")
 
     def _derive_layers(self) -> None:
         """n_layer (from the loop, depth or the pattern's length; else 12) and block_pattern, one kind per layer."""
@@ -493,7 +537,32 @@ class ModelConfig:
                 f"n_kv_head={self.n_kv_head} head_dim={self.model_head_dim} vocab_size={self.vocab_size} "
                 f"sequence_len={self.sequence_len} blocks={pattern} windows={self.window_pattern}"
                 + (f" loop={self.loop.prelude}+{self.loop.recur}x{self.loop.mean_recurrence}+{self.loop.coda}"
-                   if self.loop is not None else ""))
+                   if self.loop is not None else "") + self.describe_recipe())
+
+    @property
+    def value_embed_layers(self) -> list[int]:
+        """The layers with value embeddings; "alternating": every other attention layer, back from the last one
+        (nanochat's i % 2 == (n_layer - 1) % 2 in an all-attention stack). Kept unresolved in the field, so a
+        config derived with other layers (dataclasses.replace) alternates over its own."""
+        if self.value_embeds == "alternating":
+            return sorted([i for i, kind in enumerate(self.block_pattern) if kind == ATTENTION][::-1][::2])
+        return list(self.value_embeds or ())
+
+    @property
+    def backout_at(self) -> int:
+        """The block whose output backout subtracts (backout_layer; None: n_layer // 2, as nanochat)."""
+        return self.n_layer // 2 if self.backout_layer is None else self.backout_layer
+
+    def describe_recipe(self) -> str:
+        """Today's nanochat options in use (model/recipe.py), or '' for the October-2025 architecture."""
+        parts = [name for name in ("residual_scalars", "smear") if getattr(self, name)]
+        if self.value_embed_layers:
+            parts.append(f"value_embeds={','.join(map(str, self.value_embed_layers))}")
+        if self.backout:
+            parts.append(f"backout@{self.backout_at}")
+        if self.qk_scale != 1.0:
+            parts.append(f"qk_scale={self.qk_scale:g}")
+        return f" recipe={'+'.join(parts)}" if parts else ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -514,13 +583,15 @@ class TrainConfig:
     tokenizer_vocab_size: int = 4096  # for a tokenizer trained on the fly (the model takes its size)
     val_fraction: float = 0.05
     device_batch_size: int = 8
-    total_batch_size: int = 8 * 256  # tokens per optimizer step, over all ranks and micro-steps
+    total_batch_size: int = 8 * 256  # tokens per optimizer step, over all ranks and micro-steps; -1: nanochat's rule
     num_iterations: int = 100
+    # > 0: train on this many tokens per scaling parameter instead of num_iterations (nanochat: 12; train/horizon.py)
+    target_param_data_ratio: float = 0.0
     time_budget_s: float = 0.0  # > 0: stop (and save) once this much wall time has passed
     matrix_lr: float = 0.02  # Muon
     # Muon's step: "classic" (Newton-Schulz, as nanochat in October 2025) or "polar" (nanochat since March 2026:
     # Polar Express, with the options below; train/muon.py)
-    muon: str = "classic"
+    muon: str = "classic"  # classic (Newton-Schulz, October 2025) or polar (today's nanochat step)
     muon_beta2: float = 0.9  # polar: NorMuon's second-moment decay per neuron; 0 turns NorMuon off
     muon_equilibrate: bool = True  # polar: MuonEq row equilibration before the orthogonalisation
     muon_renormalise: bool = True  # polar: Muon+ renormalisation to sqrt(min(rows, cols)) after it
@@ -601,8 +672,14 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         """Batch, schedule, evaluation and optimizer numbers."""
+        if not isinstance(self.target_param_data_ratio, (int, float)) or self.target_param_data_ratio < 0:
+            _fail("target_param_data_ratio", f"must be a non-negative number, got {self.target_param_data_ratio!r}")
+        if self.total_batch_size == -1 and not self.target_param_data_ratio:
+            _fail("total_batch_size", "-1 (the automatic batch) follows from the token horizon",
+                  "set target_param_data_ratio too (nanochat: 12), or give a batch in tokens")
         for name in ("device_batch_size", "total_batch_size", "num_iterations", "tokenizer_vocab_size"):
-            _positive_int(name, getattr(self, name))
+            if not (name == "total_batch_size" and self.total_batch_size == -1):
+                _positive_int(name, getattr(self, name))
         for name in ("eval_every", "sample_every", "save_every", "eval_tokens", "fixed_loops"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -36,11 +36,13 @@ ANSWER_TOKENS = 48  # a reply is a tool call, its output and one sentence
 
 
 def demo_configs(run: str, minutes: float) -> tuple[ModelConfig, TrainConfig]:
-    # depth 4 at head dim 64: width 256, levels 64/128/256; attention and Mamba alternate (TMTM)
-    model = ModelConfig(depth=4, head_dim=64, sequence_len=256, vocab_size=4096, block_pattern="TM")
+    # depth 4 at head dim 64: width 256, levels 64/128/256; attention and Mamba alternate (TMTM). Today's nanochat
+    # options that helped this hybrid in benchmarks/recipe.py (BENCHMARKS.md), not QK scale 1.2, which did not.
+    model = ModelConfig(depth=4, head_dim=64, sequence_len=256, vocab_size=4096, block_pattern="TM",
+                        value_embeds="alternating", residual_scalars=True, smear=True, backout=True)
     config = TrainConfig(run_name=run, data="embedded", tokenizer_vocab_size=4096, device_batch_size=8,
                          total_batch_size=2 * 8 * 256, eval_tokens=32768, eval_every=50,
-                         num_iterations=100_000, time_budget_s=minutes * 60, matryoshka=True)
+                         num_iterations=100_000, time_budget_s=minutes * 60, matryoshka=True, muon="polar")
     return model, config
 
 

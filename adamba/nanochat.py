@@ -1,4 +1,5 @@
-"""Import checkpoints written by nanochat (karpathy/nanochat, October 2025 architecture, e.g. nanochat-d32).
+"""Import checkpoints written by nanochat (karpathy/nanochat): the October 2025 architecture (e.g. nanochat-d32)
+and today's (since March 2026), told apart by their keys.
 
 nanochat saves a checkpoint as a folder:
 
@@ -16,6 +17,21 @@ width 4*n_embd; no biases) -> norm -> lm_head -> 15*tanh(logits/15). An AdambaLM
 blocks computes exactly this, so the import is an exact renaming of weights (cast to float32): nothing is
 approximated, dropped or filled in. Anything we cannot represent (an unknown config field, an unknown weight, a
 wrong shape) is an error that names it, never silently skipped.
+
+Today's nanochat (commit a825e63 of 14 March 2026, and later) adds, and an AdambaLM with the matching recipe options
+(model/recipe.py, attention.py) computes:
+
+    resid_lambdas, x0_lambdas (n_layer,)      before block i: x <- resid[i] x + x0[i] x0   (ResidualScalars)
+    smear_gate.weight (1, 24), smear_lambda   the previous token's embedding, gated in      (Smear)
+    backout_lambda                            x <- x - lambda h_{n_layer // 2} before the final norm (Backout)
+    value_embeds.{i}.weight (V', kv_dim),     on layers i with i % 2 == (n_layer - 1) % 2: v += 3 sigmoid(x[:12]
+    transformer.h.{i}.attn.ve_gate.weight     Wg) E[token] per K/V head                    (value embeddings)
+
+with rotary base 100000, queries and keys times 1.2 after QK-norm, and short windows of ceil(sequence_len / 4 /
+128) * 128 tokens to the left. Its tables have the vocabulary padded to a multiple of 64 (V'); the padding rows
+are never read (token ids are below vocab_size) and its logits are cropped, so we drop them. The checkpoints in
+between (January to March 2026: value embeddings and residual scalars but no smear, with other gate widths, QK
+scales and windows) are refused by name rather than loaded approximately.
 """
 
 from __future__ import annotations
@@ -43,6 +59,15 @@ _MAPPED = ("window_pattern",)
 
 _BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.(attn\.(?:c_q|c_k|c_v|c_proj)|mlp\.(?:c_fc|c_proj))\.weight")
 _TOP_KEYS = {"transformer.wte.weight": "wte.weight", "lm_head.weight": "lm_head.weight"}
+
+# The two generations we import, named by when nanochat's architecture took that form.
+OCTOBER_2025, MARCH_2026 = "2025-10", "2026-03"
+_RECIPE_TOP_KEYS = {"resid_lambdas": "scalars.resid", "x0_lambdas": "scalars.x0", "smear_gate.weight":
+                    "smear.gate.weight", "smear_lambda": "smear.scale", "backout_lambda": "backout.scale"}
+_VE_GATE_KEY = re.compile(r"transformer\.h\.(\d+)\.attn\.ve_gate\.weight")
+_VALUE_EMBED_KEY = re.compile(r"value_embeds\.(\d+)\.weight")
+_PAD_VOCAB_TO = 64  # nanochat pads its token tables to a multiple of this (since December 2025)
+_TOKEN_TABLES = ("wte.weight", "lm_head.weight", "value_embed.weight")
 
 
 def _model_files(folder: Path) -> dict[int, Path]:
@@ -80,8 +105,33 @@ def find_nanochat_step(folder: str | Path, step: int | None = None) -> int:
     return step
 
 
-def nanochat_config(meta: dict) -> ModelConfig:
-    """The ModelConfig of the model a nanochat meta_NNNNNN.json describes."""
+def _strip(key):
+    return key[len(COMPILE_PREFIX):] if isinstance(key, str) and key.startswith(COMPILE_PREFIX) else key
+
+
+def nanochat_generation(keys) -> str:
+    """OCTOBER_2025 or MARCH_2026, from a state dict's keys; the generations in between are refused."""
+    names = {_strip(k) for k in keys}
+    if "smear_gate.weight" in names:
+        return MARCH_2026
+    between = sorted(n for n in names if isinstance(n, str) and (n in _RECIPE_TOP_KEYS or _VE_GATE_KEY.fullmatch(n)
+                                                                 or _VALUE_EMBED_KEY.fullmatch(n)))
+    if between:
+        raise CheckpointError(f"nanochat state dict: keys {between[:4]}{' ...' if len(between) > 4 else ''} without "
+                              "smear_gate.weight: a checkpoint from nanochat's January-March 2026 code, whose value "
+                              "gates, QK scale and windows changed between commits; adamba imports the October "
+                              "2025 architecture and today's (smear and backout, since March 2026) -- re-save it "
+                              "with today's nanochat, or train on from one of those")
+    return OCTOBER_2025
+
+
+def generation_of(config: ModelConfig) -> str:
+    """The nanochat generation an imported config comes from (today's has smear; October 2025's has none)."""
+    return MARCH_2026 if config.smear else OCTOBER_2025
+
+
+def nanochat_config(meta: dict, generation: str = OCTOBER_2025) -> ModelConfig:
+    """The ModelConfig of the model a nanochat meta_NNNNNN.json describes, for weights of `generation`."""
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise ValueError("nanochat meta: expected a JSON object with a 'model_config' object")
     given = meta["model_config"]
@@ -97,42 +147,68 @@ def nanochat_config(meta: dict) -> ModelConfig:
     if not isinstance(window_pattern, str):
         raise ValueError(f"nanochat model_config: window_pattern must be a string, got {window_pattern!r}")
     seq_len = given["sequence_len"]
-    # nanochat's 'S' window is (sequence_len // 2, 0) in flash-attention terms: a query sees itself and the
-    # sequence_len // 2 tokens before it. Our short_window counts the query too, hence the + 1. Like ours,
-    # nanochat tiles the pattern over the layers and gives the last layer full context.
-    short_window = seq_len // 2 + 1 if isinstance(seq_len, int) and not isinstance(seq_len, bool) else None
+    # nanochat's 'S' window is (left, 0) in flash-attention terms: a query sees itself and the `left` tokens before
+    # it, left = sequence_len // 2 in the October 2025 code and ceil(sequence_len / 4 / 128) * 128 (flash-attention's
+    # tile) today. Our short_window counts the query too, hence the + 1. Like ours, nanochat tiles the pattern over
+    # the layers and gives the last layer full context ('L' is left = sequence_len: all of a sequence).
+    short_window = None
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool):
+        short_window = (seq_len // 2 if generation == OCTOBER_2025 else -(-seq_len // 4 // 128) * 128) + 1
+    recipe = {} if generation == OCTOBER_2025 else dict(
+        rope_base=100000.0, qk_scale=1.2, residual_scalars=True, value_embeds="alternating", smear=True,
+        backout=True)  # after block n_layer // 2, as nanochat
     try:
-        return ModelConfig(**fields, block_pattern="T", mlp_ratio=4, logit_softcap=15.0, rope_base=10000.0,
-                           window_pattern=window_pattern, short_window=short_window)
+        return ModelConfig(**fields, block_pattern="T", mlp_ratio=4, logit_softcap=15.0,
+                           **{"rope_base": 10000.0, **recipe}, window_pattern=window_pattern,
+                           short_window=short_window)
     except ValueError as err:
         raise ValueError(f"nanochat model_config: {err}") from None
 
 
-def convert_state_dict(state: dict, n_layer: int) -> dict[str, torch.Tensor]:
-    """Rename a nanochat state dict to AdambaLM's keys (float32). Unrecognised keys raise CheckpointError."""
+def _target(name, n_layer: int, generation: str) -> str | None:
+    """AdambaLM's key for a nanochat key (its compile prefix stripped), None if `generation` has no such key."""
+    if not isinstance(name, str):
+        return None
+    match = _BLOCK_KEY.fullmatch(name)
+    if match and int(match.group(1)) < n_layer:
+        return f"blocks.{int(match.group(1))}.{match.group(2)}.weight"
+    if generation == OCTOBER_2025:
+        return _TOP_KEYS.get(name)
+    gate, table = _VE_GATE_KEY.fullmatch(name), _VALUE_EMBED_KEY.fullmatch(name)
+    if gate and int(gate.group(1)) < n_layer:
+        return f"blocks.{int(gate.group(1))}.attn.ve_gate.weight"
+    if table and int(table.group(1)) < n_layer:
+        return f"blocks.{int(table.group(1))}.attn.value_embed.weight"
+    return _TOP_KEYS.get(name) or _RECIPE_TOP_KEYS.get(name)
+
+
+def convert_state_dict(state: dict, n_layer: int, generation: str = OCTOBER_2025,
+                       vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Rename a nanochat state dict of `generation` to AdambaLM's keys (float32), token tables cropped from
+    nanochat's padded vocabulary to `vocab_size`. Unrecognised keys raise CheckpointError."""
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     duplicates: list[str] = []
+    padded = None if vocab_size is None else -(-vocab_size // _PAD_VOCAB_TO) * _PAD_VOCAB_TO
     for key, value in state.items():
-        name = key[len(COMPILE_PREFIX):] if isinstance(key, str) and key.startswith(COMPILE_PREFIX) else key
-        target = None
-        if isinstance(name, str):
-            target = _TOP_KEYS.get(name)
-            match = _BLOCK_KEY.fullmatch(name)
-            if match and int(match.group(1)) < n_layer:
-                target = f"blocks.{int(match.group(1))}.{match.group(2)}.weight"
+        target = _target(_strip(key), n_layer, generation)
         if target is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             unknown.append(str(key))
             continue
         if target in out:
             duplicates.append(str(key))
             continue
+        if padded != vocab_size and target.endswith(_TOKEN_TABLES) and value.size(0) == padded:
+            value = value[:vocab_size]  # rows of nanochat's vocabulary padding: never read, or cropped from logits
         out[target] = value.detach().to(torch.float32)
     if unknown:
         layers = f"transformer.h.{{0..{n_layer - 1}}}"
-        raise CheckpointError(f"nanochat state dict: unrecognised key(s) {sorted(unknown)} (expected "
-                              f"transformer.wte.weight, {layers}.attn.c_q/c_k/c_v/c_proj.weight, "
-                              f"{layers}.mlp.c_fc/c_proj.weight and lm_head.weight, as floating-point tensors)")
+        today = "" if generation == OCTOBER_2025 else \
+            f", {layers}.attn.ve_gate.weight, value_embeds.{{i}}.weight, {', '.join(_RECIPE_TOP_KEYS)}"
+        raise CheckpointError(f"nanochat state dict: unrecognised key(s) {sorted(unknown)} (expected, for "
+                              f"nanochat's {generation} architecture, transformer.wte.weight, "
+                              f"{layers}.attn.c_q/c_k/c_v/c_proj.weight, {layers}.mlp.c_fc/c_proj.weight, "
+                              f"lm_head.weight{today}, as floating-point tensors)")
     if duplicates:
         raise CheckpointError(f"nanochat state dict: key(s) {sorted(duplicates)} appear both with and without "
                               f"the {COMPILE_PREFIX!r} prefix")
@@ -154,22 +230,34 @@ def _load_tensors(path: Path) -> dict:
     return state
 
 
-def load_nanochat(path: str | Path, step: int | None = None,
-                  device: torch.device | str = "cpu") -> tuple[AdambaLM, Tokenizer | None]:
-    """Load a nanochat checkpoint folder as an AdambaLM (eval mode) and its tokenizer.pkl (None if absent)."""
-    folder = Path(path)
+def read_nanochat_config(folder: str | Path, step: int | None = None) -> ModelConfig:
+    """The ModelConfig of a nanochat checkpoint folder's `step` (default: the latest), from its meta and the names
+    of its weights (memory-mapped, not read)."""
+    folder = Path(folder)
     step = find_nanochat_step(folder, step)
-    meta_path = folder / f"meta_{step:06d}.json"
+    meta_path, weights = folder / f"meta_{step:06d}.json", folder / f"model_{step:06d}.pt"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{meta_path}: unreadable ({err})") from None
     try:
-        config = nanochat_config(meta)
+        generation = nanochat_generation(_load_tensors(weights))
+    except CheckpointError as err:
+        raise CheckpointError(f"{weights}: {err}") from None
+    try:
+        return nanochat_config(meta, generation)
     except ValueError as err:
         raise CheckpointError(f"{meta_path}: {err}") from None
-    weights = folder / f"model_{step:06d}.pt"
-    state = convert_state_dict(_load_tensors(weights), config.n_layer)
+
+
+def load_nanochat(path: str | Path, step: int | None = None,
+                  device: torch.device | str = "cpu") -> tuple[AdambaLM, Tokenizer | None]:
+    """Load a nanochat checkpoint folder as an AdambaLM (eval mode) and its tokenizer.pkl (None if absent)."""
+    folder = Path(path)
+    step = find_nanochat_step(folder, step)
+    config = read_nanochat_config(folder, step)
+    meta_path, weights = folder / f"meta_{step:06d}.json", folder / f"model_{step:06d}.pt"
+    state = convert_state_dict(_load_tensors(weights), config.n_layer, generation_of(config), config.vocab_size)
     model = AdambaLM.build(config, device)
     try:
         load_weights_into(model, state, str(weights))

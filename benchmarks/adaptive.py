@@ -57,11 +57,12 @@ WORDS = ("king queen lord lady castle sword crown night day love war peace speak
 def build(args) -> tuple[ModelConfig, object]:
     model, config = demo_configs(args.run, args.minutes)
     shape = {"n_layer": args.depth, "n_embd": args.width, "sequence_len": args.sequence_len}
-    # heads, levels and modes re-derived for the shape; exits after blocks 1..L-1, the predictor after block 1
+    # heads, levels and modes re-derived for the shape; exits after blocks 1..L-1, the predictor after block 1;
+    # no backout, which early exits do not support (an exit reads the residual without it; config.py)
     model = ModelConfig.from_dict({**model.to_dict(), **{k: v for k, v in shape.items() if v is not None},
                                    "depth": None, "n_head": None, "n_kv_head": None, "matryoshka_levels": None,
                                    "compute_modes": None, "block_pattern": "TM", "min_exit_layer": 1,
-                                   "predictor_layers": 1})
+                                   "predictor_layers": 1, "backout": False})
     config = dataclasses.replace(
         config, num_iterations=args.steps or config.num_iterations, device_batch_size=args.batch_size,
         total_batch_size=args.batch_size * model.sequence_len * args.grad_accum,

@@ -75,3 +75,37 @@ def tiny_train_config(corpus_dir, **overrides):
                   val_fraction=0.1)
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+class Killed(Exception):
+    """Stands for the process dying (tests that kill a run in-process)."""
+
+
+def straight_and_resumed_losses(model_config, corpus_dir, monkeypatch, *, kill_after: int, **train_overrides):
+    """{step: loss} of an uninterrupted run, and of the same run killed right after step `kill_after`'s checkpoint
+    and resumed (in-process: trainer.save_checkpoint raises once that checkpoint is written)."""
+    import json
+
+    from adamba.checkpoint import run_dir
+    from adamba.train import trainer
+
+    def losses(run: str) -> dict[int, float]:
+        lines = (run_dir(run) / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    trainer.train(model_config, tiny_train_config(corpus_dir, run_name="straight", **train_overrides), progress=False)
+    save = trainer.save_checkpoint
+
+    def save_then_die(*args, step: int, **kwargs):
+        path = save(*args, step=step, **kwargs)
+        if step == kill_after:
+            raise Killed
+        return path
+
+    killed = tiny_train_config(corpus_dir, run_name="killed", **train_overrides)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        trainer.train(model_config, killed, progress=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    trainer.train(model_config, killed, resume=True, progress=False)
+    return losses("straight"), losses("killed")

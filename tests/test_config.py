@@ -100,10 +100,12 @@ def test_dict_and_toml_round_trip(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=str)
 def test_shipped_configs_are_valid(path):
+    from adamba.train.horizon import apply_horizon, plan_horizon
     from adamba.train.trainer import grad_accum_steps
 
     cfg = load_toml(path)
-    assert grad_accum_steps(cfg.train, cfg.model.sequence_len, world_size=1) >= 1
+    train = apply_horizon(cfg.train, plan_horizon(cfg.model, cfg.train))  # an automatic batch, where a file asks
+    assert grad_accum_steps(train, cfg.model.sequence_len, world_size=1) >= 1
 
 
 def test_widths_written_as_text_parse_in_one_place():

@@ -41,7 +41,10 @@ def test_cached_decode_equals_full_forward_for_every_prompt_length(overrides):
     dict(block_pattern="M2", mamba2_headdim=16, mamba2_ngroups=2, mamba2_d_state=8, mamba2_chunk_size=8),
     dict(block_pattern="TMM2", n_layer=3, mamba2_headdim=16, mamba2_ngroups=2, mamba2_d_state=8,
          mamba2_chunk_size=8),
-], ids=["attention-window", "hybrid", "mamba2", "T-M-M2"])
+    # today's recipe: smear's previous embedding must come from each row's last real token
+    dict(block_pattern="TMT", n_layer=3, n_kv_head=2, window_pattern="SL", short_window=5, residual_scalars=True,
+         value_embeds="alternating", smear=True, backout=True, qk_scale=1.2),
+], ids=["attention-window", "hybrid", "mamba2", "T-M-M2", "recipe"])
 @pytest.mark.parametrize("static", [False, True], ids=["cache", "static-cache"])
 @torch.no_grad()
 def test_batched_rows_of_different_lengths_match_their_own_full_forward(overrides, static):

@@ -382,40 +382,13 @@ def test_training_a_looped_model_logs_the_sampled_loops_and_reports_them(corpus_
     assert low < bpb < high
 
 
-class Killed(Exception):
-    pass
-
-
 def test_kill_and_resume_of_a_looped_model_with_random_initial_state_is_exact(corpus_dir, monkeypatch):
     """Random initial states draw from the global RNG every step, so an exact resume must restore that RNG."""
-    import json
-
-    from adamba.checkpoint import run_dir
-    from adamba.train import trainer
-    from tests.conftest import tiny_train_config
+    from tests.conftest import straight_and_resumed_losses
 
     config = looped_config("T", init_state="random", init_sigma=1.0)
-    common = dict(num_iterations=6, save_every=1, total_batch_size=4 * 48)
-
-    def losses(run: str) -> dict[int, float]:
-        lines = (run_dir(run) / "metrics.jsonl").read_text().splitlines()
-        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-    trainer.train(config, tiny_train_config(corpus_dir, run_name="straight", **common), progress=False)
-    save = trainer.save_checkpoint
-
-    def save_then_die(*args, step: int, **kwargs):  # the process dies right after step 3's checkpoint
-        path = save(*args, step=step, **kwargs)
-        if step == 3:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        trainer.train(config, tiny_train_config(corpus_dir, run_name="killed", **common), progress=False)
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
-    trainer.train(config, tiny_train_config(corpus_dir, run_name="killed", **common), resume=True, progress=False)
-    straight, resumed = losses("straight"), losses("killed")
+    straight, resumed = straight_and_resumed_losses(config, corpus_dir, monkeypatch, kill_after=3, num_iterations=6,
+                                                    save_every=1, total_batch_size=4 * 48)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step

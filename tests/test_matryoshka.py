@@ -13,8 +13,10 @@ def standalone_slice(block: AttentionBlock, width: int, group: int) -> Attention
     (query head h reads K/V head h // group), so it is plain multi-head attention whatever the grouping."""
     hd = block.attn.head_dim
     n_q = width // hd
+    table = block.attn.value_embed
     small = AttentionBlock(width, n_q, n_q, block.mlp.c_fc.out_features * width // block.mlp.c_fc.in_features,
-                           block.attn.window).double()
+                           block.attn.window, value_vocab=table.num_embeddings if table is not None else None,
+                           qk_scale=block.attn.qk_scale).double()
     kv_rows = torch.cat([torch.arange(h // group * hd, (h // group + 1) * hd) for h in range(n_q)])
     hidden = small.mlp.c_fc.out_features
     with torch.no_grad():
@@ -24,24 +26,30 @@ def standalone_slice(block: AttentionBlock, width: int, group: int) -> Attention
         small.attn.c_proj.weight.copy_(block.attn.c_proj.weight[:width, :n_q * hd])
         small.mlp.c_fc.weight.copy_(block.mlp.c_fc.weight[:hidden, :width])
         small.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight[:width, :hidden])
+        if table is not None:  # value embeddings slice with their K/V heads, the gate by head
+            small.attn.value_embed.weight.copy_(table.weight[:, kv_rows])
+            small.attn.ve_gate.weight.copy_(block.attn.ve_gate.weight[[h // group for h in range(n_q)]])
     return small
 
 
-@pytest.mark.parametrize("n_embd,n_head,n_kv_head,levels", [
-    (64, 4, 4, None),  # levels 16, 32, 64
-    (64, 4, 1, None),  # grouped-query attention: 4 query heads share 1 K/V head
-    (96, 6, 3, [16, 48, 96]),  # width 48: 3 query heads fill K/V groups of 2 only partly
+@pytest.mark.parametrize("n_embd,n_head,n_kv_head,levels,recipe", [
+    (64, 4, 4, None, False),  # levels 16, 32, 64
+    (64, 4, 1, None, False),  # grouped-query attention: 4 query heads share 1 K/V head
+    (96, 6, 3, [16, 48, 96], False),  # width 48: 3 query heads fill K/V groups of 2 only partly
+    (64, 4, 2, None, True),  # today's recipe: value embeddings and QK scale (model/recipe.py)
+    (96, 6, 3, [16, 48, 96], True),
 ])
-def test_width_slice_equals_standalone_block_from_sliced_weights(n_embd, n_head, n_kv_head, levels):
+def test_width_slice_equals_standalone_block_from_sliced_weights(n_embd, n_head, n_kv_head, levels, recipe):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, n_layer=1, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
-                      sequence_len=16, matryoshka_levels=levels)
+                      sequence_len=16, matryoshka_levels=levels,
+                      **(dict(value_embeds=[0], qk_scale=1.2) if recipe else {}))
     model = AdambaLM(cfg).double()
     block = model.blocks[0]
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 10, n_embd, dtype=torch.float64)
-    ctx = model.context(10)
+    ctx = model.context(10).at(tokens=torch.randint(0, 64, (2, 10)))
     for width in cfg.matryoshka_levels[:-1]:
         out = block(x, ctx.at(width=width))
         small = standalone_slice(block, width, n_head // n_kv_head)
@@ -156,7 +164,8 @@ def test_matryoshka_training_makes_narrow_slices_useful(corpus_dir):
 def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]) -> torch.Tensor:
     """A full forward in which token t runs every attention/MLP layer at width widths[t], written out token by
     token in float64. The K/V heads of token s are those it computes at its own width; a head it lacks (a wider
-    query needs it) is computed from its layer input at the smallest level that has that head."""
+    query needs it) is computed from its layer input at the smallest level that has that head. Today's recipe
+    (model/recipe.py) where the config has it: smear, residual scalars, value embeddings, QK scale, backout."""
     cfg = model.config
     attn0 = next(b.attn for b in model.blocks if b.kind == "T")
     hd, group = attn0.head_dim, attn0.n_head // attn0.n_kv_head
@@ -170,11 +179,18 @@ def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]
         a, b = v[:, :hd // 2], v[:, hd // 2:]
         return torch.cat([a * c + b * si, b * c - a * si], -1)
 
-    T = len(idx)
+    T, scale = len(idx), cfg.qk_scale
     x = norm(model.wte.weight[torch.tensor(idx)].double())
-    for block in model.blocks:
+    if cfg.smear:
+        for t in range(T - 1, 0, -1):
+            x[t] = x[t] + model.smear.scale * torch.sigmoid(model.smear.gate.weight[0] @ x[t, :24]) * x[t - 1]
+    x0, mid = x.clone(), None
+    for i, block in enumerate(model.blocks):
+        if cfg.residual_scalars:
+            x = model.scalars.resid[i] * x + model.scalars.x0[i] * x0
         if block.kind != "T":
             x = block(x[None], model.context(T))[0]
+            mid = x.clone() if i == cfg.backout_at else mid
             continue
         W = {n: p.double() for n, p in block.named_parameters()}
 
@@ -183,7 +199,10 @@ def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]
             nk = n_heads(level)[1]
             k = (W["attn.c_k.weight"][:nk * hd, :level] @ h).view(nk, hd)
             v = (W["attn.c_v.weight"][:nk * hd, :level] @ h).view(nk, hd)
-            return norm(rotate(k, s)), v
+            if "attn.value_embed.weight" in W:  # v += 3 sigmoid(gate . h[:12]) E[token], per K/V head
+                gate = 3 * torch.sigmoid(W["attn.ve_gate.weight"][:nk] @ h[:12])
+                v = v + gate[:, None] * W["attn.value_embed.weight"][idx[s], :nk * hd].view(nk, hd)
+            return scale * norm(rotate(k, s)), v
 
         def head_kv(s, head, kv=kv):
             level = widths[s] if head < n_heads(widths[s])[1] else \
@@ -195,7 +214,7 @@ def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]
         for t in range(T):
             w = widths[t]
             nq = n_heads(w)[0]
-            q = norm(rotate((W["attn.c_q.weight"][:nq * hd, :w] @ norm(x[t, :w])).view(nq, hd), t))
+            q = scale * norm(rotate((W["attn.c_q.weight"][:nq * hd, :w] @ norm(x[t, :w])).view(nq, hd), t))
             ys = []
             for hq in range(nq):
                 keys, values = zip(*(head_kv(s, hq // group) for s in range(t + 1)), strict=True)
@@ -208,6 +227,9 @@ def per_token_width_reference(model: AdambaLM, idx: list[int], widths: list[int]
             hidden = 4 * w
             h = torch.relu(W["mlp.c_fc.weight"][:hidden, :w] @ norm(x[t, :w])) ** 2
             x[t, :w] = x[t, :w] + W["mlp.c_proj.weight"][:w, :hidden] @ h
+        mid = x.clone() if i == cfg.backout_at else mid
+    if cfg.backout:
+        x = x - model.backout.scale * mid
     logits = norm(x) @ model.lm_head.weight.double().T
     return 15 * torch.tanh(logits / 15)
 
@@ -235,10 +257,15 @@ def test_decode_equals_full_forward_at_every_mode(static):
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["cache", "static-cache"])
-@pytest.mark.parametrize("pattern,n_kv_head", [("TT", 4), ("TMT", 2)])
+@pytest.mark.parametrize("pattern,n_kv_head,recipe", [("TT", 4, False), ("TMT", 2, False), ("TT", 4, True),
+                                                       ("TMT", 2, True)])
 @torch.no_grad()
-def test_decode_with_widths_going_up_and_down_equals_the_per_token_reference(pattern, n_kv_head, static):
-    model = random_matryoshka_model(block_pattern=pattern, n_layer=len(pattern), n_kv_head=n_kv_head)
+def test_decode_with_widths_going_up_and_down_equals_the_per_token_reference(pattern, n_kv_head, recipe, static):
+    """With today's recipe, a narrow token leaves its token id in the cache beside its residual, so a wider query
+    later computes the value embedding of the heads the token lacks (KVState.tokens)."""
+    options = dict(residual_scalars=True, value_embeds=[0, len(pattern) - 1], smear=True, backout=True,
+                   qk_scale=1.2) if recipe else {}
+    model = random_matryoshka_model(block_pattern=pattern, n_layer=len(pattern), n_kv_head=n_kv_head, **options)
     widths = [16, 16, 16, 64, 32, 16, 64, 64, 32, 16, 32, 64]  # prefill the first three at 16
     idx = torch.randint(0, 512, (len(widths),)).tolist()
     reference = per_token_width_reference(model, idx, widths)

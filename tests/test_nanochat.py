@@ -50,9 +50,30 @@ def write_nanochat(folder, state: dict, step: int, model_config: dict = MODEL_CO
     return folder
 
 
+def today_state(cfg: dict, seed: int) -> dict:
+    """Weights in the format of today's nanochat (March 2026 and later): the October tables padded to a multiple of
+    64 tokens, plus value embeddings and their gates on alternating layers (the last included), residual and x0
+    lambdas, the smear gate and lambda and the backout lambda -- all random, none at its neutral value."""
+    g = torch.Generator().manual_seed(seed + 100)
+    V, C, L = cfg["vocab_size"], cfg["n_embd"], cfg["n_layer"]
+    padded = -(-V // 64) * 64
+    kv = cfg["n_kv_head"] * (C // cfg["n_head"])
+    state = random_state({**cfg, "vocab_size": padded}, seed, prefix="", bf16=())
+    for i in range(L):
+        if i % 2 == (L - 1) % 2:
+            state[f"value_embeds.{i}.weight"] = torch.randn(padded, kv, generator=g)
+            state[f"transformer.h.{i}.attn.ve_gate.weight"] = torch.randn(cfg["n_kv_head"], 12, generator=g)
+    state |= {"resid_lambdas": 1 + 0.2 * torch.randn(L, generator=g), "x0_lambdas": 0.3 * torch.randn(L, generator=g),
+              "smear_gate.weight": torch.randn(1, 24, generator=g), "smear_lambda": torch.tensor([0.7]),
+              "backout_lambda": torch.tensor([0.4])}
+    return state
+
+
 # --- an independent implementation of nanochat's forward, straight from the equations ------------------------
 def reference_logits(state: dict, cfg: dict, idx: torch.Tensor, short_window: int | None = None,
-                     window_pattern: str = "L") -> torch.Tensor:
+                     window_pattern: str = "L", today: bool = False) -> torch.Tensor:
+    """October 2025's forward, or with `today` that of nanochat since March 2026 (smear, residual lambdas, value
+    embeddings, QK scale 1.2, rotary base 100000, backout, padded vocabulary)."""
     w = {k.removeprefix("_orig_mod."): v.to(torch.float64) for k, v in state.items()}
     H, KV, C = cfg["n_head"], cfg["n_kv_head"], cfg["n_embd"]
     D, L = C // H, cfg["n_layer"]
@@ -61,7 +82,7 @@ def reference_logits(state: dict, cfg: dict, idx: torch.Tensor, short_window: in
     def norm(x):
         return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + torch.finfo(x.dtype).eps)
 
-    inv_freq = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    inv_freq = (100000.0 if today else 10000.0) ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     theta = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, D/2)
     cos, sin = theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
 
@@ -71,13 +92,24 @@ def reference_logits(state: dict, cfg: dict, idx: torch.Tensor, short_window: in
 
     pos = torch.arange(T)
     x = norm(w["transformer.wte.weight"][idx])
+    if today:  # smear: position t >= 1 adds lambda sigmoid(x_t[:24] . g) x_{t-1}
+        gate = w["smear_lambda"] * torch.sigmoid(x[:, 1:, :24] @ w["smear_gate.weight"].T)
+        x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+    x0, backout = x, None
     for i in range(L):
         p = f"transformer.h.{i}."
+        if today:
+            x = w["resid_lambdas"][i] * x + w["x0_lambdas"][i] * x0
         h = norm(x)
         q = rotate((h @ w[p + "attn.c_q.weight"].T).view(B, T, H, D))
         k = rotate((h @ w[p + "attn.c_k.weight"].T).view(B, T, KV, D))
         v = (h @ w[p + "attn.c_v.weight"].T).view(B, T, KV, D)
+        if f"value_embeds.{i}.weight" in w:  # ResFormer: v += 3 sigmoid(h[:12] . Wg) E[token], per K/V head
+            gate = 3 * torch.sigmoid(h[..., :12] @ w[p + "attn.ve_gate.weight"].T)  # (B, T, KV)
+            v = v + gate[..., None] * w[f"value_embeds.{i}.weight"][idx].view(B, T, KV, D)
         q, k = norm(q), norm(k)
+        if today:
+            q, k = 1.2 * q, 1.2 * k
         allowed = pos[None, :] <= pos[:, None]  # key j <= query i
         short = window_pattern[i % len(window_pattern)] == "S" and i != L - 1
         if short:  # flash-attention window (left, 0): i - left <= j
@@ -91,7 +123,11 @@ def reference_logits(state: dict, cfg: dict, idx: torch.Tensor, short_window: in
         x = x + torch.cat(heads, dim=-1) @ w[p + "attn.c_proj.weight"].T
         hidden = torch.relu(norm(x) @ w[p + "mlp.c_fc.weight"].T) ** 2
         x = x + hidden @ w[p + "mlp.c_proj.weight"].T
-    logits = norm(x) @ w["lm_head.weight"].T
+        if today and i == L // 2:
+            backout = x
+    if backout is not None:
+        x = x - w["backout_lambda"] * backout
+    logits = (norm(x) @ w["lm_head.weight"].T)[..., :cfg["vocab_size"]]  # nanochat crops its padded vocabulary
     return 15.0 * torch.tanh(logits / 15.0)
 
 
@@ -136,6 +172,51 @@ def test_window_pattern_maps_to_nanochat_sliding_windows(tmp_path):
     assert (full - want).abs().max() > 1e-2
 
 
+TODAY_CONFIG = {"sequence_len": 1024, "vocab_size": 500, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 64,
+                "window_pattern": "SSSL"}
+
+
+def test_todays_checkpoints_import_exactly_and_decode_through_the_cache(tmp_path):
+    state = today_state(TODAY_CONFIG, seed=5)
+    assert state["transformer.wte.weight"].shape == (512, 64) and "value_embeds.3.weight" in state
+    folder = write_nanochat(tmp_path / "today", state, step=7, model_config=TODAY_CONFIG)
+    model, _ = load_nanochat(folder)
+    config = model.config
+    assert (config.smear, config.residual_scalars, config.backout, config.backout_at, config.value_embed_layers,
+            config.qk_scale, config.rope_base) == (True, True, True, 2, [1, 3], 1.2, 100000.0)
+    # today's short window: ceil(1024 / 4 / 128) * 128 = 256 tokens to the left, so 300 tokens reach past it
+    assert config.attention_windows() == [257, 257, 257, None]
+    idx = tokens(batch=2, length=300, vocab=500, seed=2)
+    with torch.no_grad():
+        got = model(idx).double()
+    want = reference_logits(state, TODAY_CONFIG, idx, short_window=256, window_pattern="SSSL", today=True)
+    assert got.shape == (2, 300, 500) and want.abs().max() > 5
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    for option in ("smear_lambda", "backout_lambda", "x0_lambdas"):  # each new weight matters
+        zeroed = {**state, option: torch.zeros_like(state[option])}
+        other = reference_logits(zeroed, TODAY_CONFIG, idx[:, :40], 256, "SSSL", today=True)
+        assert (other - want[:, :40]).abs().max() > 1e-2, option
+    # decode through the cache (smear's previous embedding included) equals the full forward
+    from adamba.model.cache import InferenceCache
+
+    cache = InferenceCache(model, 2, 300)
+    with torch.no_grad():
+        steps = [model(idx[:, :280], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(280, 300)]
+    torch.testing.assert_close(torch.cat(steps, 1).double(), want, atol=1e-4, rtol=0)
+
+
+def test_checkpoints_between_the_two_generations_are_refused_by_name(tmp_path):
+    state = today_state(TODAY_CONFIG, seed=5)
+    del state["smear_gate.weight"], state["smear_lambda"], state["backout_lambda"]  # as in January 2026
+    with pytest.raises(CheckpointError, match=r"without smear_gate\.weight: a checkpoint from nanochat's "
+                                              r"January-March 2026 code"):
+        load_nanochat(write_nanochat(tmp_path / "between", state, step=1, model_config=TODAY_CONFIG))
+    odd = {**today_state(TODAY_CONFIG, seed=5), "engram.weight": torch.ones(2)}
+    with pytest.raises(CheckpointError, match=r"unrecognised key\(s\) \['engram\.weight'\] \(expected, for "
+                                              r"nanochat's 2026-03 architecture"):
+        load_nanochat(write_nanochat(tmp_path / "odd", odd, step=1, model_config=TODAY_CONFIG))
+
+
 def test_latest_step_by_default_and_step_picks_another(tmp_path):
     early, late = random_state(MODEL_CONFIG, seed=1, prefix=""), random_state(MODEL_CONFIG, seed=2)
     folder = write_nanochat(tmp_path / "run", early, step=99)
@@ -158,8 +239,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
                             "transformer.h.2.mlp.c_fc.weight": torch.ones(256, 64)}, n_layer=2)
     assert "_orig_mod.resid_lambdas" in str(err.value) and "transformer.h.2.mlp.c_fc.weight" in str(err.value)
 
-    extra = write_nanochat(tmp_path / "extra", {**good, "transformer.h.0.attn.ve_gate.weight": torch.ones(2, 32)}, 1)
-    with pytest.raises(CheckpointError, match=r"unrecognised key\(s\) \['transformer\.h\.0\.attn\.ve_gate\.weight'\]"):
+    extra = write_nanochat(tmp_path / "extra", {**good, "transformer.h.0.attn.gate.weight": torch.ones(2, 32)}, 1)
+    with pytest.raises(CheckpointError, match=r"unrecognised key\(s\) \['transformer\.h\.0\.attn\.gate\.weight'\]"):
         load_nanochat(extra)
 
     wrong = dict(good)

@@ -201,7 +201,7 @@ def test_compute_aware_log_probabilities_and_flops_by_reference(base):
         # FLOPs by hand: every token at the chosen widths, plus the predictor's pass (block 0 over the prompt,
         # then its MLP once: 2 (d h + h n_layer n_levels)), against the same tokens at full width
         c, L, P = model.config, len(r.prompt) + len(r.completion.tokens), len(r.prompt)
-        block0 = count_flops(c, P, layers=[("T", None, None)])
+        block0 = count_flops(c, P, layers=[(0, "T", None, None)])
         mlp = 2 * (c.n_embd * c.predictor_hidden + c.predictor_hidden * c.n_layer * 3)
         spent = L * count_flops(c, L, c.layer_widths(list(r.choice.widths))).forward + \
             P * (block0.forward - block0.lm_head) + mlp

@@ -18,7 +18,10 @@ from adamba.model.exits import Adaptive
 from adamba.model.forward_pass import ForwardPass
 
 PATTERNS = {"T": dict(), "M": dict(block_pattern="M"), "M2": dict(block_pattern="M2"),
-            "hybrid": dict(block_pattern="TMTM2")}
+            "hybrid": dict(block_pattern="TMTM2"),
+            # today's recipe (model/recipe.py): smear's previous embedding is decode state that rolls back too
+            "recipe": dict(block_pattern="TMTM2", residual_scalars=True, value_embeds="alternating", smear=True,
+                           backout=True, qk_scale=1.2)}
 
 
 def random_model(dtype=torch.float64, **overrides) -> AdambaLM:
@@ -29,6 +32,11 @@ def random_model(dtype=torch.float64, **overrides) -> AdambaLM:
     for name, p in model.named_parameters():  # random: zero-initialised projections would hide cache errors
         if not name.endswith(("A_log", "dt_proj.bias", "dt_bias", "mixer.D")):  # Mamba timescales keep their init
             torch.nn.init.normal_(p, std=0.3)
+    if model.scalars is not None:  # residual scales near nanochat's: a skipped layer must not rescale the stream
+        with torch.no_grad():
+            model.scalars.resid.uniform_(0.9, 1.1)
+            model.scalars.x0.mul_(0.3)
+            model.backout.scale.mul_(0.3)
     return model
 
 
@@ -92,7 +100,7 @@ def exact_distribution(model, prompt, length, params):
     return probs.gather(-1, sequences[..., None])[..., 0].prod(-1), sequences
 
 
-@pytest.mark.parametrize("pattern", ["T", "hybrid"])
+@pytest.mark.parametrize("pattern", ["T", "hybrid", "recipe"])
 def test_sampled_speculative_tokens_follow_the_full_models_distribution(pattern, monkeypatch):
     model = random_model(torch.float32, vocab_size=4, **PATTERNS[pattern])
     params, prompt, length, n = SamplingParams(1.0, top_k=3), [1, 2], 3, 6000
@@ -138,6 +146,8 @@ def assert_row_equals(cache, b, reference):
         else:
             torch.testing.assert_close(state.conv[b], ref.conv[0])
             torch.testing.assert_close(state.ssm[b], ref.ssm[0])
+    if reference.smear_state is not None:
+        torch.testing.assert_close(cache.smear_state.prev[b], reference.smear_state.prev[0])
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

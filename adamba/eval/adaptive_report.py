@@ -72,7 +72,6 @@ def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -
     """Every curve's runs for `model` (see the module doc)."""
     config = model.config
     heads = model.adaptive_heads
-    windows = config.attention_windows()
     curves: dict[str, list[Run]] = {"width": [Run(" = ".join(modes), {"compute": Compute(modes[0])})
                                               for modes in config.distinct_modes()]}
     if config.exit_layers:
@@ -82,8 +81,7 @@ def adaptive_runs(model, context: int, thresholds=REPORT_GRID, start: int = 0) -
         curves["exit"] = exit_runs
         depth = []
         for k in [*config.exit_layers, config.n_layer]:
-            truncated = count_flops(config, context, layers=[(config.block_pattern[i], windows[i], None)
-                                                             for i in range(k)]).forward
+            truncated = count_flops(config, context, depth=k).forward
             depth.append(Run(f"k={k}", lambda x, k=k: {"exit_layers": torch.full(x.shape, k, device=x.device)},
                              flops=truncated))
         curves["depth"] = depth

@@ -1,8 +1,14 @@
-"""Causal self-attention as in nanochat (October 2025), with optional sliding windows.
+"""Causal self-attention as in nanochat (October 2025), with optional sliding windows, and today's options.
 
     q, k, v = x Wq, x Wk, x Wv                 (no biases; n_kv_head <= n_head for grouped-query attention)
-    q, k    = rms_norm(rotary(q)), rms_norm(rotary(k))     (rotary first, then parameter-free QK-norm)
+    q, k    = s rms_norm(rotary(q)), s rms_norm(rotary(k))     (rotary first, then parameter-free QK-norm; s =
+                                                                qk_scale, 1 in October 2025, 1.2 in nanochat today)
+    v      += 3 sigmoid(x[:12] Wg) * E[token]  per K/V head   (value embeddings, ResFormer / nanochat 2026: a token
+                                                                table of the K/V width, on the layers of
+                                                                ModelConfig.value_embeds; x is the normalised input)
     y       = softmax(q k^T / sqrt(d) + causal/window mask) v,  then y Wo
+
+At a Matryoshka width the value embedding and its gate slice with the K/V heads, like Wv.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import VALUE_GATE_CHANNELS
 from .cache import InferenceCache, KVState
 from .context import BlockContext, keep_active
 from .init import init_linear_
@@ -28,16 +35,39 @@ def window_mask(t_q: int, t_k: int, window: int, device) -> torch.Tensor:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int, window: int | None = None,
-                 norm_width: int | None = None):
+                 norm_width: int | None = None, value_vocab: int | None = None, qk_scale: float = 1.0):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.norm_width = norm_width  # the block's input norm (norm.py), recomputed by fill_heads
         self.head_dim = n_embd // n_head
         self.window = window
+        self.qk_scale = qk_scale
         self.c_q = nn.Linear(n_embd, n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
+        # value embeddings (`value_vocab` tokens), where the config puts them
+        self.value_embed = nn.Embedding(value_vocab, n_kv_head * self.head_dim) if value_vocab else None
+        self.ve_gate = nn.Linear(VALUE_GATE_CHANNELS, n_kv_head, bias=False) if value_vocab else None
+
+    def normed_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary, then the parameter-free QK-norm, then qk_scale."""
+        qk = rms_norm(apply_rotary(qk, cos, sin))
+        return qk if self.qk_scale == 1.0 else qk * self.qk_scale
+
+    def values(self, x: torch.Tensor, n_kv: int, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The first n_kv value heads (B, T, n_kv, head_dim) of the normalised input x (its first d coordinates),
+        with the tokens' value embeddings mixed in where the layer has them."""
+        B, T, d = x.shape
+        hd = self.head_dim
+        v = F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+        if self.value_embed is None:
+            return v
+        if tokens is None:
+            raise ValueError("this attention layer has value embeddings: it needs the token ids (BlockContext.tokens)")
+        gate = 3 * torch.sigmoid(F.linear(x[..., :VALUE_GATE_CHANNELS], self.ve_gate.weight[:n_kv]))  # (0, 3)
+        table = self.value_embed.weight[:, :n_kv * hd]
+        return v + gate[..., None] * F.embedding(tokens, table).to(v.dtype).view(B, T, n_kv, hd)
 
     def heads_at(self, width: int) -> tuple[int, int]:
         """(query heads, K/V heads) a Matryoshka width uses: whole heads of fixed size, the first ones; a query
@@ -64,16 +94,17 @@ class CausalSelfAttention(nn.Module):
                 missing = (need & (state.heads[:, :end] < last))[:, None, :, None]
                 h = rms_norm(state.inputs[:, :end, :level], self.norm_width)
                 rows = slice(first * hd, last * hd)
-                k = rms_norm(apply_rotary(F.linear(h, self.c_k.weight[rows, :level]).unflatten(-1, (-1, hd)),
-                                          cos, sin)).transpose(1, 2)
-                v = F.linear(h, self.c_v.weight[rows, :level]).unflatten(-1, (-1, hd)).transpose(1, 2)
+                k = self.normed_qk(F.linear(h, self.c_k.weight[rows, :level]).unflatten(-1, (-1, hd)),
+                                   cos, sin).transpose(1, 2)
+                tokens = None if state.tokens is None else state.tokens[:, :end]
+                v = self.values(h, last, tokens)[:, :, first:last].transpose(1, 2)
                 state.k[:, first:last, :end] = torch.where(missing, k.to(state.k.dtype), state.k[:, first:last, :end])
                 state.v[:, first:last, :end] = torch.where(missing, v.to(state.v.dtype), state.v[:, first:last, :end])
             first = max(first, last)
         state.heads[:, :end] = torch.where(need, n_kv, state.heads[:, :end])
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
-                n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int,
+                tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (the first n_q heads; none for n_q = 0) and the first n_kv K/V heads, each (B, T, heads,
         head_dim), of the normalised layer input x (its first d coordinates). Queries and keys are rotated and
         normalised together, one rotary and one norm over all their heads: a decode step is dominated by
@@ -82,17 +113,17 @@ class CausalSelfAttention(nn.Module):
         hd = self.head_dim
         k = F.linear(x, self.c_k.weight[:n_kv * hd, :d])
         qk = k if n_q == 0 else torch.cat([F.linear(x, self.c_q.weight[:n_q * hd, :d]), k], dim=-1)
-        q, k = rms_norm(apply_rotary(qk.view(B, T, n_q + n_kv, hd), cos, sin)).split([n_q, n_kv], dim=2)
-        return q, k, F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+        q, k = self.normed_qk(qk.view(B, T, n_q + n_kv, hd), cos, sin).split([n_q, n_kv], dim=2)
+        return q, k, self.values(x, n_kv, tokens)
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int,
+                   tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n_kv K/V heads of x: what a token leaves in the cache for later queries, and all that early
         exit's state propagation runs."""
-        return self.project(x, cos, sin, 0, n_kv)[1:]
+        return self.project(x, cos, sin, 0, n_kv, tokens)[1:]
 
-    def mixed_kv(self, x: torch.Tensor, cos, sin, widths: torch.Tensor,
-                 levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixed_kv(self, x: torch.Tensor, cos, sin, widths: torch.Tensor, levels: tuple[int, ...],
+                 tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V (B, T, heads, head_dim) of tokens at per-token widths (B, T) of the residual stream x, for the heads
         the widest one has: a token's own heads from its own width, a head it lacks from the smallest level that
         has it -- what the cache holds for it once a wider query has asked (`fill_heads`)."""
@@ -103,13 +134,13 @@ class CausalSelfAttention(nn.Module):
         for level in levels:  # every head from the smallest level that has it ...
             last = min(self.heads_at(level)[1], n_kv_max)
             if last > first:
-                kl, vl = self.project_kv(rms_norm(x[..., :level], self.norm_width), cos, sin, last)
+                kl, vl = self.project_kv(rms_norm(x[..., :level], self.norm_width), cos, sin, last, tokens)
                 k = kl[:, :, first:last] if k is None else torch.cat([k, kl[:, :, first:last]], dim=2)
                 v = vl[:, :, first:last] if v is None else torch.cat([v, vl[:, :, first:last]], dim=2)
             first = max(first, last)
         for w in distinct:  # ... then each token's own heads from its own width
             n = self.heads_at(w)[1]
-            kw, vw = self.project_kv(rms_norm(x[..., :w], self.norm_width), cos, sin, n)
+            kw, vw = self.project_kv(rms_norm(x[..., :w], self.norm_width), cos, sin, n, tokens)
             mine = (widths == w)[..., None, None]
             k = torch.cat([torch.where(mine, kw, k[:, :, :n]), k[:, :, n:]], dim=2)
             v = torch.cat([torch.where(mine, vw, v[:, :, :n]), v[:, :, n:]], dim=2)
@@ -128,7 +159,7 @@ class CausalSelfAttention(nn.Module):
             return k.transpose(1, 2), v.transpose(1, 2), mask, causal
         if k.size(2) > state.min_heads:  # some position may have been written narrower than this query needs
             self.fill_heads(state, cache, k.size(2), cache.end(T))
-        keys, values = state.update(k, v, cache, residual)
+        keys, values = state.update(k, v, cache, residual, ctx.tokens)
         return (keys, values, *cache.attention_mask(T, self.window))
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, causal: bool,
@@ -150,7 +181,7 @@ class CausalSelfAttention(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the normalised layer input x (its first `width` coordinates) at one width."""
         n_q, n_kv = (self.n_head, self.n_kv_head) if width is None else self.heads_at(width)
-        q, k, v = self.project(x, ctx.cos, ctx.sin, n_q, n_kv)
+        q, k, v = self.project(x, ctx.cos, ctx.sin, n_q, n_kv, ctx.tokens)
         return self.attend(q, *self.keys_values(k, v, ctx, residual), x.size(-1))
 
 
@@ -164,16 +195,19 @@ class AttentionBlock(nn.Module):
     kind = "T"
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int, mlp_hidden: int, window: int | None,
-                 norm_width: int | None = None):
+                 norm_width: int | None = None, value_vocab: int | None = None, qk_scale: float = 1.0):
         super().__init__()
         self.norm_width = norm_width  # ModelConfig.norm_width: the residual norms of a widened model (norm.py)
-        self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, window, norm_width)
+        self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, window, norm_width, value_vocab, qk_scale)
         self.mlp = MLP(n_embd, mlp_hidden)
 
     def init_weights(self) -> None:
         for linear in (self.attn.c_q, self.attn.c_k, self.attn.c_v):
             init_linear_(linear)
         nn.init.zeros_(self.attn.c_proj.weight)  # the block starts as the identity
+        if self.attn.value_embed is not None:  # as nanochat: the table at std 1/sqrt(n_embd), the gate slightly
+            nn.init.normal_(self.attn.value_embed.weight, std=self.attn.c_v.weight.size(1) ** -0.5)  # above neutral
+            nn.init.uniform_(self.attn.ve_gate.weight, 0.0, 0.02)
         self.mlp.init_weights()
 
     def new_state(self, batch: int, capacity: int, device, dtype) -> KVState:
@@ -208,7 +242,7 @@ class AttentionBlock(nn.Module):
         queries attend over them and each token keeps its own width's output."""
         attn, d = self.attn, x.size(-1)
         keys, values, mask, causal = attn.keys_values(*attn.mixed_kv(x, ctx.cos, ctx.sin, ctx.token_widths,
-                                                                    ctx.levels), ctx, residual=x)
+                                                                    ctx.levels, ctx.tokens), ctx, residual=x)
         out = x
         for w in widths:
             h = x[..., :w]
@@ -224,16 +258,17 @@ class AttentionBlock(nn.Module):
         attn, d = self.attn, x.size(-1)
         widths = _distinct(ctx.token_widths)
         if widths is not None and len(widths) > 1:
-            k, v = attn.mixed_kv(x, ctx.cos, ctx.sin, ctx.token_widths, ctx.levels)
-            ctx.state.update(k, v, ctx.cache, residual=x)
+            k, v = attn.mixed_kv(x, ctx.cos, ctx.sin, ctx.token_widths, ctx.levels, ctx.tokens)
+            ctx.state.update(k, v, ctx.cache, residual=x, tokens=ctx.tokens)
             return
         width = ctx.width if widths is None else None if widths[0] == d else widths[0]
         if width is None:
-            ctx.state.update(*attn.project_kv(rms_norm(x, self.norm_width), ctx.cos, ctx.sin, attn.n_kv_head),
-                             ctx.cache)
+            ctx.state.update(*attn.project_kv(rms_norm(x, self.norm_width), ctx.cos, ctx.sin, attn.n_kv_head,
+                                              ctx.tokens), ctx.cache, tokens=ctx.tokens)
         else:
             ctx.state.update(*attn.project_kv(rms_norm(x[..., :width], self.norm_width), ctx.cos, ctx.sin,
-                                              attn.heads_at(width)[1]), ctx.cache, residual=x)
+                                              attn.heads_at(width)[1], ctx.tokens), ctx.cache, residual=x,
+                             tokens=ctx.tokens)
 
 
 def _distinct(token_widths: torch.Tensor | None) -> list[int] | None:

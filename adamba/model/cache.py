@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .looped import cache_slots
+from .recipe import SmearState
 
 
 class KVState:
@@ -33,14 +34,16 @@ class KVState:
         self.v = torch.zeros_like(self.k)
         self.heads = torch.full((batch, capacity), n_kv_head, dtype=torch.long, device=device)
         self.inputs: torch.Tensor | None = None  # (batch, capacity, n_embd), made at the first narrow write
+        self.tokens: torch.Tensor | None = None  # (batch, capacity) token ids beside `inputs` (value embeddings)
         # The fewest heads any written position holds (a Python int, so the common case -- every query at most
         # as wide as every earlier token -- costs no tensor op to recognise).
         self.min_heads = n_kv_head
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache,
-               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache, residual: torch.Tensor | None = None,
+               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' k, v (B, T, H, D) in the first H heads; return the first H heads of all keys
-        and values so far (B, H, L, D). `residual` (B, T, n_embd) is kept when H is not every head."""
+        and values so far (B, H, L, D). `residual` (B, T, n_embd) is kept when H is not every head, and with it
+        the `tokens` (B, T), which a layer with value embeddings needs to compute the missing heads later."""
         T, n = k.size(1), k.size(2)
         if cache.uniform_start is not None:  # every row at the same position: a plain slice
             start = cache.uniform_start
@@ -53,17 +56,23 @@ class KVState:
         if n < self.k.size(1) or self.inputs is not None:
             if self.inputs is None:
                 self.inputs = residual.new_zeros(self.k.size(0), self.k.size(2), residual.size(-1))
+            if tokens is not None and self.tokens is None:
+                self.tokens = torch.zeros(self.k.size(0), self.k.size(2), dtype=torch.long, device=self.k.device)
             self.min_heads = min(self.min_heads, n)
             if cache.uniform_start is not None:
                 start = cache.uniform_start
                 self.heads[:, start:start + T] = n
                 if n < self.k.size(1):
                     self.inputs[:, start:start + T] = residual
+                    if tokens is not None:
+                        self.tokens[:, start:start + T] = tokens
             else:
                 rows, cols = cache.write_index(T)
                 self.heads[rows, cols] = n
                 if n < self.k.size(1):
                     self.inputs[rows, cols] = residual
+                    if tokens is not None:
+                        self.tokens[rows, cols] = tokens
         end = cache.end(T)
         return self.k[:, :n, :end], self.v[:, :n, :end]
 
@@ -77,6 +86,10 @@ class KVState:
             self.inputs = source.inputs.new_zeros(self.k.size(0), self.k.size(2), source.inputs.size(-1))
         if self.inputs is not None:
             self.inputs[slot, :span] = 0 if source.inputs is None else source.inputs[row]
+        if source.tokens is not None and self.tokens is None:
+            self.tokens = torch.zeros_like(self.heads)
+        if self.tokens is not None:
+            self.tokens[slot, :span] = 0 if source.tokens is None else source.tokens[row]
         self.min_heads = min(self.min_heads, source.min_heads)
 
     def first_rows(self, n: int) -> KVState:
@@ -84,6 +97,7 @@ class KVState:
         view = object.__new__(KVState)
         view.k, view.v, view.heads = self.k[:n], self.v[:n], self.heads[:n]
         view.inputs = None if self.inputs is None else self.inputs[:n]
+        view.tokens = None if self.tokens is None else self.tokens[:n]
         view.min_heads = self.min_heads
         return view
 
@@ -92,6 +106,9 @@ class KVState:
         if view.inputs is not None and self.inputs is None:  # allocated by the view: keep it for every row
             self.inputs = view.inputs.new_zeros(self.k.size(0), *view.inputs.shape[1:])
             self.inputs[:view.inputs.size(0)] = view.inputs
+        if view.tokens is not None and self.tokens is None:
+            self.tokens = torch.zeros_like(self.heads)
+            self.tokens[:view.tokens.size(0)] = view.tokens
         self.min_heads = min(self.min_heads, view.min_heads)
 
     def begin_trail(self) -> None:
@@ -113,6 +130,10 @@ class KVState:
             if self.inputs is None:
                 self.inputs = torch.zeros_like(source.inputs)
             self.inputs[rows, cols] = source.inputs[rows, cols]
+        if source.tokens is not None:
+            if self.tokens is None:
+                self.tokens = torch.zeros_like(source.tokens)
+            self.tokens[rows, cols] = source.tokens[rows, cols]
 
 
 class InferenceCache:
@@ -145,6 +166,8 @@ class InferenceCache:
                        if i in recurrent else block.new_state(batch, capacity, device, dtype)
                        for i, block in enumerate(model.blocks)]
         self.loop_last: torch.Tensor | None = None  # (batch, n_embd): each row's last final loop state (warm start)
+        # smear (recipe.py): each row's previous token embedding
+        self.smear_state = SmearState(batch, model.config.n_embd, device, dtype) if model.smear is not None else None
         self._masks: dict = {}
         self.uniform_start: int | None = 0
         # Set before a forward whose rows are right-padded: how many of the new tokens of each row are real.
@@ -163,6 +186,8 @@ class InferenceCache:
             if self.loop_last is None:
                 self.loop_last = source.loop_last.new_zeros(self.batch, source.loop_last.size(-1))
             self.loop_last[slot] = source.loop_last[row]
+        if self.smear_state is not None:
+            self.smear_state.load_row(slot, source.smear_state, row)
         self.lengths[slot] = source.lengths[row]
 
     def first_rows(self, n: int) -> InferenceCache:
@@ -174,6 +199,7 @@ class InferenceCache:
         view.states = [[state.first_rows(n) for state in layer] if isinstance(layer, list) else layer.first_rows(n)
                        for layer in self.states]
         view.loop_last = None if self.loop_last is None else self.loop_last[:n]
+        view.smear_state = None if self.smear_state is None else self.smear_state.first_rows(n)
         return view
 
     def absorb(self, view: InferenceCache) -> None:
@@ -194,11 +220,15 @@ class InferenceCache:
         self.trail_start = self.lengths.clone()
         for state in self.layer_states():
             state.begin_trail()
+        if self.smear_state is not None:
+            self.smear_state.begin_trail()
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Row b keeps only the first keep[b] tokens read since `begin_trail`, as if it had read only those."""
         for state in self.layer_states():
             state.rollback(keep)
+        if self.smear_state is not None:
+            self.smear_state.rollback(keep)
         self.lengths.copy_(self.trail_start + keep)
 
     # --- called by the model around each forward -------------------------------------------------------

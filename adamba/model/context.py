@@ -25,6 +25,7 @@ class BlockContext:
     # (CALM's state propagation, exits.py) and passes them through unchanged
     frozen: torch.Tensor | None = None
     levels: tuple[int, ...] = ()  # the Matryoshka levels, for heads a token at a mixed width lacks
+    tokens: torch.Tensor | None = None  # (B, T) the new tokens' ids, for layers with value embeddings
 
     def at(self, **changes) -> BlockContext:
         return replace(self, **changes)

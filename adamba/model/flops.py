@@ -2,9 +2,10 @@
 
 Counts 2 FLOPs per multiply-add of every matrix product a forward pass performs, per token:
 the projections of each block, attention's score and value products over the keys each query actually
-sees (causal, clipped by its window), and the lm_head. Embedding lookups, norms and elementwise ops are
-not counted (they are O(d) per token against O(d^2)). A training step costs 3x the forward (backward = 2x),
-except for forward work done without gradient (a looped model's truncated backprop), which has no backward.
+sees (causal, clipped by its window), and the lm_head; the recipe's small gates (value embeddings' and smear's,
+model/recipe.py) too. Embedding lookups, norms and elementwise ops are not counted (they are O(d) per token
+against O(d^2)). A training step costs 3x the forward (backward = 2x), except for forward work done without
+gradient (a looped model's truncated backprop), which has no backward.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig
+from ..config import ATTENTION, MAMBA, MAMBA2, SMEAR_GATE_CHANNELS, VALUE_GATE_CHANNELS, ModelConfig
 from .mamba import dt_rank_for
 
 
@@ -48,7 +49,7 @@ def mean_keys(context: int, window: int | None) -> float:
 def count_flops(config: ModelConfig, context: int | None = None,
                 widths: list[int | None] | None = None, *, loops: int | None = None,
                 loop_widths: list[list[int | None]] | None = None, probes: int = 0,
-                layers: list[tuple[str, int | None, int | None]] | None = None, exit_layer: int | None = None,
+                layers: list[tuple[int, str, int | None, int | None]] | None = None, exit_layer: int | None = None,
                 gates: int = 0, depth: int | None = None) -> FlopCount:
     """Per-token forward FLOPs; `widths` (from config.layer_widths) gives each attention layer's Matryoshka
     width, None meaning full. A layer at width w uses w/head_dim query heads, the K/V heads they read
@@ -68,17 +69,21 @@ def count_flops(config: ModelConfig, context: int | None = None,
     widths = widths or [None] * config.n_layer
     if config.loop is not None and layers is None:
         return _count_looped(config, context, widths, loops, loop_widths, probes)
-    # `layers`: (kind, window, width) of the layers to count, instead of every layer once (used for loops)
-    for i, (kind, window, width) in enumerate(layers if layers is not None else
-                                              zip(config.block_pattern, config.attention_windows(), widths,
-                                                  strict=True)):
-        if depth is not None and i >= depth:
+    # `layers`: (index, kind, window, width) of the layers to count, instead of every layer once (used for loops)
+    if layers is None:
+        layers = list(zip(range(config.n_layer), config.block_pattern, config.attention_windows(), widths,
+                          strict=True))
+        projections += 2 * SMEAR_GATE_CHANNELS if config.smear else 0  # once per token, before the blocks
+    for position, (i, kind, window, width) in enumerate(layers):
+        if depth is not None and position >= depth:
             break
         propagate = exit_layer is not None and i >= exit_layer
         if kind == ATTENTION:
             w = width or d
             n_q = w // hd
             q_dim, kv_dim = n_q * hd, -(-n_q // group) * hd
+            if i in config.value_embed_layers:  # the value-embedding gate of each K/V head
+                projections += 2 * VALUE_GATE_CHANNELS * kv_dim // hd
             if propagate:
                 projections += 2 * w * 2 * kv_dim
                 continue
@@ -125,7 +130,7 @@ def _count_looped(config: ModelConfig, context: int, widths: list, loops: int | 
     windows = config.attention_windows()
 
     def part(indices: range, ws: list) -> FlopCount:
-        return count_flops(config, context, layers=[(config.block_pattern[i], windows[i], ws[i]) for i in indices])
+        return count_flops(config, context, layers=[(i, config.block_pattern[i], windows[i], ws[i]) for i in indices])
 
     inject = 2 * d * d  # one D x D half of the (D, 2D) matrix
     once = [part(loop.prelude_layers, widths)] + [part(loop.coda_layers, widths)] * (1 + probes)
@@ -133,7 +138,8 @@ def _count_looped(config: ModelConfig, context: int, widths: list, loops: int | 
     no_grad = sum((f.projections + f.attention + f.scan + inject for f in iterations[:r - min(r, loop.backprop_depth)]),
                   0.0)
     counted = once + iterations
-    return FlopCount(context, sum(f.projections for f in counted) + (r + 1) * inject,
+    smear = 2 * SMEAR_GATE_CHANNELS if config.smear else 0
+    return FlopCount(context, sum(f.projections for f in counted) + (r + 1) * inject + smear,
                      sum(f.attention for f in counted), (1 + probes) * 2 * d * config.vocab_size,
                      sum(f.scan for f in counted), no_grad)
 

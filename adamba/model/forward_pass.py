@@ -37,10 +37,15 @@ class ForwardPass:
     straight-through Gumbel-softmax in training, train/losses.py)."""
 
     def __init__(self, model, cos: torch.Tensor, sin: torch.Tensor, cache=None, widths: list | None = None,
-                 exits: ExitPolicy | None = None, hidden_layers=(), width_probs: torch.Tensor | None = None):
+                 exits: ExitPolicy | None = None, hidden_layers=(), width_probs: torch.Tensor | None = None,
+                 x0: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
         config = model.config
         self.config, self.cache = config, cache
-        self.base = BlockContext(cos, sin, cache, levels=tuple(config.matryoshka_levels))
+        # today's recipe (recipe.py): residual scalars read the embedding x0; backout keeps a mid-stack residual
+        self.scalars, self.x0 = model.scalars, x0
+        self.backout_layer = model.backout.layer if model.backout is not None else None
+        self.backout_mid: torch.Tensor | None = None
+        self.base = BlockContext(cos, sin, cache, levels=tuple(config.matryoshka_levels), tokens=tokens)
         self.widths = widths if widths is not None else [None] * config.n_layer
         self.exits = exits
         self.hidden_layers, self.hidden = frozenset(hidden_layers), {}
@@ -68,8 +73,15 @@ class ForwardPass:
 
     def apply(self, i: int, block, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         ctx = self.context(i) if ctx is None else ctx
+        if self.scalars is not None:  # a frozen token (early exit) keeps its residual as it is
+            scaled = self.scalars(i, x, self.x0)
+            x = scaled if ctx.frozen is None else torch.where(ctx.frozen[..., None], x, scaled)
         if self.width_probs is None or i not in self.mixed_layers:
-            return block(x, ctx)
-        return sum(self.width_probs[:, i, j, None, None].to(x.dtype) *
-                   block(x, ctx.at(width=self.config.block_width(w)))
-                   for j, w in enumerate(self.config.matryoshka_levels) if self.allowed[j])
+            out = block(x, ctx)
+        else:
+            out = sum(self.width_probs[:, i, j, None, None].to(x.dtype) *
+                      block(x, ctx.at(width=self.config.block_width(w)))
+                      for j, w in enumerate(self.config.matryoshka_levels) if self.allowed[j])
+        if i == self.backout_layer:
+            self.backout_mid = out
+        return out

@@ -23,13 +23,15 @@ from .looped import Recurrence
 from .mamba import MambaBlock
 from .mamba2 import Mamba2Block
 from .norm import rms_norm
+from .recipe import Backout, ResidualScalars, Smear
 from .rotary import rotary_tables
 
 
-def build_block(kind: str, config: ModelConfig, window: int | None) -> nn.Module:
+def build_block(kind: str, config: ModelConfig, window: int | None, layer: int) -> nn.Module:
     if kind == ATTENTION:
         return AttentionBlock(config.n_embd, config.n_head, config.n_kv_head,
-                              config.mlp_ratio * config.n_embd, window, config.norm_width)
+                              config.mlp_ratio * config.n_embd, window, config.norm_width,
+                              config.vocab_size if layer in config.value_embed_layers else None, config.qk_scale)
     if kind == MAMBA:
         return MambaBlock(config.n_embd, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand,
                           config.mamba_dt_rank, config.mlp_ratio * config.n_embd if config.mamba_use_mlp else None,
@@ -47,12 +49,16 @@ class AdambaLM(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(
-            build_block(kind, config, window)
-            for kind, window in zip(config.block_pattern, config.attention_windows(), strict=True))
+            build_block(kind, config, window, i)
+            for i, (kind, window) in enumerate(zip(config.block_pattern, config.attention_windows(), strict=True)))
         # Looped depth (config.loop): the recurrence's own weights; the looped layers are among `blocks`.
         self.loop = Recurrence(config) if config.loop is not None else None
         # Adaptive compute (exits.py): exit / expansion gates and the width predictor, where the config has them.
         self.adaptive_heads = AdaptiveHeads(config) if AdaptiveHeads.wanted(config) else None
+        # Today's nanochat recipe outside the blocks (recipe.py), where the config asks for it.
+        self.scalars = ResidualScalars(config.n_layer) if config.residual_scalars else None
+        self.smear = Smear() if config.smear else None
+        self.backout = Backout(config.backout_at) if config.backout else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = rotary_tables(config.sequence_len, config.model_head_dim, config.rope_base,
                                  device=self.wte.weight.device)
@@ -93,6 +99,9 @@ class AdambaLM(nn.Module):
             self.loop.init_weights()
         if self.adaptive_heads is not None:
             self.adaptive_heads.init_weights()
+        for option in (self.scalars, self.smear, self.backout):
+            if option is not None:
+                option.init_weights()
         cos, sin = rotary_tables(self.config.sequence_len, self.config.model_head_dim,
                                  self.config.rope_base, device=self.cos.device)
         self.cos.copy_(cos)
@@ -105,9 +114,19 @@ class AdambaLM(nn.Module):
                                                  "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight]}
         no_decay = {id(p) for block in self.blocks if hasattr(block, "no_decay_parameters")
                     for p in block.no_decay_parameters()}
+        # value embeddings (attention.py) are token embeddings, trained like wte, though they sit in blocks
+        tables = [block.attn.value_embed.weight for block in self.blocks
+                  if getattr(getattr(block, "attn", None), "value_embed", None) is not None]
+        groups["embedding"] += tables
         for p in [*self.blocks.parameters(), *(self.loop.parameters() if self.loop is not None else ())]:
+            if any(p is table for table in tables):
+                continue
             kind = "no_decay" if id(p) in no_decay else "matrix" if p.ndim == 2 else "scalar"
             groups[kind].append(p)
+        # the recipe's residual scalars, smear and backout (recipe.py): scalars and one tiny gate, for AdamW
+        for option in (self.scalars, self.smear, self.backout):
+            if option is not None:
+                groups["scalar"] += list(option.parameters())
         # gates and width predictor: small classifiers on detached inputs, trained by AdamW (train/losses.py)
         groups["adaptive"] = list(self.adaptive_heads.parameters()) if self.adaptive_heads is not None else []
         return groups
@@ -152,13 +171,17 @@ class AdambaLM(nn.Module):
             adaptive = compute.adaptive
             exits = ExitPolicy(self, idx.shape, idx.device, widths, exit_layers, adaptive) \
                 if exit_layers is not None or adaptive is not None else None
-            run = ForwardPass(self, cos, sin, cache, widths, exits, hidden_layers, width_probs)
-            logits, ran = self.head(self.run_layers(x, range(compute.depth or len(self.blocks)), run)), None
+            run = ForwardPass(self, cos, sin, cache, widths, exits, hidden_layers, width_probs, x0=x, tokens=idx)
+            out = self.run_layers(x, range(compute.depth or len(self.blocks)), run)
+            if run.backout_mid is not None:  # a stack truncated before the backout layer has none (recipe.py)
+                out = self.backout(out, run.backout_mid)
+            logits, ran = self.head(out), None
         else:
             if exit_layers is not None:
                 raise ValueError("exit_layers: early exit is not defined for looped models (use "
                                  "Compute(loops=Loops(exit=...)))")
-            run = ForwardPass(self, cos, sin, cache, hidden_layers=hidden_layers, width_probs=width_probs)
+            run = ForwardPass(self, cos, sin, cache, hidden_layers=hidden_layers, width_probs=width_probs, x0=x,
+                              tokens=idx)
             logits, ran = self.loop(x, self, run, compute)
         if cache is not None:
             cache.finish(idx.size(1))
@@ -182,6 +205,8 @@ class AdambaLM(nn.Module):
             positions = cache.begin(T)
             cos, sin = self.cos[positions], self.sin[positions]
         x = rms_norm(self.wte(idx), self.config.norm_width)
+        if self.smear is not None:
+            x = self.smear(x, None if cache is None else cache.smear_state, None if cache is None else cache.valid)
         # the float64 rotary tables, cast once here rather than in every attention layer (a decode step is
         # dominated by per-op overhead)
         return x, cos.to(x.dtype), sin.to(x.dtype)
@@ -203,7 +228,7 @@ class AdambaLM(nn.Module):
         """h_n: the residual stream after the first n_layers blocks at full width, without a cache (what the width
         predictor reads)."""
         x, cos, sin = self.embed(idx)
-        return self.run_layers(x, range(n_layers), ForwardPass(self, cos, sin))
+        return self.run_layers(x, range(n_layers), ForwardPass(self, cos, sin, x0=x, tokens=idx))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden state: lm_head(norm(x)) in at least float32, softcapped."""

@@ -45,9 +45,7 @@ def predictor_flops(config: ModelConfig) -> float:
 def reading_flops(config: ModelConfig, context: int | None = None) -> float:
     """Forward FLOPs per token of what the predictor reads: the first predictor_layers blocks at full width, run
     once more without a cache (`hidden_after`), no lm_head."""
-    windows = config.attention_windows()
-    prefix = count_flops(config, context, layers=[(config.block_pattern[i], windows[i], None)
-                                                  for i in range(config.predictor_layers)])
+    prefix = count_flops(config, context, depth=config.predictor_layers)
     return prefix.forward - prefix.lm_head
 
 

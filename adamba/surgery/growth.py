@@ -17,7 +17,6 @@ The checkpoint's meta.json gets `extra["growth"]`, the record training stages re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, read_meta, resolve_
 from ..config import ModelConfig
 from ..data.tokenizer import Tokenizer
 from ..model import AdambaLM
-from ..nanochat import find_nanochat_step, load_nanochat, nanochat_config
+from ..nanochat import load_nanochat, read_nanochat_config
 
 GROWTH = "growth"  # the key in a checkpoint's meta["extra"]
 
@@ -58,8 +57,7 @@ def source_config(checkpoint: str | None = None, nanochat: str | None = None) ->
     if (checkpoint is None) == (nanochat is None):
         raise ValueError("checkpoint: give either an adamba checkpoint (CKPT) or --from-nanochat PATH, not both")
     if nanochat is not None:
-        step = find_nanochat_step(nanochat)
-        return nanochat_config(json.loads((Path(nanochat) / f"meta_{step:06d}.json").read_text()))
+        return read_nanochat_config(nanochat)
     found = latest_checkpoint(resolve_run(checkpoint))
     if found is None:
         raise ValueError(f"checkpoint: no checkpoint found at {checkpoint}")

@@ -80,9 +80,12 @@ def inserted_config(config: ModelConfig, pattern, positions: list[int] | None = 
     supported(config)
     new_pattern = parse_block_pattern(pattern)
     positions = positions or old_positions(config.block_pattern, new_pattern)
+    # the recipe's per-layer choices (model/recipe.py) follow their blocks; new blocks get no value embedding
     fields = config.to_dict() | {"block_pattern": new_pattern, "n_layer": len(new_pattern),
                                  "window_pattern": _window_pattern(config, new_pattern, positions),
-                                 "loop": _loop(config, len(new_pattern), positions)}
+                                 "loop": _loop(config, len(new_pattern), positions),
+                                 "value_embeds": [positions[i] for i in config.value_embed_layers] or None,
+                                 "backout_layer": positions[config.backout_at] if config.backout else None}
     try:
         new = ModelConfig.from_dict(fields)
     except ValueError as err:
@@ -100,6 +103,9 @@ def insert_blocks(model: AdambaLM, pattern, positions: list[int] | None = None) 
     moved = {i: positions[i] for i in range(len(positions))}
     for key, value in model.state_dict().items():
         match = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if key in ("scalars.resid", "scalars.x0"):  # per layer: a new block's x <- 1 x + 0 x0 is the identity
+            value = torch.full_like(state[key], 1.0 if key == "scalars.resid" else 0.0).index_copy(
+                0, torch.tensor(positions, device=value.device), value)
         state[f"blocks.{moved[int(match.group(1))]}.{match.group(2)}" if match else key] = value
     load_weights_into(grown, state, "surgery (inserted blocks)")
     grown.train(model.training)

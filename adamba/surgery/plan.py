@@ -36,7 +36,7 @@ import torch
 
 from ..config import TRAIN_STAGES, ModelConfig, TrainConfig, read_toml
 from ..model import AdambaLM
-from ..nanochat import nanochat_config
+from ..nanochat import generation_of, nanochat_config
 from . import ops
 from .growth import count_params, source_config
 
@@ -132,7 +132,7 @@ def start_config(plan: Plan) -> ModelConfig:
     if "nanochat" in start:
         if Path(start["nanochat"]).expanduser().exists():
             config = source_config(nanochat=str(Path(start["nanochat"]).expanduser()))
-            if "model" in start and nanochat_config({"model_config": start["model"]}) != config:
+            if "model" in start and nanochat_config({"model_config": start["model"]}, generation_of(config)) != config:
                 raise ValueError(f"plan {plan.path}: [start] model {start['model']} is not the config of "
                                  f"{start['nanochat']} ({config.describe()})")
             return config

@@ -128,6 +128,9 @@ class Layout:
                 self.axes |= {p + "attn.c_q.weight": (q, resid), p + "attn.c_k.weight": (kv, resid),
                               p + "attn.c_v.weight": (kv, resid), p + "attn.c_proj.weight": (resid, q)}
                 self.zeros[p + "attn.c_proj.weight"] = [(resid.new, None), (None, q.new)]
+                if i in old.value_embed_layers:  # a new head's value embedding reaches only that head
+                    self.axes |= {p + "attn.value_embed.weight": (None, kv),
+                                  p + "attn.ve_gate.weight": (Axis.prefix(old.n_kv_head, new.n_kv_head), None)}
             if kind == ATTENTION or old.mamba_use_mlp:
                 self.axes |= {p + "mlp.c_fc.weight": (hidden, resid), p + "mlp.c_proj.weight": (resid, hidden)}
                 self.zeros[p + "mlp.c_proj.weight"] = [(resid.new, None), (None, hidden.new)]
@@ -135,6 +138,12 @@ class Layout:
                 self._mamba(p + "mixer.", old, new)
             elif kind == MAMBA2:
                 self._mamba2(p + "mixer.", old, new)
+        # the recipe's scalars and smear gate (model/recipe.py) do not grow: the gate reads the first channels
+        recipe = {"residual_scalars": ("scalars.resid", "scalars.x0"), "smear": ("smear.scale", "smear.gate.weight"),
+                  "backout": ("backout.scale",)}
+        for option, names in recipe.items():
+            if getattr(old, option):
+                self.axes |= {name: (None,) * (2 if name.endswith("gate.weight") else 1) for name in names}
         if old.loop is not None:
             columns = Axis.cat(resid, resid)  # inject reads [e, s]
             self.axes["loop.inject.weight"] = (resid, columns)

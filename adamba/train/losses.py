@@ -156,7 +156,7 @@ def mixture_train_flops(model: ModelConfig) -> float:
     extra = 0.0
     for i in choosable(model):
         for w in levels:
-            layer = count_flops(model, layers=[(ATTENTION, windows[i], w)])
+            layer = count_flops(model, layers=[(i, ATTENTION, windows[i], w)])
             extra += layer.projections + layer.attention
     return 3 * (count_flops(model).forward + extra) + reading_flops(model)
 

@@ -100,7 +100,7 @@ def _start(plan: Plan, info: DistInfo, progress: bool) -> tuple[Path, int, str]:
         return _on_rank0(info, run, write), 0, f"imported from nanochat {path}"
     train_config = plan.train_config(**start.get("train", {}), run_name=run)
     result = train(config, train_config, progress=progress)
-    return result.checkpoint, result.step * train_config.total_batch_size, "trained from scratch"
+    return result.checkpoint, result.step * result.tokens_per_step, "trained from scratch"
 
 
 def run_plan(plan: Plan, progress: bool = True) -> list[dict]:
@@ -127,7 +127,7 @@ def run_plan(plan: Plan, progress: bool = True) -> list[dict]:
             config = plan.train_config(**step.options, run_name=run, init_from=str(current), stage=step.name)
             result = train(source_config(checkpoint=str(current)), config, progress=progress)
             current = result.checkpoint
-            tokens, note = (result.step * config.total_batch_size,
+            tokens, note = (result.step * result.tokens_per_step,
                             f"{result.stage}; {time.perf_counter() - started:.0f} s")
         report.measure(f"{step.kind} {step.name}", current, tokens, note)
     print0(f"report: {report.write()}")

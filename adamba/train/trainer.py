@@ -51,6 +51,7 @@ from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
 from ..model.compute import Compute
 from ..surgery.growth import GROWTH
+from .horizon import apply_horizon, plan_horizon
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
 from .matryoshka import micro_step_widths
@@ -79,6 +80,7 @@ class TrainResult:
     final_val_bpb: float | None = None
     mean_loops: float | None = None  # looped models: the mean loop count actually sampled over the run
     stage: str | None = None  # what a training stage froze or masked, and the optimizer memory saved (stages.py)
+    tokens_per_step: int = 0  # the batch trained with (an automatic batch resolved, train/horizon.py)
 
 
 def peak_flops_of(gpu_name: str) -> float | None:
@@ -199,6 +201,10 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     with its optimizer, loader and RNG state), checks, the training stage, and compile / DDP wrapping."""
     device = pick_device(config.device)
     info: DistInfo = init_distributed(device)
+    horizon = plan_horizon(model_config, config, info.world_size)
+    if horizon is not None:  # before the resume check, which compares the planned numbers with the saved ones
+        config = apply_horizon(config, horizon)
+        print0(horizon.describe())
     dtype = pick_dtype(config.dtype, device)
     seed_everything(config.seed + info.rank)
     # A checkpoint to start from (e.g. a surgery's output): its weights and tokenizer, a fresh optimizer and schedule
@@ -568,9 +574,10 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
                          run.start_step if resume else None, info.is_master,
                          _wandb_run(config, run.model_config, info.is_master))
     result = TrainResult(step=run.start_step, checkpoint=run.out_dir,
-                         stage=run.stage.describe() if run.stage is not None else None)
+                         stage=run.stage.describe() if run.stage is not None else None,
+                         tokens_per_step=run.config.total_batch_size)
     peak = peak_flops(run.device)
-    bar = tqdm(total=config.num_iterations, initial=run.start_step, desc=f"train {config.run_name}", unit="step",
+    bar = tqdm(total=run.config.num_iterations, initial=run.start_step, desc=f"train {config.run_name}", unit="step",
                disable=not (progress and info.is_master), dynamic_ncols=True)
     budget = TimeBudget(run)
     step = run.start_step
