@@ -32,6 +32,7 @@ from .common import DistInfo, adamba_home, atomic_directory, print0, write_atomi
 from .config import ModelConfig
 from .data.tokenizer import Tokenizer
 from .model import AdambaLM
+from .model.pretrained import weight_mismatches
 
 FORMAT = "adamba-checkpoint"
 VERSION = 1
@@ -189,15 +190,9 @@ def _verify(path: Path, meta: dict, name: str) -> Path:
 
 def load_weights_into(model: torch.nn.Module, state: dict, source: str) -> None:
     """Load a state dict that must match the model exactly; otherwise list every difference."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
-                 f"shape mismatches {wrong}" if wrong else ""]
-        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(p for p in parts if p))
+    problems = weight_mismatches(model, state)
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the model: {problems}")
     model.load_state_dict(state, strict=True)
 
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -292,6 +293,30 @@ def cmd_import_nanochat(args) -> None:
     print(f"imported nanochat step {step} ({model.config.describe()}) from {args.path} to {saved}{note}")
 
 
+def cmd_plan_memory(args) -> None:
+    from .model.memory import plan_memory
+
+    cfg, model = load_toml(args.config), None
+    if "vocab_size" not in read_toml(args.config).get("model", {}):  # training takes it from the tokenizer
+        model = dataclasses.replace(cfg.model, vocab_size=cfg.train.tokenizer_vocab_size)
+    cfg = RunConfig(model or cfg.model, cfg.train)
+    memory = plan_memory(cfg.model, cfg.train, args.gpus)
+    print(f"{args.config}: {cfg.model.describe()}; {memory.params:,} parameters; micro-batch "
+          f"{cfg.train.device_batch_size} x {cfg.model.sequence_len} tokens per GPU, bf16 autocast")
+    print(memory.table(args.gpu_memory))
+    print("weights, gradients and optimizer state are counted from the parameter groups; activations are an "
+          "estimate (model/memory.py)")
+
+
+def cmd_export_hf(args) -> None:
+    from .hub import export_hf, push_to_hub
+
+    out = export_hf(args.checkpoint, args.out, name=args.name, license=args.license)
+    print(f"wrote {out} (config.json, model.safetensors, README.md); load it with AdambaLM.from_pretrained")
+    if args.push:
+        print(f"pushed to {args.push}: {push_to_hub(out, args.push, private=args.private)}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -410,6 +435,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     nc.add_argument("--tag", required=True, help="run name to save under $ADAMBA_HOME/checkpoints")
     nc.add_argument("--step", type=int, default=None, help="which step to import (default: the latest)")
     nc.set_defaults(func=cmd_import_nanochat)
+
+    pm = commands.add_parser("plan", help="plan a run before spending GPU time on it")
+    pm_commands = pm.add_subparsers(dest="plan_command", required=True)
+    me = pm_commands.add_parser("memory", help="per-GPU bytes of weights, gradients, optimizer state and "
+                                               "activations under DDP and FSDP, and whether they fit")
+    me.add_argument("config", help="TOML file with [model] and [train] tables (as adamba train --config)")
+    me.add_argument("--gpus", type=int, default=8, help="GPUs FSDP shards over (DDP replicates on each)")
+    me.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    me.set_defaults(func=cmd_plan_memory)
+
+    ex = commands.add_parser("export", help="write a checkpoint in another format")
+    ex_commands = ex.add_subparsers(dest="export_command", required=True)
+    hf = ex_commands.add_parser("hf", help="a Hugging Face model folder: config.json, model.safetensors, tokenizer, "
+                                           "and a model card of measured numbers only")
+    hf.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    hf.add_argument("out", help="the folder to write (replaced atomically if it exists)")
+    hf.add_argument("--name", default=None, help="the model's name in its card (default: the folder's name)")
+    hf.add_argument("--license", default=None, help="a hub licence id for the card's header (default: none stated)")
+    hf.add_argument("--push", metavar="REPO_ID", default=None,
+                    help="then upload the folder to this hub repository (needs huggingface_hub and a token)")
+    hf.add_argument("--private", action="store_true", help="--push: create the repository as private")
+    hf.set_defaults(func=cmd_export_hf)
 
     ca = commands.add_parser("calibrate", help="early-exit thresholds by Learn-then-Test on held-out data")
     ca.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")

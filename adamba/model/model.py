@@ -6,12 +6,14 @@ to be built on the meta device and then materialised by `init_weights()` (see `A
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ATTENTION, MAMBA, MAMBA2, ModelConfig, require_loop
-from . import kernels
+from . import kernels, pretrained
 from .attention import AttentionBlock
 from .cache import InferenceCache
 from .compute import Compute
@@ -78,6 +80,16 @@ class AdambaLM(nn.Module):
         model.to_empty(device=device)
         model.init_weights()
         return model
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: torch.device | str = "cpu",
+                        revision: str | None = None) -> AdambaLM:
+        """The model of a folder written by `adamba export hf`, or of a Hugging Face hub repository id
+        (owner/name; needs huggingface_hub), in eval mode (pretrained.py)."""
+        folder = pretrained.resolve_folder(source, revision)
+        model = cls.build(pretrained.read_config(folder), device)
+        pretrained.load_state(folder, model)
+        return model.eval()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -44,18 +44,25 @@ def add_commands(commands) -> None:
     de = ops_parser.add_parser("deepen", help="insert blocks of any kind, each the identity at init")
     _source_arguments(de)
     de.add_argument("--pattern", required=True, help="the whole new block stack, e.g. 'TTMT' from 'TM'")
-    pl = ops_parser.add_parser("plan", help="a plan's stages and parameter counts (a dry run: no weights)")
+    pl = ops_parser.add_parser("plan", help="a plan's stages, parameter counts and per-GPU memory (a dry run: no "
+                                            "weights)")
     pl.add_argument("plan", help="a plan TOML file (configs/plans/)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs the memory plan divides FSDP's shards over")
+    pl.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan fits into")
     for parser in (am, wi, de, pl):
         parser.set_defaults(func=cmd_surgery)
 
 
-def print_plan(path: str) -> None:
-    from .plan import dry_run, format_rows, load_plan
+def print_plan(path: str, gpus: int = 8, gpu_memory: float = 80) -> None:
+    from .plan import dry_run, format_memory, format_rows, load_plan
 
     plan = load_plan(path)
     print(f"plan {plan.path} ({plan.name}): parameters counted by adamba's model code on the meta device")
-    print(format_rows(dry_run(plan)))
+    rows = dry_run(plan)
+    print(format_rows(rows))
+    print(f"\nper-GPU memory of training each stage on {gpus} GPUs of {gpu_memory:g} GiB (model/memory.py; "
+          "activations estimated):")
+    print(format_memory(plan, gpus, gpu_memory))
 
 
 def cmd_surgery(args) -> None:
@@ -64,7 +71,7 @@ def cmd_surgery(args) -> None:
 
     op = args.surgery_command
     if op == "plan":
-        print_plan(args.plan)
+        print_plan(args.plan, args.gpus, args.gpu_memory)
         return
     names = {"add-mamba": ("pattern", "kind"), "widen": ("width", "init", "rank", "scale", "seed"),
              "deepen": ("pattern",)}[op]

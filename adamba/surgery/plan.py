@@ -36,6 +36,7 @@ import torch
 
 from ..config import TRAIN_STAGES, ModelConfig, TrainConfig, read_toml
 from ..model import AdambaLM
+from ..model.memory import GIB, plan_memory
 from ..nanochat import generation_of, nanochat_config
 from . import ops
 from .growth import count_params, source_config
@@ -169,6 +170,25 @@ def stage_row(k: int, what: str, config: ModelConfig, params: int) -> dict:
         flops = AdambaLM(config).count_flops()
     return {"stage": k, "what": what, "n_embd": config.n_embd, "n_layer": config.n_layer,
             "blocks": "".join(config.block_pattern), "params": params, "flops_per_token": flops.forward}
+
+
+def format_memory(plan: Plan, gpus: int, gpu_memory: float) -> str:
+    """Per-GPU GiB of training each stage under DDP and FSDP (model/memory.py), and whether it fits."""
+    config = start_config(plan)
+    stages = [("start", config, plan.train_config())]
+    for step in plan.steps:
+        if step.kind == "surgery":
+            config = ops.derive(step.name, config, step.options)
+            stages.append((f"surgery {step.name}", config, plan.train_config()))
+        else:
+            stages.append((f"train {step.name}", config, plan.train_config(**step.options)))
+    lines = ["| stage | what | DDP GiB/GPU | fits | FSDP GiB/GPU | fits |", "|---|---|---:|---|---:|---|"]
+    for k, (what, stage_config, train_config) in enumerate(stages):
+        memory = plan_memory(stage_config, train_config, gpus)
+        ddp, fsdp = (sum(parts.values()) / GIB for parts in (memory.ddp(), memory.fsdp()))
+        lines.append(f"| {k} | {what} | {ddp:.1f} | {'yes' if ddp <= gpu_memory else 'no'} | {fsdp:.1f} | "
+                     f"{'yes' if fsdp <= gpu_memory else 'no'} |")
+    return "\n".join(lines)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -27,11 +27,11 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..model import AdambaLM
+from .optim import LEARNING_RATES
 
 REFERENCE_DEPTH = 12
 REFERENCE_BATCH = 2 ** 19  # tokens
 BATCH_EXPONENT = 0.383
-LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
 
 
 def scaling_params(config: ModelConfig) -> int:
