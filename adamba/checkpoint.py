@@ -117,19 +117,22 @@ def restore_rng_state(saved: list[dict] | dict, device: torch.device, info: Dist
 def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_config: dict | None = None,
                     optimizers: list[torch.optim.Optimizer] | None = None, loader_state: dict | None = None,
                     tokenizer: Tokenizer | None = None, extra: dict | None = None,
-                    rng_states: list[dict] | None = None) -> Path:
+                    rng_states: list[dict] | None = None, state: dict | None = None,
+                    optimizer_states: list[dict] | None = None) -> Path:
     """Write `directory`/step_NNNNNN atomically and return its path. With `optimizers`, optimizer.pt holds their
-    states and `rng_states` (every rank's, from `all_ranks_rng_states`; default: this process's)."""
+    states and `rng_states` (every rank's, from `all_ranks_rng_states`; default: this process's). `state` and
+    `optimizer_states`, when given, replace the model's and the optimizers' own (a sharded model's, gathered)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
     with atomic_directory(final) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
         safetensors.torch.save_file(state, tmp / WEIGHTS)
         if optimizers is not None:
             if rng_states is None:
                 rng_states = [rng_state(next(model.parameters()).device)]
-            torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_states}, tmp / OPTIMIZER)
+            states = optimizer_states if optimizer_states is not None else [opt.state_dict() for opt in optimizers]
+            torch.save({"optimizers": states, "rng": rng_states}, tmp / OPTIMIZER)
         if tokenizer is not None:
             tokenizer.save(tmp)
         meta = {

@@ -607,6 +607,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 on capable GPUs, float32 elsewhere
     device: str = "auto"
     compile: bool | None = None  # None: on for CUDA, off on CPU
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over ranks (train/fsdp.py)
     eval_every: int = 50  # steps; 0 disables periodic evaluation
     eval_tokens: int = 32768  # validation tokens per bpb evaluation
     sample_every: int = 0  # steps; 0 disables periodic samples

@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .fsdp import shard_like, whole
+
 # (a, b, c) of each step p(x) = a x + b x^3 + c x^5, for 5 steps, safety factor 2e-2 and cushion 2 (the paper's
 # construction for a smallest singular value of 1e-3; the same numbers as nanochat's).
 POLAR_EXPRESS = [
@@ -116,7 +118,7 @@ class PolarMuon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - momentum)
-        u = p.grad.lerp(buf, momentum)
+        u = whole(p.grad.lerp(buf, momentum))  # the whole matrix under FSDP (fsdp.py); the update is not elementwise
         compute = torch.bfloat16 if p.is_cuda else torch.float32
         if group["equilibrate"]:
             u = equilibrate_rows(u.float())
@@ -128,6 +130,7 @@ class PolarMuon(torch.optim.Optimizer):
                 shape = (p.size(0), 1) if neuron_dim(p.shape) == 1 else (1, p.size(1))
                 state["second_momentum_buffer"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
             o = normuon(o, state["second_momentum_buffer"], group["beta2"])
+        o = shard_like(o, p)  # this rank's rows of it (fsdp.py); the rest below is elementwise
         lr = lr * math.sqrt(max(1.0, p.size(0) / p.size(1)))  # classic Muon's shape scale, on the decay too
         if wd:
             decay = p * (o * p >= 0) if group["cautious"] else p

@@ -13,8 +13,10 @@ import dataclasses
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..config import TrainConfig
+from .fsdp import shard_like, whole
 from .muon import PolarMuon
 
 LEARNING_RATES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr")
@@ -35,7 +37,8 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if any(p.is_cuda for group in self.param_groups for p in group["params"]):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any(p.is_cuda for p in params) and not any(isinstance(p, DTensor) for p in params):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -48,7 +51,9 @@ class Muon(torch.optim.Muon):
             for param, grad, buf in zip(params, grads, buffers, strict=True):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz_float32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                # whole matrices under FSDP (fsdp.py): gathered, orthogonalised, this rank's rows kept
+                update = shard_like(newton_schulz_float32(whole(update), group["ns_coefficients"], group["ns_steps"],
+                                                          group["eps"]), param)
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-lr * muon_lr_scale(param.shape, group["adjust_lr_fn"]))
         return loss

@@ -85,7 +85,7 @@ def setup_sft(sft: SFTConfig, config: TrainConfig, conversations: Sequence[dict]
            f"{config.final_lr_frac:g}")
     optimizers = build_optimizers(model, config)
     if resume:
-        restore_training_state(checkpoint, optimizers, loader, device, info)
+        restore_training_state(checkpoint, optimizers, loader, device, info, model)
     return Run(config, info, device, dtype, None, out_dir, model,
                wrap_for_training(model, config, device, info, untrained_heads(model)),
                optimizers, loader, accum, start_step=checkpoint.step if resume else 0, tokenizer=tokenizer)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -51,6 +52,13 @@ from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
 from ..model.compute import Compute
 from ..surgery.growth import GROWTH
+from .fsdp import (
+    full_model_state,
+    full_optimizer_states,
+    load_full_optimizer_states,
+    saved_by_name,
+    shard_model,
+)
 from .horizon import apply_horizon, plan_horizon
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
@@ -191,7 +199,11 @@ class Run:
         return autocast(self.device, self.dtype)
 
     def grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, gradients are averaged over ranks at a backward with sync; the others accumulate locally."""
+        """Under DDP or FSDP, gradients are averaged over ranks at a backward with sync; the others accumulate
+        locally."""
+        if self.config.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         return self.train_model.no_sync() if self.info.enabled and not sync else contextlib.nullcontext()
 
 
@@ -226,12 +238,14 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
     if stage is not None:
         print0(stage.describe())
+    if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
+        shard_model(model, dtype)
     optimizers = build_optimizers(model, config)
     print0(describe_muon(config))
     loader = DataLoader(data, "train", config.device_batch_size, model.config.sequence_len, rank=info.rank,
                         world_size=info.world_size, seed=config.seed, device=device)
     if checkpoint is not None:
-        restore_training_state(checkpoint, optimizers, loader, device, info)
+        restore_training_state(checkpoint, optimizers, loader, device, info, model)
     return Run(config, info, device, dtype, data, out_dir, model,
                wrap_for_training(model, config, device, info, untrained_heads(model)),
                optimizers, loader, accum, start_step=checkpoint.step if checkpoint is not None else 0, stage=stage,
@@ -287,6 +301,15 @@ def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInf
                          "them in one process")
     if config.fixed_loops:
         require_loop(model_config, "fixed_loops")
+    if config.fsdp:
+        if not info.enabled:
+            raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun "
+                             "--nproc_per_node=N -m adamba.cli train ..., or drop --fsdp")
+        if config.sample_every:
+            raise ValueError("sample_every: samples decode on rank 0 alone, which a sharded model cannot; set "
+                             "sample_every 0 with --fsdp")
+        if config.stage is not None:
+            raise ValueError("stage: growth stages freeze and mask parameters, which is not built for --fsdp yet")
 
 
 def describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
@@ -309,10 +332,18 @@ def _describe_energy_penalty(config: TrainConfig) -> None:
 
 
 def restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
-                            loader: DataLoader, device: torch.device, info: DistInfo) -> None:
-    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly."""
-    for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
-        opt.load_state_dict(state)
+                            loader: DataLoader, device: torch.device, info: DistInfo, model: torch.nn.Module) -> None:
+    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly. Optimizer states
+    an FSDP run saved (whole, by parameter name: fsdp.py) load into a sharded model or a plain one."""
+    states = checkpoint.optimizer_state["optimizers"]
+    if saved_by_name(states):
+        load_full_optimizer_states(model, optimizers, states)
+    elif isinstance(model, FSDPModule):
+        raise ValueError(f"fsdp: {checkpoint.path} was trained without --fsdp; resume it without --fsdp, or start "
+                         "from its weights with a fresh optimizer (--init-from)")
+    else:
+        for opt, state in zip(optimizers, states, strict=True):
+            opt.load_state_dict(state)
     loader.load_state_dict(checkpoint.meta["loader"])
     restore_rng_state(checkpoint.optimizer_state["rng"], device, info)
 
@@ -326,8 +357,11 @@ def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device
     `untrained`: parameters no pass of this run gives a gradient (e.g. exit gates and a width predictor under the
     plain loss). Under DDP they are frozen first: DDP would wait for their gradients ("Expected to have finished
     reduction ...") at the next step. Their optimizer skips them, as it would anyway without gradients."""
+    if config.fsdp and not isinstance(model, FSDPModule):
+        raise ValueError("fsdp: built for pretraining (adamba train) so far; fine-tune under torchrun without it "
+                         "(DDP)")
     train_model: torch.nn.Module = model
-    if info.enabled:
+    if info.enabled and not config.fsdp:  # (FSDP reduce-scatters gradients itself: fsdp.py)
         for p in untrained:
             p.requires_grad_(False)
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda"
@@ -555,11 +589,15 @@ def show_progress(bar: tqdm, record: dict) -> None:
 def _save(run: Run, step: int, result: TrainResult) -> None:
     """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer); the others wait for it."""
     rng_states = all_ranks_rng_states(run.device, run.info)
+    sharded = run.config.fsdp  # gathered whole on every rank (collectives), written by rank 0
+    state = full_model_state(run.model) if sharded else None
+    optimizer_states = full_optimizer_states(run.model, run.optimizers) if sharded else None
     if run.info.is_master:
         result.checkpoint = save_checkpoint(
             run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
             loader_state=run.loader.state_dict(), tokenizer=run.tokenizer,
-            extra={GROWTH: run.growth} if run.growth else None, rng_states=rng_states)
+            extra={GROWTH: run.growth} if run.growth else None, rng_states=rng_states, state=state,
+            optimizer_states=optimizer_states)
     if run.info.enabled:
         dist.barrier()
 
