@@ -608,6 +608,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool | None = None  # None: on for CUDA, off on CPU
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over ranks (train/fsdp.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
     eval_every: int = 50  # steps; 0 disables periodic evaluation
     eval_tokens: int = 32768  # validation tokens per bpb evaluation
     sample_every: int = 0  # steps; 0 disables periodic samples

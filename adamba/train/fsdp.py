@@ -10,6 +10,7 @@ models whose ~16 bytes a parameter DDP cannot fit on one GPU (model/memory.py sa
   communication). Every rank so repeats every matrix's iteration; the alternative, one owner rank per matrix and a
   scatter of its result, saves that compute for a second collective, and is left for when profiles show it.
   AdamW is elementwise and runs on the shards as they are.
+- Activation checkpointing (`--activation-checkpointing`, with or without FSDP): `checkpoint_blocks`.
 - Checkpoints: the full model and optimizer states are gathered with torch.distributed.checkpoint's state-dict
   API and rank 0 writes the ordinary checkpoint, so any number of ranks, one included, loads or resumes it. (A
   model too large to gather on one host needs DCP's sharded files instead: not built yet.)
@@ -17,8 +18,11 @@ models whose ~16 bytes a parameter DDP cannot fit on one GPU (model/memory.py sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -43,6 +47,22 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing (`--activation-checkpointing`): each block keeps only its input for the backward,
+    which recomputes the rest (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): activation
+    memory of one block instead of all, for about one more forward. Training passes only; decoding (a cache) and
+    no-grad passes run the block as it is. Applied to the forward, so parameter names, hooks and FSDP units are
+    unchanged."""
+    for block in model.blocks:
+        block.forward = functools.partial(_recomputed, block.forward)
+
+
+def _recomputed(forward, x: torch.Tensor, ctx) -> torch.Tensor:
+    if not torch.is_grad_enabled() or ctx.cache is not None:
+        return forward(x, ctx)
+    return torch.utils.checkpoint.checkpoint(forward, x, ctx, use_reentrant=False)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ from ..model import AdambaLM, scan_cpu
 from ..model.compute import Compute
 from ..surgery.growth import GROWTH
 from .fsdp import (
+    checkpoint_blocks,
     full_model_state,
     full_optimizer_states,
     load_full_optimizer_states,
@@ -238,6 +239,8 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
     if stage is not None:
         print0(stage.describe())
+    if config.activation_checkpointing:
+        checkpoint_blocks(model)
     if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
         shard_model(model, dtype)
     optimizers = build_optimizers(model, config)
