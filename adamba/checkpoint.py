@@ -2,6 +2,8 @@
 
     checkpoints/<run>/step_NNNNNN/
         model.safetensors   weights
+        shards/             instead of model.safetensors, from an FSDP run (train/fsdp.py): weights and optimizer
+                            states as torch.distributed.checkpoint files, one per rank, readable by any number
         optimizer.pt        optimizer states, RNG states (absent in weights-only checkpoints)
         tokenizer.pkl       the tokenizer the model was trained with
         meta.json           format, step, model and train config, loader state, and each file's sha256
@@ -18,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from .common import DistInfo, adamba_home, atomic_directory, print0, write_atomic
 from .config import ModelConfig
@@ -37,6 +42,7 @@ from .model.pretrained import weight_mismatches
 FORMAT = "adamba-checkpoint"
 VERSION = 1
 WEIGHTS, OPTIMIZER, TOKENIZER, META = "model.safetensors", "optimizer.pt", "tokenizer.pkl", "meta.json"
+SHARDS = "shards"  # an FSDP run's torch.distributed.checkpoint folder: {"model": ..., "optimizers": {"0": ...}}
 CALIBRATION, CALIBRATION_FORMAT = "calibration.json", "adamba-calibration"
 
 
@@ -117,21 +123,24 @@ def restore_rng_state(saved: list[dict] | dict, device: torch.device, info: Dist
 def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_config: dict | None = None,
                     optimizers: list[torch.optim.Optimizer] | None = None, loader_state: dict | None = None,
                     tokenizer: Tokenizer | None = None, extra: dict | None = None,
-                    rng_states: list[dict] | None = None, state: dict | None = None,
-                    optimizer_states: list[dict] | None = None) -> Path:
+                    rng_states: list[dict] | None = None, shards: Path | None = None) -> Path:
     """Write `directory`/step_NNNNNN atomically and return its path. With `optimizers`, optimizer.pt holds their
-    states and `rng_states` (every rank's, from `all_ranks_rng_states`; default: this process's). `state` and
-    `optimizer_states`, when given, replace the model's and the optimizers' own (a sharded model's, gathered)."""
+    states and `rng_states` (every rank's, from `all_ranks_rng_states`; default: this process's). `shards`: a
+    torch.distributed.checkpoint folder every rank of an FSDP run wrote (train/fsdp.py), moved in as shards/ in
+    place of model.safetensors and the optimizer states."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(step)
     with atomic_directory(final) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
-        safetensors.torch.save_file(state, tmp / WEIGHTS)
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
+        else:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            safetensors.torch.save_file(state, tmp / WEIGHTS)
         if optimizers is not None:
             if rng_states is None:
                 rng_states = [rng_state(next(model.parameters()).device)]
-            states = optimizer_states if optimizer_states is not None else [opt.state_dict() for opt in optimizers]
+            states = None if shards is not None else [opt.state_dict() for opt in optimizers]
             torch.save({"optimizers": states, "rng": rng_states}, tmp / OPTIMIZER)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -139,7 +148,7 @@ def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_
             "format": FORMAT, "version": VERSION, "step": step,
             "model_config": model.config.to_dict(), "train_config": train_config,
             "loader": loader_state, "extra": extra or {},
-            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+            "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         # Plain writes inside the temporary folder: atomic_directory fsyncs them and renames the folder.
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -211,13 +220,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,
         config = ModelConfig.from_dict(meta["model_config"])
     except ValueError as err:
         raise CheckpointError(f"{found / META}: invalid model_config: {err}") from None
-    weights = _verify(found, meta, WEIGHTS)
-    try:
-        state = safetensors.torch.load_file(weights, device=str(device))
-    except Exception as err:
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
     model = AdambaLM.build(config, device)
-    load_weights_into(model, state, str(weights))
+    if SHARDS in {name.split("/")[0] for name in meta["files"]}:
+        _load_shards(found, meta, model)
+    else:
+        weights = _verify(found, meta, WEIGHTS)
+        try:
+            state = safetensors.torch.load_file(weights, device=str(device))
+        except Exception as err:
+            raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
+        load_weights_into(model, state, str(weights))
     calibration = _load_calibration(found, meta, model)
     tokenizer = Tokenizer.load(_verify(found, meta, TOKENIZER)) if TOKENIZER in meta["files"] else None
     optimizer_state = None
@@ -233,6 +245,27 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,
     return Checkpoint(found, meta, model, tokenizer, optimizer_state, calibration)
 
 
+def read_shards(state: dict, folder: Path) -> None:
+    """Fill `state`'s tensors (plain, or DTensor shards) from a torch.distributed.checkpoint folder."""
+    with warnings.catch_warnings():  # in one process DCP warns that it assumes one process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder)
+
+
+def _load_shards(path: Path, meta: dict, model: AdambaLM) -> None:
+    """The weights of an FSDP run's shards/ (torch.distributed.checkpoint), read whole into `model`, in one
+    process or on every rank of a group (then each reads them all)."""
+    for name in meta["files"]:
+        if name.startswith(f"{SHARDS}/"):
+            _verify(path, meta, name)
+    state = model.state_dict()
+    try:
+        read_shards({"model": state}, path / SHARDS)
+    except Exception as err:
+        raise CheckpointError(f"{path / SHARDS}: unreadable or not this model's shards ({err})") from None
+    model.load_state_dict(state, strict=True)
+
+
 def _payload_sha256(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -240,6 +273,9 @@ def _payload_sha256(data: dict) -> str:
 def save_calibration(path: Path, meta: dict, calibration: dict) -> Path:
     """Write `calibration` (JSON-able; `thresholds` maps exit layer -> threshold or None = never exit) beside the
     checkpoint in `path`, atomically, bound to the checkpoint's weights."""
+    if WEIGHTS not in meta["files"]:
+        raise CheckpointError(f"{path}: a sharded (FSDP) checkpoint; write it as one file first (adamba export "
+                              "unsharded) and calibrate that")
     data = {"format": CALIBRATION_FORMAT, "weights_sha256": meta["files"][WEIGHTS], **calibration}
     data["sha256"] = _payload_sha256(data)
     return write_atomic(path / CALIBRATION, json.dumps(data, indent=2))

@@ -308,6 +308,18 @@ def cmd_plan_memory(args) -> None:
           "estimate (model/memory.py)")
 
 
+def cmd_export_unsharded(args) -> None:
+    from .checkpoint import load_checkpoint, resolve_run, run_dir, save_checkpoint
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag) or args.tag in (".", ".."):
+        raise ValueError(f"--tag: {args.tag!r} is not a valid folder name (use letters, digits, '.', '_', '-')")
+    ckpt = load_checkpoint(resolve_run(args.checkpoint))
+    saved = save_checkpoint(run_dir(args.tag), ckpt.model, step=ckpt.step, train_config=ckpt.meta.get("train_config"),
+                            tokenizer=ckpt.tokenizer, extra={**ckpt.meta.get("extra", {}), "unsharded_from":
+                                                             str(ckpt.path)})
+    print(f"wrote {saved} (one file of weights, from {ckpt.path})")
+
+
 def cmd_export_hf(args) -> None:
     from .hub import export_hf, push_to_hub
 
@@ -457,6 +469,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="then upload the folder to this hub repository (needs huggingface_hub and a token)")
     hf.add_argument("--private", action="store_true", help="--push: create the repository as private")
     hf.set_defaults(func=cmd_export_hf)
+
+    un = ex_commands.add_parser("unsharded", help="an FSDP run's sharded checkpoint as the ordinary one-file "
+                                                 "checkpoint (weights, tokenizer, configs; no optimizer state)")
+    un.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")
+    un.add_argument("--tag", required=True, help="run name to save under $ADAMBA_HOME/checkpoints")
+    un.set_defaults(func=cmd_export_unsharded)
 
     ca = commands.add_parser("calibrate", help="early-exit thresholds by Learn-then-Test on held-out data")
     ca.add_argument("checkpoint", help="checkpoint folder, run folder, or run name")

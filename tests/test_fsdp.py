@@ -82,12 +82,22 @@ def test_fsdp_kill_and_resume_is_exact_and_its_checkpoint_loads_in_one_process(c
     assert sorted(b) == list(range(1, n + 1))
     for step in range(1, n + 1):
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    # written as shards, one file per rank (torch.distributed.checkpoint), beside the usual meta and tokenizer
+    path = load_checkpoint(run_dir("killed")).path
+    assert not (path / "model.safetensors").exists() and len(list((path / "shards").glob("*.distcp"))) == 2
     # saved by 2 ranks, loaded by one: the same weights, and the same logits as the straight run's
     one, other = load_checkpoint(run_dir("killed")).model, load_checkpoint(run_dir("straight")).model
     idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(one(idx), other(idx), atol=1e-5, rtol=0)
-    # and it resumes in one process without --fsdp: the whole optimizer states load into the plain model
+    # exported as the ordinary one-file checkpoint: the same model
+    from adamba.cli import main
+    assert main(["export", "unsharded", "killed", "--tag", "one-file"]) == 0
+    exported = load_checkpoint(run_dir("one-file"))
+    assert (exported.path / "model.safetensors").exists() and exported.step == n
+    with torch.no_grad():
+        assert torch.equal(exported.model(idx), one(idx))
+    # and it resumes in one process without --fsdp: the optimizer states, resharded, load into the plain model
     train(tiny_config(), tiny_train_config(corpus_dir, run_name="killed", **{**common, "num_iterations": n + 1}),
           resume=True, progress=False)
     assert sorted(losses("killed")) == list(range(1, n + 2))

@@ -73,3 +73,14 @@ def test_surgery_plan_shows_the_memory_of_every_stage(capsys):
     assert len(rows) == len(dry_run(plan))
     start = plan_memory(start_config(plan), plan.train_config(), 8)
     assert rows[0].startswith(f"| 0 | start | {sum(start.ddp().values()) / GIB:.1f} |")
+
+
+def test_activation_checkpointing_keeps_each_blocks_input_and_one_block():
+    config = tiny_config(n_layer=4)
+    plain = plan_memory(config, TrainConfig(device_batch_size=2, total_batch_size=64), gpus=1)
+    saving = plan_memory(config, TrainConfig(device_batch_size=2, total_batch_size=64, activation_checkpointing=True),
+                         gpus=1)
+    tokens, logits = 2 * 32, 2 * 4 * 2 * 32 * 512
+    block = (plain.activations - logits) / 4  # four equal attention blocks
+    assert saving.activations == pytest.approx(4 * tokens * 64 * 2 + block + logits)
+    assert (saving.weights, saving.gradients, saving.optimizer) == (plain.weights, plain.gradients, plain.optimizer)

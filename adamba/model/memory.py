@@ -15,6 +15,7 @@ tokens at the compute dtype -- an attention block's 34 s b h bytes at 16 bits (K
 Activation Recomputation in Large Transformer Models", eq. 2 with flash attention, which drops its 5 a s^2 b
 term; scaled by the dtype and the MLP width), a Mamba block's saved inputs and outputs of its projections, conv
 and scan (the tensors its backward reads), and the float32 logits and their softmax (2 x 4 B x vocab a token).
+With --activation-checkpointing: each block's input, and one block's activations at a time.
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ def _optimizer_bytes(groups: dict[str, list[torch.Tensor]], polar: bool) -> floa
     return 8.0 * adam + 4.0 * (muon + second)
 
 
-def activation_bytes(config: ModelConfig, tokens: int, dtype_bytes: int) -> float:
-    """Saved-for-backward bytes of one micro-batch of `tokens` tokens (module docstring: an estimate)."""
+def activation_bytes(config: ModelConfig, tokens: int, dtype_bytes: int, checkpointed: bool = False) -> float:
+    """Saved-for-backward bytes of one micro-batch of `tokens` tokens (module docstring: an estimate). With
+    activation checkpointing (train/fsdp.py) each block keeps only its input, and one block at a time holds its own
+    activations again while the backward recomputes it."""
+    blocks = _block_activations(config, tokens, dtype_bytes)
+    kept = len(blocks) * tokens * config.n_embd * dtype_bytes + max(blocks) if checkpointed else sum(blocks)
+    return kept + 2 * 4.0 * tokens * config.vocab_size  # float32 logits and their softmax
+
+
+def _block_activations(config: ModelConfig, tokens: int, dtype_bytes: int) -> list[float]:
     d = config.n_embd
-    total = 0.0
+    out = []
     for kind in config.block_pattern:
+        total = 0.0
         if kind == ATTENTION:
             # Korthikanti's 34 = 11 (attention, 16-bit) + 19 (MLP of 4d, 16-bit) + 4 (two masks / norms); ours:
             # the same terms at this dtype and MLP width
@@ -91,7 +101,8 @@ def activation_bytes(config: ModelConfig, tokens: int, dtype_bytes: int) -> floa
             total += tokens * (d + 2 * (inner + 2 * g * n) + heads + inner + 2 * g * n + inner + inner) * dtype_bytes
         if kind != ATTENTION and config.mamba_use_mlp:
             total += tokens * d * 19 * config.mlp_ratio / 4 * dtype_bytes / 2
-    return total + 2 * 4.0 * tokens * config.vocab_size  # float32 logits and their softmax
+        out.append(total)
+    return out
 
 
 def plan_memory(model_config: ModelConfig, train_config: TrainConfig, gpus: int,
@@ -109,4 +120,4 @@ def plan_memory(model_config: ModelConfig, train_config: TrainConfig, gpus: int,
     return MemoryPlan(gpus, params, 4.0 * params, 4.0 * params,
                       _optimizer_bytes(groups, train_config.muon == "polar"),
                       activation_bytes(model_config, train_config.device_batch_size * model_config.sequence_len,
-                                       compute_bytes), gathered)
+                                       compute_bytes, train_config.activation_checkpointing), gathered)

@@ -11,20 +11,22 @@ models whose ~16 bytes a parameter DDP cannot fit on one GPU (model/memory.py sa
   scatter of its result, saves that compute for a second collective, and is left for when profiles show it.
   AdamW is elementwise and runs on the shards as they are.
 - Activation checkpointing (`--activation-checkpointing`, with or without FSDP): `checkpoint_blocks`.
-- Checkpoints: the full model and optimizer states are gathered with torch.distributed.checkpoint's state-dict
-  API and rank 0 writes the ordinary checkpoint, so any number of ranks, one included, loads or resumes it. (A
-  model too large to gather on one host needs DCP's sharded files instead: not built yet.)
+- Checkpoints: every rank writes its shards of the weights and optimizer states (torch.distributed.checkpoint)
+  into the checkpoint's shards/ folder; rank 0 adds the rest (configs, loader, every rank's RNG, tokenizer) and
+  renames the folder into place. DCP reshards on load, so any number of ranks -- one included, without FSDP --
+  loads or resumes it, and `adamba export unsharded` writes it as the ordinary one-file checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -32,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+from ..checkpoint import read_shards
 
 
 def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -79,24 +81,19 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return replicated.redistribute(mesh, param.placements)
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer whole, on the CPU (a collective: every rank calls it)."""
-    return get_model_state_dict(model, options=FULL)
+def save_shards(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], folder: Path) -> None:
+    """Every rank writes its shards of the weights and optimizer states to `folder` (torch.distributed.checkpoint;
+    a collective). Any number of ranks, one included, reads them back (load_shards, checkpoint.load_checkpoint)."""
+    state = {"model": get_model_state_dict(model),
+             "optimizers": {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}}
+    dcp.save(state, checkpoint_id=folder)
 
 
-def full_optimizer_states(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[dict]:
-    return [get_optimizer_state_dict(model, opt, options=FULL) for opt in optimizers]
-
-
-def saved_by_name(states: list[dict]) -> bool:
-    """Whether optimizer states are full_optimizer_states' (keyed by parameter name), not Optimizer.state_dict's
-    (keyed by index)."""
-    return any(isinstance(key, str) for state in states for key in state.get("state", {}))
-
-
-def load_full_optimizer_states(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-                               states: list[dict]) -> None:
-    """Each rank keeps its shards of full optimizer states (as full_optimizer_states wrote them)."""
-    for opt, state in zip(optimizers, states, strict=True):
-        set_optimizer_state_dict(model, opt, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+def load_shard_optimizer_states(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                                folder: Path) -> None:
+    """The optimizer states of save_shards' `folder`, resharded for this run (FSDP on any number of ranks, or a
+    plain model in one process)."""
+    states = {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}  # its layout
+    read_shards({"optimizers": states}, folder)
+    for i, opt in enumerate(optimizers):
+        set_optimizer_state_dict(model, opt, optim_state_dict=states[str(i)])

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..checkpoint import (
+    SHARDS,
     Checkpoint,
     all_ranks_rng_states,
     load_checkpoint,
@@ -52,14 +54,7 @@ from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
 from ..model.compute import Compute
 from ..surgery.growth import GROWTH
-from .fsdp import (
-    checkpoint_blocks,
-    full_model_state,
-    full_optimizer_states,
-    load_full_optimizer_states,
-    saved_by_name,
-    shard_model,
-)
+from .fsdp import checkpoint_blocks, load_shard_optimizer_states, save_shards, shard_model
 from .horizon import apply_horizon, plan_horizon
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
@@ -336,11 +331,11 @@ def _describe_energy_penalty(config: TrainConfig) -> None:
 
 def restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
                             loader: DataLoader, device: torch.device, info: DistInfo, model: torch.nn.Module) -> None:
-    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly. Optimizer states
-    an FSDP run saved (whole, by parameter name: fsdp.py) load into a sharded model or a plain one."""
+    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly. An FSDP run's
+    sharded optimizer states (fsdp.py) load into a sharded model on any number of ranks, or into a plain one."""
     states = checkpoint.optimizer_state["optimizers"]
-    if saved_by_name(states):
-        load_full_optimizer_states(model, optimizers, states)
+    if states is None:
+        load_shard_optimizer_states(model, optimizers, checkpoint.path / SHARDS)
     elif isinstance(model, FSDPModule):
         raise ValueError(f"fsdp: {checkpoint.path} was trained without --fsdp; resume it without --fsdp, or start "
                          "from its weights with a fresh optimizer (--init-from)")
@@ -592,15 +587,19 @@ def show_progress(bar: tqdm, record: dict) -> None:
 def _save(run: Run, step: int, result: TrainResult) -> None:
     """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer); the others wait for it."""
     rng_states = all_ranks_rng_states(run.device, run.info)
-    sharded = run.config.fsdp  # gathered whole on every rank (collectives), written by rank 0
-    state = full_model_state(run.model) if sharded else None
-    optimizer_states = full_optimizer_states(run.model, run.optimizers) if sharded else None
+    shards = None
+    if run.config.fsdp:  # every rank writes its shards first, into a folder rank 0 then moves into the checkpoint
+        shards = run.out_dir / f".shards-{step:06d}"
+        if run.info.is_master and shards.exists():
+            shutil.rmtree(shards)  # a run killed while writing them
+        dist.barrier()
+        save_shards(run.model, run.optimizers, shards)
+        dist.barrier()
     if run.info.is_master:
         result.checkpoint = save_checkpoint(
             run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
             loader_state=run.loader.state_dict(), tokenizer=run.tokenizer,
-            extra={GROWTH: run.growth} if run.growth else None, rng_states=rng_states, state=state,
-            optimizer_states=optimizer_states)
+            extra={GROWTH: run.growth} if run.growth else None, rng_states=rng_states, shards=shards)
     if run.info.enabled:
         dist.barrier()
 
