@@ -29,9 +29,12 @@ def torchrun(*args: str) -> list[str]:
 
 @pytest.mark.parametrize("muon", ["classic", "polar"])
 def test_two_process_fsdp_steps_equal_one_process(corpus_dir, muon):
-    common = dict(num_iterations=2, device_batch_size=2, total_batch_size=4 * 32, eval_every=2)
-    # the polar run also recomputes its activations in the backward: the result must not change
-    flags = ["--block-pattern", "TM", "--muon", muon, "--activation-checkpointing", str(muon == "polar").lower()]
+    # the classic run clips the gradient norm (over all shards), the polar one recomputes its activations in the
+    # backward: neither may change the result
+    common = dict(num_iterations=2, device_batch_size=2, total_batch_size=4 * 32, eval_every=2,
+                  grad_clip=0.5 if muon == "classic" else 0.0)
+    flags = ["--block-pattern", "TM", "--muon", muon, "--activation-checkpointing", str(muon == "polar").lower(),
+             "--grad-clip", str(common["grad_clip"])]
     run = subprocess.run(torchrun("train", *train_flags(corpus_dir, f"fsdp-{muon}", **common), *flags, "--fsdp",
                                   "true"), env=env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -148,3 +151,47 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(patter
         # the blocks' insides are not kept for the backward; the head's logits still are, which dominate a narrow
         # slice of this tiny model (measured: 0.20-0.32 of the activations kept at full width, 0.20-0.73 at 16)
         assert kept_c < (0.6 if compute is None else 0.9) * kept
+
+
+def test_matryoshka_training_under_fsdp_equals_it_under_ddp(corpus_dir):
+    """Each rank samples the same widths under FSDP as under DDP, so the two runs must agree: the sharded model's
+    Matryoshka slices (weights sliced inside the gathered units) train exactly as the replicated one's."""
+    common = dict(num_iterations=2, device_batch_size=2, total_batch_size=4 * 32)
+    flags = ["--block-pattern", "TM", "--matryoshka", "true", "--matryoshka-per-layer", "true"]
+    for run, extra in (("m-fsdp", ["--fsdp", "true"]), ("m-ddp", [])):
+        done = subprocess.run(torchrun("train", *train_flags(corpus_dir, run, **common), *flags, *extra), env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for step in (1, 2):
+        assert losses("m-fsdp")[step] == pytest.approx(losses("m-ddp")[step], abs=1e-5)
+    sharded, replicated = load_checkpoint(run_dir("m-fsdp")).model, load_checkpoint(run_dir("m-ddp")).model
+    for (name, p), q in zip(sharded.named_parameters(), replicated.parameters(), strict=True):
+        muon_param = name.startswith("blocks.") and p.ndim == 2
+        torch.testing.assert_close(p, q, atol=1e-4 if muon_param else 2e-5, rtol=0, msg=name)
+
+
+def test_the_mamba_only_growth_stage_under_fsdp_equals_it_under_ddp(corpus_dir, tokenizer):
+    """Freezing everything but the inserted Mamba blocks: FSDP units hold frozen and trained parameters together."""
+    from test_surgery import _grown_checkpoint
+
+    _, grown = _grown_checkpoint("add-mamba", tiny_config(vocab_size=tokenizer.vocab_size), tokenizer)
+    common = dict(num_iterations=2, device_batch_size=2, total_batch_size=4 * 32)
+    for run, extra in (("s-fsdp", ["--fsdp", "true"]), ("s-ddp", [])):
+        done = subprocess.run(torchrun("train", *train_flags(corpus_dir, run, **common), "--init-from", "grown",
+                                       "--stage", "mamba-only", *extra), env=env(), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    sharded, replicated = load_checkpoint(run_dir("s-fsdp")).model, load_checkpoint(run_dir("s-ddp")).model
+    trained = 0
+    for (name, p), q, before in zip(sharded.named_parameters(), replicated.parameters(), grown.parameters(),
+                                    strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+        if name.startswith(("blocks.1.", "blocks.3.")):  # the inserted Mamba blocks
+            trained += not torch.equal(p, before)
+        else:
+            assert torch.equal(p, before), name  # frozen: bitwise as grown
+    assert trained > 0
+    refused = subprocess.run(torchrun("train", *train_flags(corpus_dir, "nd"), "--init-from", "grown", "--stage",
+                                      "new-dims", "--fsdp", "true"), env=env(), capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "stage: 'new-dims' masks the old entries" in refused.stderr

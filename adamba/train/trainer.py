@@ -306,8 +306,9 @@ def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInf
         if config.sample_every:
             raise ValueError("sample_every: samples decode on rank 0 alone, which a sharded model cannot; set "
                              "sample_every 0 with --fsdp")
-        if config.stage is not None:
-            raise ValueError("stage: growth stages freeze and mask parameters, which is not built for --fsdp yet")
+        if config.stage == "new-dims":  # its masks and hooks are shaped like whole parameters, not shards
+            raise ValueError("stage: 'new-dims' masks the old entries of whole parameters, which is not built for "
+                             "--fsdp yet; train that stage without --fsdp ('mamba-only' and 'all' run with it)")
 
 
 def describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
