@@ -7,7 +7,8 @@ Counted exactly from the model's parameter groups (the optimizer each parameter 
   block matrices, and with the polar step NorMuon's second moment, one float per neuron of each matrix (along its
   longer side, train/muon.py's neuron_dim).
 DDP holds all of it on every GPU. FSDP (fully_shard, every block a unit) holds 1/N of it, plus what is gathered
-while one unit runs: its parameters in the compute dtype, twice (the running unit and the prefetched next), and
+while one unit runs: its parameters (attention blocks in the compute dtype, Mamba blocks in float32:
+train/fsdp.py), twice (the running unit and the prefetched next), and
 for Muon's whole-matrix step the largest matrix's gradient and momentum at float32 on its owner.
 
 Estimated, not counted: activations saved for backward, per micro-batch of device_batch_size x sequence_len
@@ -114,9 +115,10 @@ def plan_memory(model_config: ModelConfig, train_config: TrainConfig, gpus: int,
         model = AdambaLM(model_config)
     groups = model.param_groups()
     params = sum(p.numel() for p in model.parameters())
-    blocks = [sum(p.numel() for p in block.parameters()) for block in model.blocks]
+    blocks = [(compute_bytes if block.kind == ATTENTION else 4) * sum(p.numel() for p in block.parameters())
+              for block in model.blocks]
     largest = max((p.numel() for p in groups.get("matrix", [])), default=0)
-    gathered = 2 * compute_bytes * max(blocks, default=0) + 2 * 4.0 * largest
+    gathered = 2 * max(blocks, default=0) + 2 * 4.0 * largest
     return MemoryPlan(gpus, params, 4.0 * params, 4.0 * params,
                       _optimizer_bytes(groups, train_config.muon == "polar"),
                       activation_bytes(model_config, train_config.device_batch_size * model_config.sequence_len,

@@ -2,9 +2,11 @@
 models whose ~16 bytes a parameter DDP cannot fit on one GPU (model/memory.py says which fits).
 
 - Sharding: every block is one `fully_shard` unit, the rest (embeddings, lm_head, scalars, loop, heads) the root
-  unit; a unit's parameters are gathered for its forward and backward, then freed. Mixed precision: parameters
-  gathered in the compute dtype (bf16 under autocast on GPUs), gradients reduce-scattered in float32, master
-  weights float32 on their shards.
+  unit; a unit's parameters are gathered for its forward and backward, then freed. Mixed precision: master
+  weights float32 on their shards, gradients reduce-scattered in float32; attention blocks (only matrices, which
+  autocast multiplies in bf16 anyway) are gathered in the compute dtype, Mamba blocks and the root in float32:
+  gathered in bf16, Mamba's A_log, D and dt bias would be rounded before the scans that need them in float32,
+  and the head computes its logits in float32.
 - Muon needs whole matrices (its orthogonalisation is not elementwise): `whole` all-gathers a matrix's update on
   every rank, each rank orthogonalises it, and `shard_like` keeps the rank's own rows (a local slice, no
   communication). Every rank so repeats every matrix's iteration; the alternative, one owner rank per matrix and a
@@ -35,6 +37,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
 from ..checkpoint import read_shards
+from ..config import ATTENTION
 
 
 def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -43,11 +46,12 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.
     with torch.no_grad():
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                                  reduce_dtype=torch.float32)
+    low = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                               reduce_dtype=torch.float32)
+    full = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=low if block.kind == ATTENTION else full)
+    fully_shard(model, mp_policy=full)
     return model
 
 
