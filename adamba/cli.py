@@ -279,12 +279,17 @@ def cmd_sample(args) -> None:
             print("-" * 40)
 
 
+def _check_tag(tag: str) -> None:
+    """A --tag names a run folder under $ADAMBA_HOME/checkpoints."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", tag) or tag in (".", ".."):
+        raise ValueError(f"--tag: {tag!r} is not a valid folder name (use letters, digits, '.', '_', '-')")
+
+
 def cmd_import_nanochat(args) -> None:
     from .checkpoint import run_dir, save_checkpoint
     from .nanochat import find_nanochat_step, load_nanochat
 
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag) or args.tag in (".", ".."):
-        raise ValueError(f"--tag: {args.tag!r} is not a valid folder name (use letters, digits, '.', '_', '-')")
+    _check_tag(args.tag)
     step = find_nanochat_step(args.path, args.step)
     model, tokenizer = load_nanochat(args.path, step)
     saved = save_checkpoint(run_dir(args.tag), model, step=step, tokenizer=tokenizer,
@@ -296,13 +301,13 @@ def cmd_import_nanochat(args) -> None:
 def cmd_plan_memory(args) -> None:
     from .model.memory import plan_memory
 
-    cfg, model = load_toml(args.config), None
+    cfg = load_toml(args.config)
+    model = cfg.model
     if "vocab_size" not in read_toml(args.config).get("model", {}):  # training takes it from the tokenizer
-        model = dataclasses.replace(cfg.model, vocab_size=cfg.train.tokenizer_vocab_size)
-    cfg = RunConfig(model or cfg.model, cfg.train)
-    memory = plan_memory(cfg.model, cfg.train, args.gpus)
-    print(f"{args.config}: {cfg.model.describe()}; {memory.params:,} parameters; micro-batch "
-          f"{cfg.train.device_batch_size} x {cfg.model.sequence_len} tokens per GPU, bf16 autocast")
+        model = dataclasses.replace(model, vocab_size=cfg.train.tokenizer_vocab_size)
+    memory = plan_memory(model, cfg.train, args.gpus)
+    print(f"{args.config}: {model.describe()}; {memory.params:,} parameters; micro-batch "
+          f"{cfg.train.device_batch_size} x {model.sequence_len} tokens per GPU, bf16 autocast")
     print(memory.table(args.gpu_memory))
     print("weights, gradients and optimizer state are counted from the parameter groups; activations are an "
           "estimate (model/memory.py)")
@@ -311,8 +316,7 @@ def cmd_plan_memory(args) -> None:
 def cmd_export_unsharded(args) -> None:
     from .checkpoint import load_checkpoint, resolve_run, run_dir, save_checkpoint
 
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag) or args.tag in (".", ".."):
-        raise ValueError(f"--tag: {args.tag!r} is not a valid folder name (use letters, digits, '.', '_', '-')")
+    _check_tag(args.tag)
     ckpt = load_checkpoint(resolve_run(args.checkpoint))
     saved = save_checkpoint(run_dir(args.tag), ckpt.model, step=ckpt.step, train_config=ckpt.meta.get("train_config"),
                             tokenizer=ckpt.tokenizer, extra={**ckpt.meta.get("extra", {}), "unsharded_from":

@@ -235,13 +235,18 @@ def read_nanochat_config(folder: str | Path, step: int | None = None) -> ModelCo
     of its weights (memory-mapped, not read)."""
     folder = Path(folder)
     step = find_nanochat_step(folder, step)
+    return _config_of(folder, step, _load_tensors(folder / f"model_{step:06d}.pt"))
+
+
+def _config_of(folder: Path, step: int, tensors: dict) -> ModelConfig:
+    """The config of `step`'s meta for weights with the keys of `tensors` (which tell the generation)."""
     meta_path, weights = folder / f"meta_{step:06d}.json", folder / f"model_{step:06d}.pt"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{meta_path}: unreadable ({err})") from None
     try:
-        generation = nanochat_generation(_load_tensors(weights))
+        generation = nanochat_generation(tensors)
     except CheckpointError as err:
         raise CheckpointError(f"{weights}: {err}") from None
     try:
@@ -255,9 +260,11 @@ def load_nanochat(path: str | Path, step: int | None = None,
     """Load a nanochat checkpoint folder as an AdambaLM (eval mode) and its tokenizer.pkl (None if absent)."""
     folder = Path(path)
     step = find_nanochat_step(folder, step)
-    config = read_nanochat_config(folder, step)
     meta_path, weights = folder / f"meta_{step:06d}.json", folder / f"model_{step:06d}.pt"
-    state = convert_state_dict(_load_tensors(weights), config.n_layer, generation_of(config), config.vocab_size)
+    tensors = _load_tensors(weights)
+    config = _config_of(folder, step, tensors)
+    state = convert_state_dict(tensors, config.n_layer, generation_of(config), config.vocab_size)
+    del tensors
     model = AdambaLM.build(config, device)
     try:
         load_weights_into(model, state, str(weights))
