@@ -301,10 +301,6 @@ class ModelConfig:
         if self.backout_layer is not None and (not isinstance(self.backout_layer, int) or
                                                not 0 <= self.backout_layer < self.n_layer):
             _fail("backout_layer", f"must be a layer index in [0, {self.n_layer - 1}], got {self.backout_layer!r}")
-        if self.backout and self.loop is not None:
-            _fail("backout", "not defined for looped models (which pass would the mid-stack residual be?)")
-        if self.backout and self.exit_layers:
-            _fail("backout", "early exits read the residual without the backout; train one or the other for now")
         if not isinstance(self.qk_scale, (int, float)) or self.qk_scale <= 0:
             _fail("qk_scale", f"must be > 0, got {self.qk_scale!r}")
 

@@ -58,7 +58,7 @@ def build(args) -> tuple[ModelConfig, object]:
     model, config = demo_configs(args.run, args.minutes)
     shape = {"n_layer": args.depth, "n_embd": args.width, "sequence_len": args.sequence_len}
     # heads, levels and modes re-derived for the shape; exits after blocks 1..L-1, the predictor after block 1;
-    # no backout, which early exits do not support (an exit reads the residual without it; config.py)
+    # backout off: the numbers recorded in BENCHMARKS.md were measured before exits and backout were combined
     model = ModelConfig.from_dict({**model.to_dict(), **{k: v for k, v in shape.items() if v is not None},
                                    "depth": None, "n_head": None, "n_kv_head": None, "matryoshka_levels": None,
                                    "compute_modes": None, "block_pattern": "TM", "min_exit_layer": 1,

@@ -49,9 +49,6 @@ def test_config_resolves_the_options_and_names_bad_values():
         tiny_config(value_embeds="every")
     with pytest.raises(ValueError, match="backout_layer: must be a layer index in \\[0, 1\\]"):
         tiny_config(backout=True, backout_layer=2)
-    with pytest.raises(ValueError, match="backout: not defined for looped models"):
-        ModelConfig(vocab_size=64, n_embd=64, n_head=4, sequence_len=16, backout=True,
-                    loop=dict(prelude=1, recur=1, coda=1))
     with pytest.raises(ValueError, match="smear: the gate reads 24 channels"):
         ModelConfig(vocab_size=64, n_embd=16, n_head=2, n_layer=1, sequence_len=16, smear=True)
     with pytest.raises(ValueError, match="qk_scale: must be > 0"):
@@ -144,19 +141,70 @@ def test_flop_counter_adds_the_recipes_gates_by_hand():
         AdambaLM(plain).count_flops(compute=narrow).forward == 2 * 24 + 2 * (2 * 12 * 1)
 
 
+def _decode(model, idx, compute, prompt=6, **cache_options):
+    """Prefill idx[:, :prompt], then one token at a time: every call's ForwardOutput."""
+    cache = InferenceCache(model, idx.size(0), idx.size(1), compute=compute, **cache_options)
+    steps = [model(idx[:, :prompt], cache=cache, compute=compute, outputs=True)]
+    return steps + [model(idx[:, t:t + 1], cache=cache, compute=compute, outputs=True)
+                    for t in range(prompt, idx.size(1))]
+
+
+@pytest.mark.parametrize("backout_layer", [0, 1, 3], ids=["prelude", "recurrent", "coda"])
 @torch.no_grad()
-def test_looped_decode_equals_full_forward_with_the_recipe():
-    """Residual scalars apply before every pass of a looped layer; smear and value embeddings read the tokens."""
-    options = {k: v for k, v in RECIPE.items() if k != "backout"}  # backout is refused with loops (config)
-    model = random_recipe_model(block_pattern="TMTT", n_layer=4, loop=dict(prelude=1, recur=2, coda=1,
-                                                                           mean_recurrence=3), **options, backout=False)
+def test_looped_decode_equals_full_forward_with_the_recipe(backout_layer):
+    """Residual scalars apply before every pass of a looped layer; smear and value embeddings read the tokens;
+    backout takes its layer's latest run -- a recurrent layer's last iteration of each token, also when tokens stop
+    at different counts (adaptive exit), as decoding each token alone does."""
+    from adamba.model.looped import Loops
+
+    model = random_recipe_model(block_pattern="TMTTT", n_layer=5, loop=dict(prelude=1, recur=2, coda=2,
+                                                                            mean_recurrence=3),
+                                backout_layer=backout_layer)
+    with torch.no_grad():
+        model.backout.scale.fill_(0.7)  # far from its init, so a wrong residual shows
     idx = torch.randint(0, 512, (2, 20))
     for loops in (1, 3):
         full = model(idx, compute=Compute(loops=loops))
-        cache = InferenceCache(model, 2, 20)
-        steps = [model(idx[:, :6], cache=cache, compute=Compute(loops=loops))]
-        steps += [model(idx[:, t:t + 1], cache=cache, compute=Compute(loops=loops)) for t in range(6, 20)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=1e-10)
+        steps = _decode(model, idx, Compute(loops=loops))
+        torch.testing.assert_close(torch.cat([s.logits for s in steps], 1), full, atol=1e-10, rtol=1e-10)
+    adaptive = Compute(loops=Loops(6, exit="latent", threshold=0.8))
+    steps = _decode(model, idx, adaptive)
+    counts = torch.cat([s.loops for s in steps], 1)
+    assert len(counts.unique()) > 1  # tokens stopped at different iterations
+    torch.testing.assert_close(torch.cat([s.logits for s in steps], 1), model(idx, compute=Compute(loops=counts)),
+                               atol=1e-10, rtol=1e-10)
+    # the backout is in the output: without it the logits differ
+    with torch.no_grad():
+        model.backout.scale.zero_()
+    assert not torch.allclose(model(idx, compute=Compute(loops=counts)), torch.cat([s.logits for s in steps], 1))
+
+
+@torch.no_grad()
+def test_exit_heads_back_out_as_a_token_frozen_at_their_layer_does():
+    """The exit loss (train/losses.py) equals the cross-entropy of the full forward with every token exiting at
+    each exit layer k; and, by hand, that forward's logits are head(h_k - lambda h_{b+1}) after the backout layer
+    b and head(h_k) at or before it (the final norm is scale-free)."""
+    import torch.nn.functional as F
+
+    from adamba.config import TrainConfig
+    from adamba.train.losses import ExitTraining
+
+    model = random_recipe_model(block_pattern="TMTT", n_layer=4, min_exit_layer=1, backout_layer=1)
+    with torch.no_grad():
+        model.backout.scale.fill_(0.6)
+    idx, targets = torch.randint(0, 512, (2, 12)), torch.randint(0, 512, (2, 12))
+    exits = ExitTraining(model.config, TrainConfig(exit_loss_weight=1.0, exit_curriculum="none"), step=0,
+                         narrow=False)
+    exits.loss(model, model, idx, targets, Compute())
+    assert sorted(exits.weights) == [1, 2, 3]  # one exit at the backout layer, two after it
+    h = model(idx, hidden_layers=range(4), outputs=True).hidden
+    expected = 0.0
+    for k, weight in exits.weights.items():
+        frozen = model(idx, exit_layers=torch.full(idx.shape, k))
+        by_hand = model.head(h[k] - 0.6 * h[2]) if k > 1 else model.head(h[k])
+        torch.testing.assert_close(frozen, by_hand, atol=1e-6, rtol=1e-6)
+        expected += weight * F.cross_entropy(frozen.view(-1, frozen.size(-1)), targets.view(-1)).item()
+    assert exits.terms["exit_ce"] == pytest.approx(expected, rel=1e-9)
 
 
 @torch.no_grad()
@@ -165,8 +213,7 @@ def test_decode_with_gated_exits_equals_the_full_forward_with_the_same_decisions
     still enter the K/V it leaves for other tokens (CALM's state propagation)."""
     from adamba.model.exits import Adaptive
 
-    options = {k: v for k, v in RECIPE.items() if k != "backout"}  # backout is refused with exits (config)
-    model = random_recipe_model(block_pattern="TMTT", n_layer=4, min_exit_layer=1, **options, backout=False)
+    model = random_recipe_model(block_pattern="TMTT", n_layer=4, min_exit_layer=1, backout_layer=1)
     policy = Adaptive(threshold=0.6)
     idx = torch.randint(0, 512, (3, 24))
     cache = InferenceCache(model, 3, 24)

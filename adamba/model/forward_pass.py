@@ -26,6 +26,7 @@ class ForwardOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer k -> h_k, the input of block k
     exits: ExitRecord | None = None  # per-token exit layers, gates and widths, with early exit or expansion
     loops: torch.Tensor | None = None  # (B, T) iterations each token ran, for looped models
+    backout_mid: torch.Tensor | None = None  # the residual after the backout layer, when it ran (recipe.py)
 
 
 class ForwardPass:

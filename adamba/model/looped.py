@@ -217,7 +217,7 @@ class Recurrence(nn.Module):
             if cache is not None:  # a probe (exit="kl") may have run the coda on these tokens already
                 for i in loop.coda_layers:
                     slots.rewind(i, cache.states[i], keep=exit == "kl")
-            return model.head(model.run_layers(s, loop.coda_layers, run))
+            return model.final_logits(model.run_layers(s, loop.coda_layers, run), run.backout_mid)
 
         # Tokens still iterating: None while every token runs every iteration (training, a plain int r).
         active = torch.ones(B, T, dtype=torch.bool, device=x.device) if exit is not None else None
@@ -355,5 +355,9 @@ class _Iteration:
 
     def apply(self, i: int, block, h: torch.Tensor) -> torch.Tensor:
         ctx = self.run.context(i, self.slots.state(i, self.iteration), self.widths)
+        mid = self.run.backout_mid
         h = self.run.apply(i, block, h, ctx)
+        if i == self.run.backout_layer and self.active is not None and mid is not None:
+            # a stopped token's backout residual stays the one from its last iteration, as in decoding it alone
+            self.run.backout_mid = torch.where(self.active[..., None], h, mid)
         return self.norms[self.index[i]](h) if self.norms is not None else h

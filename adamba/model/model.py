@@ -185,9 +185,7 @@ class AdambaLM(nn.Module):
                 if exit_layers is not None or adaptive is not None else None
             run = ForwardPass(self, cos, sin, cache, widths, exits, hidden_layers, width_probs, x0=x, tokens=idx)
             out = self.run_layers(x, range(compute.depth or len(self.blocks)), run)
-            if run.backout_mid is not None:  # a stack truncated before the backout layer has none (recipe.py)
-                out = self.backout(out, run.backout_mid)
-            logits, ran = self.head(out), None
+            logits, ran = self.final_logits(out, run.backout_mid), None
         else:
             if exit_layers is not None:
                 raise ValueError("exit_layers: early exit is not defined for looped models (use "
@@ -200,7 +198,8 @@ class AdambaLM(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                                             ignore_index=-1, reduction=loss_reduction)
         if outputs:
-            return ForwardOutput(logits, loss, run.hidden, run.exits.record if run.exits is not None else None, ran)
+            return ForwardOutput(logits, loss, run.hidden, run.exits.record if run.exits is not None else None, ran,
+                                 run.backout_mid)
         return logits if loss is None else loss
 
     def embed(self, idx: torch.Tensor, cache: InferenceCache | None = None) -> tuple:
@@ -241,6 +240,15 @@ class AdambaLM(nn.Module):
         predictor reads)."""
         x, cos, sin = self.embed(idx)
         return self.run_layers(x, range(n_layers), ForwardPass(self, cos, sin, x0=x, tokens=idx))
+
+    def final_logits(self, x: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a residual x taken as the stack's output, with backout (recipe.py) where the config has it:
+        `mid` is the residual after the backout layer, None for a residual from at or before that layer (an early
+        exit, a truncated stack), which then backs out its own value -- what a token frozen there computes in the
+        full forward, whose later blocks pass it through unchanged."""
+        if self.backout is not None:
+            x = self.backout(x, x if mid is None else mid)
+        return self.head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden state: lm_head(norm(x)) in at least float32, softcapped."""

@@ -7,7 +7,10 @@ option (ModelConfig.residual_scalars, smear, backout; value embeddings live in a
   first position has no predecessor. Decoding keeps each row's previous embedding (`SmearState`). lambda starts at
   0, so the option starts as the identity; w ~ U(0, 0.02).
 - Backout: before the final norm, x <- x - lambda h, h the residual after block `backout_layer` (default
-  n_layer // 2); lambda starts at 0.2.
+  n_layer // 2); lambda starts at 0.2. A token that exits at or before that layer (an early exit, a truncated
+  stack) backs out its own residual, which is what the full forward computes for it (its later blocks pass it
+  through); under the scale-free final norm that leaves its logits as they were for lambda < 1. In a looped model
+  the layer's latest run counts (a recurrent layer's last iteration, per token; looped.py).
 """
 
 from __future__ import annotations

@@ -88,7 +88,10 @@ class ExitTraining:
         total = ce
         final = self.final = logits.detach()
         real = (targets != -1).float()
-        exit_logits = {k: model.head(self.hidden[k]) for k in sorted(set(self.weights) | set(self.gated))}
+        # an exit after the backout layer backs out its residual, one at or before it its own (final_logits)
+        after_backout = lambda k: out.backout_mid if model.backout is not None and k > model.backout.layer else None  # noqa: E731
+        exit_logits = {k: model.final_logits(self.hidden[k], after_backout(k))
+                       for k in sorted(set(self.weights) | set(self.gated))}
         if self.weights and self.config.exit_loss_weight:
             exit_ce = sum(w * F.cross_entropy(exit_logits[k].view(-1, logits.size(-1)), flat, ignore_index=-1)
                           for k, w in self.weights.items())
