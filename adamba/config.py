@@ -31,6 +31,7 @@ BLOCK_ALIASES = {
 }
 AVAILABLE_BLOCKS = {ATTENTION, MAMBA, MAMBA2}
 TRAIN_STAGES = ("mamba-only", "new-dims", "all")  # TrainConfig.stage (train/stages.py)
+FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # TrainConfig.float8: torchao's recipe names
 
 
 VALUE_GATE_CHANNELS = 12  # nanochat's value-embedding gate reads the first 12 channels of the layer input
@@ -605,6 +606,9 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA, off on CPU
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over ranks (train/fsdp.py)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
+    # float8 training matmuls through torchao (model/float8.py): None (off), "tensorwise", "rowwise" or
+    # "rowwise_with_gw_hp"; GPUs of compute capability 8.9 or later
+    float8: str | None = None
     eval_every: int = 50  # steps; 0 disables periodic evaluation
     eval_tokens: int = 32768  # validation tokens per bpb evaluation
     sample_every: int = 0  # steps; 0 disables periodic samples
@@ -661,6 +665,8 @@ class TrainConfig:
                   "use bfloat16 (GPUs from Ampere on) or float32")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             _fail("dtype", f"unknown dtype {self.dtype!r}", "use auto, float32 or bfloat16")
+        if self.float8 not in (None, *FLOAT8_RECIPES):
+            _fail("float8", f"unknown recipe {self.float8!r}", f"use {', '.join(FLOAT8_RECIPES)}, or leave it off")
         self._check_widths()
         self._check_adaptive()
         if self.stage is not None and self.stage not in TRAIN_STAGES:

@@ -8,6 +8,7 @@
 # fails or runs out of time is reported and the others still run; the script exits 1 if any failed. The runs, with
 # their controls written inside each benchmark (BENCHMARKS.md):
 #   train_throughput_d12, _d20  training tokens/s and MFU, bf16 autocast, torch.compile, against the control transformer
+#   train_throughput_d12_float8 the same d12 with float8 matmuls (torchao), against the control under torchao's swap
 #   infer                       prefill and decode of the cached engine against full recompute, bf16
 #   scan_kernels                mamba_ssm's fused scans (when they import) against adamba's PyTorch scans
 #   elastic                     decode speed per compute mode against what its FLOPs predict, eager and compiled
@@ -44,10 +45,13 @@ else
 fi
 
 failed=()
-run() {  # run NAME SCRIPT [GPU-ONLY ARGS...]: the GPU arguments are dropped under --smoke (its sizes win)
+run() {  # run NAME SCRIPT [GPU-ONLY ARGS...] [-- ARGS FOR BOTH...]: GPU arguments are dropped under --smoke
   local name="$1" script="$2"; shift 2
-  local args=("$@")
+  local args=() both=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && both=("$@")
   [ "$SMOKE" = 1 ] && args=()
+  args+=("${both[@]}")
   echo "== $name" >&2
   local start=$SECONDS
   if timeout "$LIMIT" "$PYTHON" "benchmarks/$script.py" "${COMMON[@]}" "${args[@]}" > "$OUT/$name.log" 2> "$OUT/$name.err" \
@@ -65,6 +69,8 @@ run train_throughput_d12 train_throughput --device cuda --depth 12 --head-dim 12
     --vocab-size 32768 --repeats 5 --compile
 run train_throughput_d20 train_throughput --device cuda --depth 20 --head-dim 128 --sequence-len 2048 --batch-size 4 \
     --vocab-size 32768 --repeats 5 --compile
+run train_throughput_d12_float8 train_throughput --device cuda --depth 12 --head-dim 128 --sequence-len 2048 \
+    --batch-size 8 --vocab-size 32768 --repeats 3 --compile -- --float8 tensorwise
 run infer infer --device cuda --dtype bfloat16 --depth 12 --head-dim 128 --contexts 512,2048 --batches 1,8 --repeats 3
 run scan_kernels scan_kernels --device cuda --lengths 2048,8192 --repeats 5
 run elastic elastic --device cuda --repeats 5

@@ -17,6 +17,12 @@ are excluded; timed repetitions of `--steps` steps alternate adamba, control, ad
 median tokens/s of each is reported with the ratio adamba/control (> 1: adamba is faster). MFU (CUDA only)
 = training FLOPs/token from `model.count_flops()` x tokens/s / the GPU's dense bf16 peak.
 
+`--float8 RECIPE` (GPUs of compute capability 8.9+; emulated slowly on a CPU): adamba's block projections in
+float8 through its slice-aware path (model/float8.py), the control's same projections through torchao's own module
+swap (`convert_to_float8_training`), so the ratio says what adamba's path costs against torchao's; the float8
+speedup itself is this run's tokens/s against a run without the flag (gpu_suite.sh runs both). MFU stays relative
+to the dense bf16 peak.
+
 Before timing, a like-for-like check: adamba's weights (re-drawn at random, so that lm_head and the output
 projections are not zero and every op matters) are copied into the control, and the float32 losses and
 gradients of both must agree (|dloss| <= 1e-5), else the script stops.
@@ -45,6 +51,8 @@ from bench_utils import cpu_name, parse_args, randomize, sync
 
 from adamba import AdambaLM, ModelConfig, TrainConfig
 from adamba.common import pick_device
+from adamba.config import FLOAT8_RECIPES
+from adamba.model.float8 import enable_float8, float8_layers
 from adamba.train.optim import Muon, build_optimizers
 from adamba.train.trainer import PEAK_FLOPS, peak_flops
 
@@ -144,6 +152,20 @@ def control_optimizers(model: ControlLM, tc: TrainConfig) -> list[torch.optim.Op
     return [adamw, muon]
 
 
+def convert_control_to_float8(control: ControlLM, adamba: AdambaLM, recipe: str) -> None:
+    """torchao's module swap on the control, for the projections adamba runs in float8 (same names, same set)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    names = {f"blocks.{name}" for name, module in adamba.blocks.named_modules()
+             if module in float8_layers(adamba) and getattr(module, "float8", None) is not None}
+    convert_to_float8_training(control, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda module, fqn: fqn in names)
+    swapped = sum("Float8" in type(module).__name__ for module in control.modules())
+    if swapped != len(names):
+        raise SystemExit(f"torchao swapped {swapped} of the control's projections, adamba marks {len(names)}")
+    print(f"control: torchao's Float8Linear on the same {swapped} projections")
+
+
 def plain_adamw(model: nn.Module) -> list[torch.optim.Optimizer]:
     fused = next(model.parameters()).device.type == "cuda"
     return [torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-10, fused=fused)]
@@ -201,6 +223,8 @@ def main() -> None:
                     help="muon: adamba's Muon+AdamW and an equivalent pair for the control; "
                          "adamw: plain torch AdamW on all parameters for both")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 same-function check")
+    ap.add_argument("--float8", choices=FLOAT8_RECIPES, default=None,
+                    help="float8 training matmuls through torchao for both models (see above)")
     ap.add_argument("--seed", type=int, default=0)
     args = parse_args(ap, smoke=dict(depth=1, sequence_len=32, batch_size=2, vocab_size=256, steps=1, warmup=1,
                                      repeats=1))
@@ -227,6 +251,9 @@ def main() -> None:
     adamba = AdambaLM.build(cfg, device)
     control = build_control(cfg, device)
     control.load_state_dict(adamba.state_dict(), strict=True)
+    if args.float8:
+        print(enable_float8(adamba, args.float8, device))
+        convert_control_to_float8(control, adamba, args.float8)
     if args.optimizer == "muon":
         tc = TrainConfig()
         opts = {"adamba": build_optimizers(adamba, tc), "control": control_optimizers(control, tc)}
@@ -243,7 +270,8 @@ def main() -> None:
     print(f"model: {cfg.describe()} ({adamba.num_params():,} parameters)")
     print(f"device {device} ({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"dtype {dtype}, compile {use_compile}, "
-          f"optimizer {args.optimizer}; batch {args.batch_size}x{cfg.sequence_len}, {args.steps} steps x "
+          f"optimizer {args.optimizer}, float8 {args.float8 or 'off'}; batch {args.batch_size}x{cfg.sequence_len}, "
+          f"{args.steps} steps x "
           f"{args.repeats} repeats (ABAB...), {args.warmup} warmup steps")
     final_loss = {}
     for name in ("adamba", "control"):  # warmup (and compilation), untimed
@@ -282,7 +310,8 @@ def main() -> None:
         "benchmark": "train_throughput", "device": str(device),
         "device_name": device_name,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
-        "compile": use_compile, "optimizer": args.optimizer, "depth": args.depth, "n_embd": cfg.n_embd,
+        "compile": use_compile, "optimizer": args.optimizer, "float8": args.float8, "depth": args.depth,
+        "n_embd": cfg.n_embd,
         "n_head": cfg.n_head, "sequence_len": cfg.sequence_len, "vocab_size": cfg.vocab_size,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "train_flops_per_token": flops, "check_max_dloss": check_dloss,

@@ -13,6 +13,7 @@ from conftest import SUBPROCESS_ENV
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
 BENCHMARKS = {"train_throughput_d12": "train_throughput", "train_throughput_d20": "train_throughput",
+              "train_throughput_d12_float8": "train_throughput",
               "infer": "infer", "scan_kernels": "scan_kernels", "elastic": "elastic", "speculative": "speculative",
               "serve": "serve"}
 
@@ -30,6 +31,8 @@ def test_smoke_run_writes_one_json_per_benchmark(tmp_path):
     for name, benchmark in BENCHMARKS.items():
         assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["benchmark"] == benchmark, name
         assert any(line.startswith("|---") for line in (tmp_path / "out" / f"{name}.log").read_text().splitlines())
+    float8 = json.loads((tmp_path / "out" / "train_throughput_d12_float8.json").read_text())["float8"]
+    assert float8 == "tensorwise"  # the arguments after -- reach the smoke run too
 
 
 def test_the_full_run_needs_a_gpu_and_arguments_are_checked(tmp_path):

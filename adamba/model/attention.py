@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..config import VALUE_GATE_CHANNELS
 from .cache import InferenceCache, KVState
 from .context import BlockContext, keep_active
+from .float8 import linear
 from .init import init_linear_
 from .mlp import MLP
 from .norm import rms_norm
@@ -60,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         with the tokens' value embeddings mixed in where the layer has them."""
         B, T, d = x.shape
         hd = self.head_dim
-        v = F.linear(x, self.c_v.weight[:n_kv * hd, :d]).view(B, T, n_kv, hd)
+        v = linear(x, self.c_v, n_kv * hd, d).view(B, T, n_kv, hd)
         if self.value_embed is None:
             return v
         if tokens is None:
@@ -111,8 +112,8 @@ class CausalSelfAttention(nn.Module):
         per-op overhead, and each head's numbers are the same either way."""
         B, T, d = x.shape
         hd = self.head_dim
-        k = F.linear(x, self.c_k.weight[:n_kv * hd, :d])
-        qk = k if n_q == 0 else torch.cat([F.linear(x, self.c_q.weight[:n_q * hd, :d]), k], dim=-1)
+        k = linear(x, self.c_k, n_kv * hd, d)
+        qk = k if n_q == 0 else torch.cat([linear(x, self.c_q, n_q * hd, d), k], dim=-1)
         q, k = self.normed_qk(qk.view(B, T, n_q + n_kv, hd), cos, sin).split([n_q, n_kv], dim=2)
         return q, k, self.values(x, n_kv, tokens)
 
@@ -175,7 +176,7 @@ class CausalSelfAttention(nn.Module):
             gqa = False
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
                                            enable_gqa=gqa)
-        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight[:d, :n_q * self.head_dim])
+        return linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj, d, n_q * self.head_dim)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext, width: int | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,8 +203,8 @@ class AttentionBlock(nn.Module):
         self.mlp = MLP(n_embd, mlp_hidden)
 
     def init_weights(self) -> None:
-        for linear in (self.attn.c_q, self.attn.c_k, self.attn.c_v):
-            init_linear_(linear)
+        for projection in (self.attn.c_q, self.attn.c_k, self.attn.c_v):
+            init_linear_(projection)
         nn.init.zeros_(self.attn.c_proj.weight)  # the block starts as the identity
         if self.attn.value_embed is not None:  # as nanochat: the table at std 1/sqrt(n_embd), the gate slightly
             nn.init.normal_(self.attn.value_embed.weight, std=self.attn.c_v.weight.size(1) ** -0.5)  # above neutral

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import kernels, scan_cpu
 from .context import BlockContext, keep_active
+from .float8 import linear
 from .mlp import MLP
 from .norm import rms_norm
 from .scan import selective_scan, sequential_scan
@@ -134,11 +135,7 @@ class Mamba(nn.Module):
         batch, L, _ = u.shape
         if state is not None and L == 1 and valid is None:
             return self.step(u, state, output)
-        if output:
-            x, z = self.in_proj(u).chunk(2, dim=-1)
-        else:
-            bias = self.in_proj.bias
-            x = F.linear(u, self.in_proj.weight[:self.d_inner], None if bias is None else bias[:self.d_inner])
+        x, z = linear(u, self.in_proj).chunk(2, dim=-1) if output else (linear(u, self.in_proj, self.d_inner), None)
         x, window = causal_conv_silu(x, self.conv1d, state.conv if state is not None else None)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.step_sizes(dt)
@@ -163,7 +160,7 @@ class Mamba(nn.Module):
         if not output:
             return None
         y = y.to(u.dtype) * F.silu(z)
-        return self.out_proj(y)
+        return linear(y, self.out_proj)
 
 
     def step(self, u: torch.Tensor, state: MambaState, output: bool = True) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .float8 import linear
 from .mamba import SSMBlock, causal_conv_silu
 from .ssd import ssd_scan, ssd_sequential
 from .ssm_state import ConvSSMState, keep_conv_window, ssm_dtype
@@ -137,7 +138,7 @@ class Mamba2(nn.Module):
         in_proj, the gated norm and out_proj are skipped, and None is returned."""
         batch, L, _ = u.shape
         if output:
-            z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+            z, xBC, dt = linear(u, self.in_proj).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         else:
             bias = self.in_proj.bias
             xBC, dt = F.linear(u, self.in_proj.weight[self.d_inner:], None if bias is None else
@@ -166,7 +167,7 @@ class Mamba2(nn.Module):
         if not output:
             return None
         y = self.norm(y.flatten(-2).to(u.dtype), z)
-        return self.out_proj(y)
+        return linear(y, self.out_proj)
 
 
 class Mamba2Block(SSMBlock):

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .float8 import linear
 from .init import init_linear_
 
 
@@ -21,7 +22,7 @@ class MLP(nn.Module):
         """At a Matryoshka width w < n_embd, x holds the first w coordinates and the first
         hidden * w / n_embd neurons are used (nested: a narrower slice is a prefix of a wider one)."""
         if width is None:
-            return self.c_proj(F.relu(self.c_fc(x)).square())
+            return linear(F.relu(linear(x, self.c_fc)).square(), self.c_proj)
         hidden = self.c_fc.out_features * width // self.c_fc.in_features
-        h = F.relu(F.linear(x, self.c_fc.weight[:hidden, :width])).square()
-        return F.linear(h, self.c_proj.weight[:width, :hidden])
+        h = F.relu(linear(x, self.c_fc, hidden, width)).square()
+        return linear(h, self.c_proj, width, hidden)

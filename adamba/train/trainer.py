@@ -53,6 +53,7 @@ from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..model import AdambaLM, scan_cpu
 from ..model.compute import Compute
+from ..model.float8 import enable_float8
 from ..surgery.growth import GROWTH
 from .fsdp import checkpoint_blocks, load_shard_optimizer_states, save_shards, shard_model
 from .horizon import apply_horizon, plan_horizon
@@ -234,6 +235,8 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
     if stage is not None:
         print0(stage.describe())
+    if config.float8:  # marks layers, so before compile and FSDP/DDP wrapping
+        print0(enable_float8(model, config.float8, device))
     if config.activation_checkpointing:
         checkpoint_blocks(model)
     if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
