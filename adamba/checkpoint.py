@@ -17,7 +17,6 @@ meta.json catch files that were truncated or corrupted later.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -33,17 +32,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .common import DistInfo, adamba_home, atomic_directory, print0, write_atomic
+from .common import DistInfo, adamba_home, atomic_directory, file_sha256, print0
 from .config import ModelConfig
 from .data.tokenizer import Tokenizer
 from .model import AdambaLM
+from .model.calibration_file import read_calibration, write_calibration
 from .model.pretrained import weight_mismatches
 
 FORMAT = "adamba-checkpoint"
 VERSION = 1
 WEIGHTS, OPTIMIZER, TOKENIZER, META = "model.safetensors", "optimizer.pt", "tokenizer.pkl", "meta.json"
 SHARDS = "shards"  # an FSDP run's torch.distributed.checkpoint folder: {"model": ..., "optimizers": {"0": ...}}
-CALIBRATION, CALIBRATION_FORMAT = "calibration.json", "adamba-calibration"
 
 
 class CheckpointError(ValueError):
@@ -71,14 +70,6 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         return directory
     steps = sorted(p for p in directory.glob("step_*") if re.fullmatch(r"step_\d{6,}", p.name))
     return steps[-1] if steps else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -148,7 +139,7 @@ def save_checkpoint(directory: str | Path, model: AdambaLM, *, step: int, train_
             "format": FORMAT, "version": VERSION, "step": step,
             "model_config": model.config.to_dict(), "train_config": train_config,
             "loader": loader_state, "extra": extra or {},
-            "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+            "files": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         # Plain writes inside the temporary folder: atomic_directory fsyncs them and renames the folder.
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -194,7 +185,7 @@ def _verify(path: Path, meta: dict, name: str) -> Path:
     if not file.exists():
         raise CheckpointError(f"{file}: missing from the checkpoint")
     expected = meta["files"].get(name)
-    if expected is not None and _sha256(file) != expected:
+    if expected is not None and file_sha256(file) != expected:
         raise CheckpointError(f"{file}: contents do not match the checksum in meta.json "
                               "(truncated or corrupted after saving)")
     return file
@@ -266,41 +257,18 @@ def _load_shards(path: Path, meta: dict, model: AdambaLM) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def _payload_sha256(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def save_calibration(path: Path, meta: dict, calibration: dict) -> Path:
     """Write `calibration` (JSON-able; `thresholds` maps exit layer -> threshold or None = never exit) beside the
     checkpoint in `path`, atomically, bound to the checkpoint's weights."""
     if WEIGHTS not in meta["files"]:
         raise CheckpointError(f"{path}: a sharded (FSDP) checkpoint; write it as one file first (adamba export "
                               "unsharded) and calibrate that")
-    data = {"format": CALIBRATION_FORMAT, "weights_sha256": meta["files"][WEIGHTS], **calibration}
-    data["sha256"] = _payload_sha256(data)
-    return write_atomic(path / CALIBRATION, json.dumps(data, indent=2))
+    return write_calibration(path, meta["files"][WEIGHTS], calibration)
 
 
 def _load_calibration(path: Path, meta: dict, model: AdambaLM) -> dict | None:
     """Read calibration.json if there is one, verify it, and give the model its exit thresholds."""
-    file = path / CALIBRATION
-    if not file.exists():
-        return None
     try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err}); the file is corrupt") from None
-    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
-        raise CheckpointError(f"{file}: not an adamba calibration file")
-    if data.get("sha256") != _payload_sha256({k: v for k, v in data.items() if k != "sha256"}):
-        raise CheckpointError(f"{file}: contents do not match their checksum (corrupted after saving)")
-    if data.get("weights_sha256") != meta["files"].get(WEIGHTS):
-        raise CheckpointError(f"{file}: calibrated for other weights than {path / WEIGHTS}; run `adamba calibrate` "
-                              "again")
-    heads = model.adaptive_heads
-    layers = {int(k): v for k, v in data.get("thresholds", {}).items()}
-    if heads is None or sorted(layers) != model.config.exit_layers:
-        raise CheckpointError(f"{file}: thresholds for layers {sorted(layers)}, but the model's exit layers are "
-                              f"{model.config.exit_layers}")
-    heads.thresholds = {k: float("inf") if v is None else float(v) for k, v in layers.items()}
-    return data
+        return read_calibration(path, meta["files"].get(WEIGHTS), WEIGHTS, model)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None

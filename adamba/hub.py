@@ -16,7 +16,8 @@ from pathlib import Path
 import safetensors.torch
 
 from .checkpoint import Checkpoint, load_checkpoint, resolve_run
-from .common import adamba_home, atomic_directory
+from .common import adamba_home, atomic_directory, file_sha256
+from .model.calibration_file import write_calibration
 from .model.compute import Compute
 from .model.pretrained import CONFIG_FILE, WEIGHTS_FILE, hf_config
 
@@ -42,6 +43,21 @@ def _training_records(ckpt: Checkpoint) -> list[dict]:
 def _reports(run: str) -> dict[str, str]:
     folder = adamba_home() / "reports" / run
     return {p.name: p.read_text() for p in sorted(folder.glob("*.md"))} if folder.is_dir() else {}
+
+
+def _calibration_section(calibration: dict | None) -> list[str]:
+    """The calibration's own measured numbers (calibration.json, shipped with the weights), or nothing."""
+    if calibration is None:
+        return []
+    lines = ["", "## Early exit", "", f"Calibrated with Learn-then-Test on {calibration['tokens']:,} held-out tokens "
+             f"(calibration.json): exits may disagree with the full model on at most delta = {calibration['delta']} "
+             f"of tokens, with probability at least 1 - epsilon = {1 - calibration['epsilon']:g}."]
+    if calibration.get("threshold") is None:
+        return lines + ["", "No threshold met that bound on the calibration tokens, so early exit stays off."]
+    return lines + ["", "| threshold | measured disagreement | exit rate | forward FLOPs saved | mean exit layer |",
+                    "|---:|---:|---:|---:|---:|",
+                    f"| {calibration['threshold']:g} | {calibration['risk']:.4f} | {calibration['exit_rate']:.1%} "
+                    f"| {calibration['flops_saved']:.1%} | {calibration['mean_exit']:.2f} |"]
 
 
 def model_card(ckpt: Checkpoint, name: str, license: str | None = None) -> str:
@@ -70,6 +86,7 @@ def model_card(ckpt: Checkpoint, name: str, license: str | None = None) -> str:
                          f"(at step {evaluated[0]['step']}: {evaluated[0]['val_bpb']:.4f}).")
     else:
         lines.append("No training log was found beside the checkpoint, so no training numbers are given.")
+    lines += _calibration_section(ckpt.calibration)
     lines += ["", "## Evaluations", ""]
     reports = _reports(run)
     if reports:
@@ -94,6 +111,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, name: str | None = None, 
         safetensors.torch.save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if ckpt.tokenizer is not None:
             ckpt.tokenizer.save(tmp)
+        if ckpt.calibration is not None:  # re-bound to the file written here (the checkpoint's weights, re-saved)
+            write_calibration(tmp, file_sha256(tmp / WEIGHTS_FILE), ckpt.calibration)
         (tmp / CARD_FILE).write_text(model_card(ckpt, name or out.name, license))
     return out
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from adamba.checkpoint import CALIBRATION, CheckpointError, load_checkpoint, run_dir
+from adamba.checkpoint import CheckpointError, load_checkpoint, run_dir
 from adamba.cli import main
 from adamba.eval.calibrate import Run, calibrate, learn_then_test, measure, sweep
+from adamba.model.calibration_file import CALIBRATION
 from adamba.model.compute import Compute
 from adamba.model.exits import Adaptive
 from tests.test_cli import TINY
@@ -102,7 +103,7 @@ def test_calibrate_eval_adaptive_and_sample_from_the_command_line(corpus_dir, tm
     with pytest.raises(CheckpointError, match="do not match their checksum"):
         load_checkpoint(ckpt.path)
     saved = {k: v for k, v in saved.items() if k != "sha256"} | {"weights_sha256": "0" * 64}
-    from adamba.checkpoint import _payload_sha256
+    from adamba.model.calibration_file import _payload_sha256
 
     (ckpt.path / CALIBRATION).write_text(json.dumps(saved | {"sha256": _payload_sha256(saved)}))
     with pytest.raises(CheckpointError, match="calibrated for other weights"):

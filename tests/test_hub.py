@@ -4,6 +4,7 @@ model card states only measured or counted numbers; the hub calls are wired (hug
 import json
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from conftest import tiny_config, tiny_train_config
@@ -72,6 +73,42 @@ def test_a_checkpoint_without_a_training_log_gets_no_training_numbers(tmp_path):
     save_checkpoint(tmp_path / "bare", model, step=3)
     card = model_card(load_checkpoint(tmp_path / "bare"), "bare")
     assert "No training log was found" in card and "val bpb" not in card
+
+
+def test_a_calibrated_checkpoint_ships_its_thresholds_bound_to_the_exported_weights(tmp_path):
+    """calibration.json goes with the export, re-bound to model.safetensors: from_pretrained exits where the
+    checkpoint does, the card gives the calibration's own numbers, and thresholds for other weights are refused."""
+    from adamba.checkpoint import save_calibration
+    from adamba.model.calibration_file import CALIBRATION
+    from adamba.model.exits import Adaptive
+
+    torch.manual_seed(0)
+    model = AdambaLM(tiny_config(block_pattern="TMT", n_layer=3, min_exit_layer=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    saved = save_checkpoint(tmp_path / "ckpt", model, step=5)
+    measured = {"delta": 0.1, "epsilon": 0.05, "width": None, "threshold": 0.55, "thresholds": {"1": 0.55, "2": 0.55},
+                "tokens": 4096, "risk": 0.0731, "exit_rate": 0.42, "flops_saved": 0.187, "mean_exit": 2.31}
+    save_calibration(saved, load_checkpoint(saved).meta, measured)
+    ckpt = load_checkpoint(saved)
+    out = export_hf(saved, tmp_path / "hf")
+    assert (out / CALIBRATION).is_file()
+    loaded = AdambaLM.from_pretrained(out)
+    assert loaded.adaptive_heads.thresholds == ckpt.model.adaptive_heads.thresholds == {1: 0.55, 2: 0.55}
+    idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mine = loaded(idx, compute=Compute(adaptive=Adaptive()), outputs=True)
+        theirs = ckpt.model.eval()(idx, compute=Compute(adaptive=Adaptive()), outputs=True)
+    assert torch.equal(mine.exits.exit_layer, theirs.exits.exit_layer) and torch.equal(mine.logits, theirs.logits)
+    card = (out / "README.md").read_text()
+    assert "on 4,096 held-out tokens" in card and "| 0.55 | 0.0731 | 42.0% | 18.7% | 2.31 |" in card
+    # other weights under the same calibration: refused, naming the file
+    state = {k: v.clone() for k, v in loaded.state_dict().items()}
+    state["lm_head.weight"] += 1
+    safetensors.torch.save_file(state, out / "model.safetensors")
+    with pytest.raises(ValueError, match=r"calibration\.json: calibrated for other weights than .*model\.safetensors"):
+        AdambaLM.from_pretrained(out)
 
 
 def test_from_pretrained_errors_name_the_file_and_the_fix(trained, tmp_path):

@@ -89,6 +89,7 @@ class AdambaLM(nn.Module):
         folder = pretrained.resolve_folder(source, revision)
         model = cls.build(pretrained.read_config(folder), device)
         pretrained.load_state(folder, model)
+        pretrained.load_calibration(folder, model)
         return model.eval()
 
     @torch.no_grad()

@@ -5,6 +5,8 @@
                          ModelConfig field}
     model.safetensors    the state dict, float32
     tokenizer.pkl        the tokenizer (tiktoken, as in checkpoints), if the model has one
+    calibration.json     the early-exit thresholds, if the checkpoint was calibrated (calibration_file.py), bound
+                         to model.safetensors
     README.md            the model card
 
 A repository id ("owner/name") is fetched with huggingface_hub (`pip install adamba[hub]`), cached by it.
@@ -18,7 +20,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from ..common import file_sha256
 from ..config import ModelConfig
+from .calibration_file import CALIBRATION, read_calibration
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE, FORMAT = "adamba", 1
@@ -55,7 +59,8 @@ def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
         raise ImportError(f"{source}: loading from the Hugging Face hub needs huggingface_hub "
                           "(pip install 'adamba[hub]'), or pass a local folder") from None
     return Path(snapshot_download(str(source), revision=revision,
-                                  allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "tokenizer.pkl", "README.md"]))
+                                  allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CALIBRATION, "tokenizer.pkl",
+                                                  "README.md"]))
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -90,3 +95,8 @@ def load_state(folder: Path, model: torch.nn.Module) -> None:
     if problems:
         raise ValueError(f"{path}: weights do not match {CONFIG_FILE}: {problems}")
     model.load_state_dict(state, strict=True)
+
+
+def load_calibration(folder: Path, model: torch.nn.Module) -> dict | None:
+    """The folder's calibration.json, if any, verified against its model.safetensors and applied to the exit gates."""
+    return read_calibration(folder, file_sha256(folder / WEIGHTS_FILE), WEIGHTS_FILE, model)
