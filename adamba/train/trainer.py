@@ -306,9 +306,6 @@ def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInf
         if not info.enabled:
             raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun "
                              "--nproc_per_node=N -m adamba.cli train ..., or drop --fsdp")
-        if config.sample_every:
-            raise ValueError("sample_every: samples decode on rank 0 alone, which a sharded model cannot; set "
-                             "sample_every 0 with --fsdp")
         if config.stage == "new-dims":  # its masks and hooks are shaped like whole parameters, not shards
             raise ValueError("stage: 'new-dims' masks the old entries of whole parameters, which is not built for "
                              "--fsdp yet; train that stage without --fsdp ('mamba-only' and 'all' run with it)")
@@ -561,10 +558,18 @@ def _evaluate(run: Run, step: int, result: TrainResult, metrics: MetricsLog, bar
 
 
 def _write_samples(run: Run, bar: tqdm) -> None:
+    """Greedy continuations of SAMPLE_PROMPTS, printed by rank 0. A sharded model (FSDP) gathers each block's
+    weights in every forward, so there every rank decodes alongside, each the same fixed number of tokens (cut at
+    <|bos|> afterwards, where a single process would have stopped): ranks that stopped at different steps would
+    wait on each other's all-gathers for ever."""
     engine = Engine(run.model, run.tokenizer)
+    bos = run.tokenizer.bos_id
     for prompt in SAMPLE_PROMPTS:
-        text = engine.complete(prompt, 32, SamplingParams(temperature=0.0))
-        bar.write(f"  sample: {prompt!r} -> {text!r}")
+        [done] = engine.generate([run.tokenizer.encode(prompt, bos=True)], 32, SamplingParams(temperature=0.0),
+                                 stop_tokens=[] if run.config.fsdp else [bos])
+        tokens = done.tokens[:done.tokens.index(bos)] if bos in done.tokens else done.tokens
+        if run.info.is_master:
+            bar.write(f"  sample: {prompt!r} -> {run.tokenizer.decode(tokens)!r}")
 
 
 def step_record(run: Run, step: int, lr_mult: float, dt: float, stats: StepStats, peak: float | None) -> dict:
@@ -631,7 +636,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         last = step >= run.config.num_iterations or out_of_time
         if due(run.config.eval_every, step, last):
             _evaluate(run, step, result, metrics, bar)
-        if due(run.config.sample_every, step, last) and info.is_master:
+        if due(run.config.sample_every, step, last) and (info.is_master or run.config.fsdp):
             _write_samples(run, bar)
         if last:
             break
