@@ -76,6 +76,11 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (in place: its storage), or `t` itself when it is not sharded."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """`full` (the same on every rank) laid out as `param`: this rank's shard of it, taken locally."""
     if not isinstance(param, DTensor):

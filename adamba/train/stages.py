@@ -4,10 +4,11 @@
   (requires_grad False) and so gets no optimizer state (optim.build_optimizers skips it). The seeds' stage 1: the
   new blocks learn to use a frozen trained stack, with the optimizer memory of the frozen part saved.
 - "new-dims": after `widen`, only the new dimensions train. The old entries (the old model, its D-wide slice) are
-  masked two ways: their gradient is zeroed by a hook, so the update is computed from the new entries alone, and
-  they are written back after every optimizer step, because Muon's orthogonalisation (and weight decay) spreads an
-  update over the whole matrix, masked entries included. So they stay bitwise what they were. Costs one bool per
-  entry and a copy of the old entries.
+  masked two ways: their gradient is zeroed before the optimizer step (and before clipping measures it), so the
+  update is computed from the new entries alone, and they are written back after every step, because Muon's
+  orthogonalisation (and weight decay) spreads an update over the whole matrix, masked entries included. So they
+  stay bitwise what they were. Costs one bool per entry and a copy of the old entries -- under FSDP of this rank's
+  shard only (`hold` shards each mask as its parameter is sharded).
 - "all": everything trains (with --matryoshka, every width too); it only checks that there is a growth record.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from ..config import MAMBA, MAMBA2, ModelConfig
 from ..surgery.widen import old_entry_masks
+from .fsdp import local, shard_like
 
 
 def optimizer_state_bytes(model, params) -> int:
@@ -36,18 +38,36 @@ class Stage:
     total: int
     state_bytes: int  # optimizer state of what trains
     full_state_bytes: int  # optimizer state had everything trained
-    masked: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # name -> old entries, whole
+    held: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def hold(self, model) -> None:
+        """Keep the old entries' values as this process holds the parameters -- whole, or under FSDP its shards
+        (call it after sharding, before the first step): (parameter, local mask, local old values)."""
+        self.held = []
+        for name, p in model.named_parameters():
+            if name in self.masks:
+                mask = local(shard_like(self.masks[name].to(p.device), p))
+                self.held.append((p, mask, local(p)[mask].clone()))
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Zero the old entries' gradients: the update is computed from the new entries alone."""
+        for p, mask, _ in self.held:
+            if p.grad is not None:
+                local(p.grad).masked_fill_(mask, 0)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Write the masked (old) entries back: exactly the values they had when the stage began."""
-        for p, mask, values in self.masked:
-            p.masked_scatter_(mask, values)
+        for p, mask, values in self.held:
+            local(p).masked_scatter_(mask, values)
 
     def describe(self) -> str:
         mib = self.state_bytes / 2**20
         text = f"stage {self.name}: training {self.trainable:,} of {self.total:,} parameters"
-        if self.masked:
+        if self.masks:
             text += " (the old entries are masked, and keep optimizer state)"
         if self.state_bytes == self.full_state_bytes:
             return f"{text}; optimizer state {mib:,.1f} MiB"
@@ -82,10 +102,5 @@ def apply_stage(model, stage: str | None, growth: dict | None) -> Stage | None:
         raise ValueError(f"stage: 'new-dims' trains the dimensions `adamba surgery widen` added, but the latest "
                          f"surgery was {growth['op']}; widen first, or use --stage all")
     masks = old_entry_masks(ModelConfig.from_dict(growth["from"]), model)
-    masked = []
-    for name, p in model.named_parameters():
-        mask = masks[name]
-        p.register_hook(lambda grad, mask=mask: grad.masked_fill(mask, 0))
-        masked.append((p, mask, p.detach()[mask].clone()))
     old = sum(int(m.sum()) for m in masks.values())
-    return Stage(stage, total - old, total, full, full, masked)
+    return Stage(stage, total - old, total, full, full, masks)

@@ -241,6 +241,8 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
         checkpoint_blocks(model)
     if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
         shard_model(model, dtype)
+    if stage is not None:
+        stage.hold(model)  # the old entries as this rank holds them (stages.py)
     optimizers = build_optimizers(model, config)
     print0(describe_muon(config))
     loader = DataLoader(data, "train", config.device_batch_size, model.config.sequence_len, rank=info.rank,
@@ -306,9 +308,6 @@ def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInf
         if not info.enabled:
             raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun "
                              "--nproc_per_node=N -m adamba.cli train ..., or drop --fsdp")
-        if config.stage == "new-dims":  # its masks and hooks are shaped like whole parameters, not shards
-            raise ValueError("stage: 'new-dims' masks the old entries of whole parameters, which is not built for "
-                             "--fsdp yet; train that stage without --fsdp ('mamba-only' and 'all' run with it)")
 
 
 def describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
@@ -460,7 +459,10 @@ def _train_micro_batch(run: Run, adaptive: AdaptiveStep, x: torch.Tensor, y: tor
 
 
 def _optimizer_step(run: Run) -> None:
-    """Clip, step every optimizer, put back what the stage masks, and zero the gradients."""
+    """Mask the stage's gradients, clip, step every optimizer, put back what the stage masks, and zero the
+    gradients."""
+    if run.stage is not None:
+        run.stage.before_step()
     if run.config.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
     for opt in run.optimizers:
