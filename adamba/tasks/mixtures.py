@@ -86,8 +86,8 @@ def chat_eval_callback(tasks: list[Task], items: int):
     if not tasks or not items:
         return None
 
-    def chat_eval(run, step: int) -> dict:
-        scores = {f"chat/{task.name}": evaluate_task(run.model, run.tokenizer, task, items=items, tool=calculate,
+    def chat_eval(model, run, step: int) -> dict:
+        scores = {f"chat/{task.name}": evaluate_task(model, run.tokenizer, task, items=items, tool=calculate,
                                                      rank=run.info.rank, world_size=run.info.world_size).accuracy
                   for task in tasks}
         print0(f"step {step:5d} | chat eval: " + ", ".join(f"{k[5:]} {v:.0%}" for k, v in scores.items()))

@@ -13,6 +13,10 @@ models whose ~16 bytes a parameter DDP cannot fit on one GPU (model/memory.py sa
   scatter of its result, saves that compute for a second collective, and is left for when profiles show it.
   AdamW is elementwise and runs on the shards as they are.
 - Activation checkpointing (`--activation-checkpointing`, with or without FSDP): `checkpoint_blocks`.
+- Decoding (samples, fine-tuning's chat evaluation): every forward of a sharded model is a collective, so ranks
+  decoding different prompts, or stopping at different steps, would wait on each other for ever. `inference_copy`
+  gathers the weights once into an ordinary model on each rank (4 bytes a parameter, against training's ~16 split
+  over the ranks), which then decodes alone as a single process does.
 - Checkpoints: every rank writes its shards of the weights and optimizer states (torch.distributed.checkpoint)
   into the checkpoint's shards/ folder; rank 0 adds the rest (configs, loader, every rank's RNG, tokenizer) and
   renames the folder into place. DCP reshards on load, so any number of ranks -- one included, without FSDP --
@@ -29,15 +33,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
 from ..checkpoint import read_shards
 from ..config import ATTENTION
+from ..model import AdambaLM
 
 
 def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -53,6 +59,20 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.
         fully_shard(block, mp_policy=low if block.kind == ATTENTION else full)
     fully_shard(model, mp_policy=full)
     return model
+
+
+def inference_copy(model: AdambaLM) -> AdambaLM:
+    """An ordinary (unsharded) copy of a sharded model on this rank, in eval mode, for decoding without collectives;
+    gathering it is a collective, so every rank calls this together. An unsharded model is returned as it is."""
+    if not isinstance(model, FSDPModule):
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    device = next(iter(state.values())).device
+    copy = AdambaLM.build(model.config, device)
+    copy.load_state_dict(state)
+    if model.adaptive_heads is not None:  # calibrated exit thresholds are an attribute, not a weight
+        copy.adaptive_heads.thresholds = model.adaptive_heads.thresholds
+    return copy.eval()
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> None:

@@ -19,10 +19,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..chat.render import render_conversation
-from ..checkpoint import all_ranks_rng_states, load_checkpoint, resolve_run, run_dir, save_checkpoint
+from ..checkpoint import load_checkpoint, resolve_run, run_dir
 from ..common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from ..config import SFTConfig, TrainConfig
 from ..data.conversations import ConversationLoader
+from ..model import AdambaLM
+from .fsdp import inference_copy, shard_model
 from .optim import build_optimizers, fine_tuning_config, set_schedule
 from .trainer import (
     MetricsLog,
@@ -37,6 +39,7 @@ from .trainer import (
     peak_flops,
     restore_training_state,
     resume_checkpoint,
+    save_run,
     show_progress,
     step_record,
     train_step,
@@ -44,7 +47,9 @@ from .trainer import (
     wrap_for_training,
 )
 
-ChatEval = Callable[[Run, int], dict]  # (run, step) -> metrics of a small chat evaluation
+# (model to decode with, run, step) -> metrics of a small chat evaluation; under FSDP the model is each rank's
+# inference copy (fsdp.inference_copy), every rank decoding its own stripe of the items
+ChatEval = Callable[[AdambaLM, Run, int], dict]
 
 
 def sft_train_config(sft: SFTConfig, config: TrainConfig, steps: int) -> TrainConfig:
@@ -83,6 +88,8 @@ def setup_sft(sft: SFTConfig, config: TrainConfig, conversations: Sequence[dict]
            f"embedding {config.embedding_lr:.3g}, unembedding {config.unembedding_lr:.3g}), warmup "
            f"{config.warmup_ratio:g}, linear decay over the last {config.warmdown_ratio:.0%} to "
            f"{config.final_lr_frac:g}")
+    if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
+        shard_model(model, dtype)
     optimizers = build_optimizers(model, config)
     if resume:
         restore_training_state(checkpoint, optimizers, loader, device, info, model)
@@ -135,7 +142,7 @@ def sft(sft_config: SFTConfig, config: TrainConfig, conversations: Sequence[dict
             if info.is_master:
                 bar.write(f"step {step:5d} | val loss {loss:.4f}")
         if chat_eval is not None and (last or due(sft_config.chat_eval_every, step, False)):
-            metrics.log({"step": step, **chat_eval(run, step)})
+            metrics.log({"step": step, **chat_eval(inference_copy(run.model), run, step)})
         if last:
             break
         t0 = time.perf_counter()
@@ -148,10 +155,10 @@ def sft(sft_config: SFTConfig, config: TrainConfig, conversations: Sequence[dict
         metrics.log(record)
         show_progress(bar, record)
         if config.save_every and step % config.save_every == 0 and step < run.config.num_iterations:
-            _save(run, step, result, sft_config)
+            save_run(run, step, result, {"sft": sft_config.to_dict()})
     bar.close()
     result.step = step
-    _save(run, step, result, sft_config)
+    save_run(run, step, result, {"sft": sft_config.to_dict()})
     result.metrics = metrics.records
     return result
 
@@ -159,15 +166,3 @@ def sft(sft_config: SFTConfig, config: TrainConfig, conversations: Sequence[dict
 def _renderer(tokenizer):
     """A conversation's whole (ids, mask); the loader cuts it to the context."""
     return lambda conversation: render_conversation(tokenizer, conversation, math.inf)
-
-
-def _save(run: Run, step: int, result: TrainResult, sft_config: SFTConfig) -> None:
-    rng_states = all_ranks_rng_states(run.device, run.info)
-    if run.info.is_master:
-        result.checkpoint = save_checkpoint(
-            run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
-            loader_state=run.loader.state_dict(), tokenizer=run.tokenizer, extra={"sft": sft_config.to_dict()},
-            rng_states=rng_states)
-    if run.info.enabled:
-        dist.barrier()
-

@@ -55,7 +55,7 @@ from ..model import AdambaLM, scan_cpu
 from ..model.compute import Compute
 from ..model.float8 import enable_float8
 from ..surgery.growth import GROWTH
-from .fsdp import checkpoint_blocks, load_shard_optimizer_states, save_shards, shard_model
+from .fsdp import checkpoint_blocks, inference_copy, load_shard_optimizer_states, save_shards, shard_model
 from .horizon import apply_horizon, plan_horizon
 from .loops import sample_loops
 from .losses import AdaptiveStep, ExitTraining, PredictorTraining, check_adaptive_training, mixture_train_flops
@@ -356,8 +356,7 @@ def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device
     plain loss). Under DDP they are frozen first: DDP would wait for their gradients ("Expected to have finished
     reduction ...") at the next step. Their optimizer skips them, as it would anyway without gradients."""
     if config.fsdp and not isinstance(model, FSDPModule):
-        raise ValueError("fsdp: built for pretraining (adamba train) so far; fine-tune under torchrun without it "
-                         "(DDP)")
+        raise ValueError("fsdp: built for pretraining and SFT so far; train RL under torchrun without it (DDP)")
     train_model: torch.nn.Module = model
     if info.enabled and not config.fsdp:  # (FSDP reduce-scatters gradients itself: fsdp.py)
         for p in untrained:
@@ -560,18 +559,15 @@ def _evaluate(run: Run, step: int, result: TrainResult, metrics: MetricsLog, bar
 
 
 def _write_samples(run: Run, bar: tqdm) -> None:
-    """Greedy continuations of SAMPLE_PROMPTS, printed by rank 0. A sharded model (FSDP) gathers each block's
-    weights in every forward, so there every rank decodes alongside, each the same fixed number of tokens (cut at
-    <|bos|> afterwards, where a single process would have stopped): ranks that stopped at different steps would
-    wait on each other's all-gathers for ever."""
-    engine = Engine(run.model, run.tokenizer)
-    bos = run.tokenizer.bos_id
+    """Greedy continuations of SAMPLE_PROMPTS, written by rank 0 (a sharded model's ranks all gather its copy
+    first: fsdp.inference_copy)."""
+    model = inference_copy(run.model)
+    if not run.info.is_master:
+        return
+    engine = Engine(model, run.tokenizer)
     for prompt in SAMPLE_PROMPTS:
-        [done] = engine.generate([run.tokenizer.encode(prompt, bos=True)], 32, SamplingParams(temperature=0.0),
-                                 stop_tokens=[] if run.config.fsdp else [bos])
-        tokens = done.tokens[:done.tokens.index(bos)] if bos in done.tokens else done.tokens
-        if run.info.is_master:
-            bar.write(f"  sample: {prompt!r} -> {run.tokenizer.decode(tokens)!r}")
+        text = engine.complete(prompt, 32, SamplingParams(temperature=0.0))
+        bar.write(f"  sample: {prompt!r} -> {text!r}")
 
 
 def step_record(run: Run, step: int, lr_mult: float, dt: float, stats: StepStats, peak: float | None) -> dict:
@@ -595,8 +591,13 @@ def show_progress(bar: tqdm, record: dict) -> None:
     bar.update(1)
 
 
-def _save(run: Run, step: int, result: TrainResult) -> None:
-    """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer); the others wait for it."""
+def _growth(run: Run) -> dict | None:
+    return {GROWTH: run.growth} if run.growth else None
+
+
+def save_run(run: Run, step: int, result: TrainResult, extra: dict | None = None) -> None:
+    """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer, `extra` in its meta); the
+    others wait for it. Under FSDP every rank first writes its shards."""
     rng_states = all_ranks_rng_states(run.device, run.info)
     shards = None
     if run.config.fsdp:  # every rank writes its shards first, into a folder rank 0 then moves into the checkpoint
@@ -610,7 +611,7 @@ def _save(run: Run, step: int, result: TrainResult) -> None:
         result.checkpoint = save_checkpoint(
             run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
             loader_state=run.loader.state_dict(), tokenizer=run.tokenizer,
-            extra={GROWTH: run.growth} if run.growth else None, rng_states=rng_states, shards=shards)
+            extra=extra, rng_states=rng_states, shards=shards)
     if run.info.enabled:
         dist.barrier()
 
@@ -654,7 +655,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         metrics.log(record)
         show_progress(bar, record)
         if run.config.save_every and step % run.config.save_every == 0 and step < run.config.num_iterations:
-            _save(run, step, result)
+            save_run(run, step, result, _growth(run))
     bar.close()
     if all_loops:
         result.mean_loops = sum(all_loops) / len(all_loops)
@@ -662,6 +663,6 @@ def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = Fals
         print0(f"loops: mean r sampled {result.mean_loops:.2f} over {len(all_loops)} micro-steps (mean_recurrence "
                f"{loop.mean_recurrence}, clamped to [1, {loop.r_max}])")
     result.step = step
-    _save(run, step, result)
+    save_run(run, step, result, _growth(run))
     result.metrics = metrics.records
     return result
