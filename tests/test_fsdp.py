@@ -23,8 +23,14 @@ def env() -> dict:  # read when a test runs: the adamba_home fixture has set $AD
 
 
 def torchrun(*args: str) -> list[str]:
+    return [*under_torchrun()[:-1], "-m", "adamba.cli", *args]
+
+
+def under_torchrun(*args: str) -> list[str]:
+    """tests/under_torchrun.py (fine-tuning with a rigged checker) in 2 processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "adamba.cli", *args]
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "tests" / "under_torchrun.py"),
+            *args]
 
 
 @pytest.mark.parametrize("muon", ["classic", "polar"])
@@ -118,10 +124,9 @@ def test_sft_under_fsdp_equals_it_under_ddp_chat_evaluation_included(corpus_dir)
     its stripe of the items with its inference copy) and weights as under DDP."""
     train(tiny_config(block_pattern="TM"), tiny_train_config(corpus_dir, run_name="base", num_iterations=2),
           progress=False)
-    script = str(ROOT / "tests" / "sft_under_torchrun.py")
     for run, fsdp in (("sft-fsdp", "1"), ("sft-ddp", "0")):
-        done = subprocess.run([*torchrun()[:-2], script, run, "base", fsdp], env=env(), capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(under_torchrun("sft", run, "base", fsdp), env=env(), capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     records = {run: [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
                for run in ("sft-fsdp", "sft-ddp")}

@@ -269,3 +269,45 @@ def test_two_process_torchrun_stripes_rollouts_and_evaluation(base, extra):
     assert proc.stdout.count("(6 problems x 2 samples)") == 2  # at step 0 and at the end, both ranks' problems
     assert load_checkpoint(run_dir("ddp")).step == 2
     assert (run_dir("ddp").parent.parent / "reports" / "ddp" / "rl.png").exists()
+
+
+def test_rl_under_fsdp_equals_it_under_ddp(base):
+    """Sharded policy, whole reference, rollouts decoded by each rank's inference copy: the same rewards, held-out
+    pass@k and weights as under DDP (tests/under_torchrun.py: a rigged checker, two passes of two minibatches and a
+    KL penalty)."""
+    import json
+    import subprocess
+
+    from test_fsdp import env, under_torchrun
+
+    for run, fsdp in (("rl-fsdp", "1"), ("rl-ddp", "0")):
+        proc = subprocess.run(under_torchrun("rl", run, "base", fsdp), env=env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {run: [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+               for run in ("rl-fsdp", "rl-ddp")}
+    for key in ("reward", "correct", "completion_tokens", "kl", "pass@1", "pass@2"):
+        a, b = ([r[key] for r in records[run] if key in r] for run in ("rl-fsdp", "rl-ddp"))
+        assert a and a == pytest.approx(b, abs=1e-6), key
+    assert 0 < records["rl-fsdp"][1]["correct"] < 1  # the groups see both outcomes: the advantages are not all 0
+    assert (load_checkpoint(run_dir("rl-fsdp")).path / "shards").is_dir()
+    sharded, replicated = load_checkpoint(run_dir("rl-fsdp")).model, load_checkpoint(run_dir("rl-ddp")).model
+    start = load_checkpoint(run_dir("base")).model
+    moved = 0.0
+    for (name, p), q, s in zip(sharded.named_parameters(), replicated.parameters(), start.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+        moved = max(moved, (p - s).abs().max().item())
+    assert moved > 1e-3
+
+
+def test_rl_under_fsdp_needs_torchrun_and_refuses_the_compute_aware_reward(base):
+    from types import SimpleNamespace
+
+    from adamba.train.rl import _check_fsdp
+
+    rl_config, config = rl_configs("x")
+    with pytest.raises(ValueError, match="fsdp: shards over the ranks of torchrun"):
+        rl(rl_config, TrainConfig.from_dict({**config.to_dict(), "fsdp": True}), FirstToken("a"), FirstToken("a"),
+           progress=False)
+    with pytest.raises(ValueError, match="flops_price: compute-aware RL does not run under --fsdp"):
+        _check_fsdp(RLConfig(base="base", flops_price=0.5), SimpleNamespace(enabled=True))

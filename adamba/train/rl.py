@@ -30,12 +30,10 @@ from tqdm.auto import tqdm
 
 from ..chat.render import render_for_completion
 from ..checkpoint import (
-    all_ranks_rng_states,
     load_checkpoint,
     resolve_run,
     restore_rng_state,
     run_dir,
-    save_checkpoint,
 )
 from ..common import autocast, init_distributed, pick_device, pick_dtype, print0, seed_everything
 from ..config import RLConfig, TrainConfig
@@ -47,9 +45,18 @@ from ..model.exits import Adaptive
 from ..model.predictor import choosable, prediction_flops
 from ..surgery.add_predictor import with_width_predictor
 from ..tools.calculator import calculate
+from .fsdp import inference_copy, shard_model
 from .grpo import group_advantages, pass_at_k, policy_loss, token_logprobs
 from .optim import build_optimizers, fine_tuning_config, set_schedule
-from .trainer import MetricsLog, TrainResult, describe_model, resume_checkpoint, wrap_for_training
+from .trainer import (
+    MetricsLog,
+    TrainResult,
+    describe_model,
+    restore_optimizers,
+    resume_checkpoint,
+    save_training,
+    wrap_for_training,
+)
 
 EVAL_STREAM = 1 << 40  # the held-out evaluation's seeds: a stream no training step's (seed, step) can reach
 
@@ -127,10 +134,12 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
         if reference.config.predictor_layers != model.config.predictor_layers:  # the base had no predictor
             reference = with_width_predictor(reference, model.config.predictor_layers)
         reference.requires_grad_(False).eval()
+    if config.fsdp:  # the reference stays whole on every rank: it is only ever run forward, without collectives
+        _check_fsdp(rl_config, info)
+        shard_model(model, dtype)
     optimizers = build_optimizers(model, config)
     if resume:
-        for opt, state in zip(optimizers, checkpoint.optimizer_state["optimizers"], strict=True):
-            opt.load_state_dict(state)
+        restore_optimizers(checkpoint, optimizers, model)
         restore_rng_state(checkpoint.optimizer_state["rng"], device, info)
     print0(f"rl: {rl_config.task}, {rl_config.num_steps} steps of {rl_config.prompts_per_step} problems x "
            f"{rl_config.samples_per_prompt} samples (temperature {rl_config.temperature:g}"
@@ -142,6 +151,15 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
     return RLRun(rl_config, config, info, device, dtype, model,
                  wrap_for_training(model, config, device, info, _untrained(model, rl_config)), reference,
                  checkpoint.tokenizer, optimizers, out_dir, start_step=checkpoint.step if resume else 0)
+
+
+def _check_fsdp(rl_config: RLConfig, info) -> None:
+    if not info.enabled:
+        raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun --nproc_per_node=N "
+                         "-m adamba.cli rl ..., or drop --fsdp")
+    if rl_config.flops_price is not None:  # the width predictor runs on hidden states outside the model's forward
+        raise ValueError("flops_price: compute-aware RL does not run under --fsdp yet; train it without --fsdp "
+                         "(DDP)")
 
 
 def _untrained(model, rl_config: RLConfig) -> list:
@@ -167,10 +185,12 @@ def step_problems(n_items: int, rl_config: RLConfig, seed: int, step: int, rank:
     return [int(i) for i in chosen[rank::world_size]]
 
 
-def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int) -> list[list[Rollout]]:
+def sample_rollouts(run: RLRun, task, items: list[int], samples: int, seed: int,
+                    policy: torch.nn.Module | None = None) -> list[list[Rollout]]:
     """`samples` completions of each item through one batched engine call; groups in item order. Compute-aware:
-    each completion first draws its widths (`choose_widths`), and the engine runs every row at its own."""
-    model, tokenizer, config = run.model, run.tokenizer, run.config
+    each completion first draws its widths (`choose_widths`), and the engine runs every row at its own. `policy`:
+    the model that decodes (under FSDP the rank's inference copy; default run.model)."""
+    model, tokenizer, config = run.model if policy is None else policy, run.tokenizer, run.config
     conversations = [task[i] for i in items]
     prompts = [render_for_completion(tokenizer, c) for c in conversations]
     budget = min(config.max_new_tokens, model.config.sequence_len - max(map(len, prompts)))
@@ -331,7 +351,7 @@ def _sum_over_ranks(run: RLRun, *values: float) -> list[float]:
     return totals.tolist()
 
 
-def evaluate_pass_at_k(run: RLRun, task, step: int) -> dict:
+def evaluate_pass_at_k(run: RLRun, task, step: int, policy: torch.nn.Module | None = None) -> dict:
     """pass@1 and pass@k (k = eval_samples) on the first eval_items held-out problems, sampled at the rollout
     temperature with a seed fixed per problem (the same draws at every evaluation); FLOPs per answer. Compute-aware,
     also the mean FLOPs fraction and, per problem, how many samples were right, their FLOPs fraction and how often
@@ -346,8 +366,8 @@ def evaluate_pass_at_k(run: RLRun, task, step: int) -> dict:
     for start in range(0, len(mine), chunk):
         items = mine[start:start + chunk]
         seed = _seed(run.train_config.seed, EVAL_STREAM, items[0])  # not a training step's stream
-        for item, group in zip(items, sample_rollouts(run, task, items, config.eval_samples, seed=seed),
-                               strict=True):
+        for item, group in zip(items, sample_rollouts(run, task, items, config.eval_samples, seed=seed,
+                                                      policy=policy), strict=True):
             correct.append([r.correct for r in group])
             flops += sum(r.flops for r in group)
             fractions += sum(r.flops_frac for r in group)
@@ -397,15 +417,17 @@ def rl(rl_config: RLConfig, config: TrainConfig, train_task, eval_task, *, resum
     step = run.start_step
     while True:
         last = step >= rl_config.num_steps
+        # under FSDP each rank decodes with its own whole copy of the policy (fsdp.inference_copy)
         if last or step == 0 or (rl_config.eval_every and step % rl_config.eval_every == 0):
-            metrics.log(evaluate_pass_at_k(run, eval_task, step))
+            metrics.log(evaluate_pass_at_k(run, eval_task, step, inference_copy(run.model)))
         if last:
             break
         t0 = time.perf_counter()
+        policy = inference_copy(run.model)
         lr_mult = set_schedule(run.optimizers, step, config)
         items = step_problems(len(train_task), rl_config, config.seed, step, info.rank, info.world_size)
         groups = sample_rollouts(run, train_task, items, rl_config.samples_per_prompt,
-                                 seed=_seed(config.seed, step, info.rank))
+                                 seed=_seed(config.seed, step, info.rank), policy=policy)
         t_rollout = time.perf_counter() - t0
         record = rl_step(run, groups)
         step += 1
@@ -431,11 +453,7 @@ def rl(rl_config: RLConfig, config: TrainConfig, train_task, eval_task, *, resum
 
 
 def _save(run: RLRun, step: int, result: TrainResult) -> None:
-    rng_states = all_ranks_rng_states(run.device, run.info)
-    if run.info.is_master:
-        result.checkpoint = save_checkpoint(run.out_dir, run.model, step=step,
-                                            train_config=run.train_config.to_dict(), optimizers=run.optimizers,
-                                            tokenizer=run.tokenizer, extra={"rl": run.config.to_dict()},
-                                            rng_states=rng_states)
-    if run.info.enabled:
-        dist.barrier()
+    path = save_training(run.out_dir, run.model, run.optimizers, step, run.train_config, run.info, run.device,
+                         run.tokenizer, extra={"rl": run.config.to_dict()})
+    if path is not None:
+        result.checkpoint = path

@@ -331,8 +331,15 @@ def _describe_energy_penalty(config: TrainConfig) -> None:
 
 def restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer],
                             loader: DataLoader, device: torch.device, info: DistInfo, model: torch.nn.Module) -> None:
-    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly. An FSDP run's
-    sharded optimizer states (fsdp.py) load into a sharded model on any number of ranks, or into a plain one."""
+    """Optimizer moments, the loader's position and the RNG, so the resumed run continues exactly."""
+    restore_optimizers(checkpoint, optimizers, model)
+    loader.load_state_dict(checkpoint.meta["loader"])
+    restore_rng_state(checkpoint.optimizer_state["rng"], device, info)
+
+
+def restore_optimizers(checkpoint: Checkpoint, optimizers: list[torch.optim.Optimizer], model: torch.nn.Module) -> None:
+    """The checkpoint's optimizer moments. An FSDP run's sharded states (fsdp.py) load into a sharded model on any
+    number of ranks, or into a plain one."""
     states = checkpoint.optimizer_state["optimizers"]
     if states is None:
         load_shard_optimizer_states(model, optimizers, checkpoint.path / SHARDS)
@@ -342,8 +349,6 @@ def restore_training_state(checkpoint: Checkpoint, optimizers: list[torch.optim.
     else:
         for opt, state in zip(optimizers, states, strict=True):
             opt.load_state_dict(state)
-    loader.load_state_dict(checkpoint.meta["loader"])
-    restore_rng_state(checkpoint.optimizer_state["rng"], device, info)
 
 
 def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device, info: DistInfo,
@@ -356,7 +361,7 @@ def wrap_for_training(model: AdambaLM, config: TrainConfig, device: torch.device
     plain loss). Under DDP they are frozen first: DDP would wait for their gradients ("Expected to have finished
     reduction ...") at the next step. Their optimizer skips them, as it would anyway without gradients."""
     if config.fsdp and not isinstance(model, FSDPModule):
-        raise ValueError("fsdp: built for pretraining and SFT so far; train RL under torchrun without it (DDP)")
+        raise ValueError("fsdp: the model must be sharded (fsdp.shard_model) before it is wrapped for training")
     train_model: torch.nn.Module = model
     if info.enabled and not config.fsdp:  # (FSDP reduce-scatters gradients itself: fsdp.py)
         for p in untrained:
@@ -596,24 +601,36 @@ def _growth(run: Run) -> dict | None:
 
 
 def save_run(run: Run, step: int, result: TrainResult, extra: dict | None = None) -> None:
-    """Rank 0 writes the checkpoint (model, optimizers, loader position, RNG, tokenizer, `extra` in its meta); the
-    others wait for it. Under FSDP every rank first writes its shards."""
-    rng_states = all_ranks_rng_states(run.device, run.info)
+    """The run's checkpoint at `step` (save_training), its loader position included."""
+    path = save_training(run.out_dir, run.model, run.optimizers, step, run.config, run.info, run.device,
+                         run.tokenizer, run.loader.state_dict(), extra)
+    if path is not None:
+        result.checkpoint = path
+
+
+def save_training(out_dir: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], step: int,
+                  config: TrainConfig, info: DistInfo, device: torch.device, tokenizer: Tokenizer | None,
+                  loader_state: dict | None = None, extra: dict | None = None) -> Path | None:
+    """Rank 0 writes the checkpoint (model, optimizers, every rank's RNG, tokenizer, the loader's position and
+    `extra` in its meta) and returns its path; the others wait for it (None). Under FSDP every rank first writes
+    its shards."""
+    rng_states = all_ranks_rng_states(device, info)
     shards = None
-    if run.config.fsdp:  # every rank writes its shards first, into a folder rank 0 then moves into the checkpoint
-        shards = run.out_dir / f".shards-{step:06d}"
-        if run.info.is_master and shards.exists():
+    if config.fsdp:  # every rank writes its shards first, into a folder rank 0 then moves into the checkpoint
+        shards = out_dir / f".shards-{step:06d}"
+        if info.is_master and shards.exists():
             shutil.rmtree(shards)  # a run killed while writing them
         dist.barrier()
-        save_shards(run.model, run.optimizers, shards)
+        save_shards(model, optimizers, shards)
         dist.barrier()
-    if run.info.is_master:
-        result.checkpoint = save_checkpoint(
-            run.out_dir, run.model, step=step, train_config=run.config.to_dict(), optimizers=run.optimizers,
-            loader_state=run.loader.state_dict(), tokenizer=run.tokenizer,
-            extra=extra, rng_states=rng_states, shards=shards)
-    if run.info.enabled:
+    path = None
+    if info.is_master:
+        path = save_checkpoint(out_dir, model, step=step, train_config=config.to_dict(), optimizers=optimizers,
+                               loader_state=loader_state, tokenizer=tokenizer, extra=extra, rng_states=rng_states,
+                               shards=shards)
+    if info.enabled:
         dist.barrier()
+    return path
 
 
 def train(model_config: ModelConfig, config: TrainConfig, *, resume: bool = False,
