@@ -256,13 +256,17 @@ def test_expansion_gives_each_token_the_width_the_per_token_reference_computes()
                                model(idx, compute=Compute(32)))
 
 
+@pytest.mark.parametrize("recipe", [False, True], ids=["october-2025", "today"])
 @torch.no_grad()
-def test_engine_decodes_with_exits_and_predicted_widths_as_each_row_alone_would():
+def test_engine_decodes_with_exits_and_predicted_widths_as_each_row_alone_would(recipe):
+    """Rows at different widths share each prefill and decode step (the attention's mixed-width path); with
+    today's recipe its value embeddings read the token ids there too."""
     from adamba.infer.engine import Engine
     from adamba.infer.sampling import SamplingParams
     from adamba.model.predictor import predict_widths
 
-    model = random_model(block_pattern="TMTT", n_layer=4, predictor_layers=1, sequence_len=40)
+    options = dict(residual_scalars=True, value_embeds="alternating", smear=True, backout=True) if recipe else {}
+    model = random_model(block_pattern="TMTT", n_layer=4, predictor_layers=1, sequence_len=40, **options)
     for gate in model.adaptive_heads.exit_gates.values():  # unsaturated confidences: tokens exit at every layer
         gate.out.weight.mul_(0.05)
     policy = Adaptive(threshold=0.6, predictor=True)

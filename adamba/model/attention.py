@@ -247,7 +247,7 @@ class AttentionBlock(nn.Module):
         out = x
         for w in widths:
             h = x[..., :w]
-            q = attn.project(rms_norm(h, self.norm_width), ctx.cos, ctx.sin, attn.heads_at(w)[0], 0)[0]
+            q = attn.project(rms_norm(h, self.norm_width), ctx.cos, ctx.sin, attn.heads_at(w)[0], 0, ctx.tokens)[0]
             h = h + attn.attend(q, keys, values, mask, causal, w)
             h = h + self.mlp(rms_norm(h, self.norm_width), None if w == d else w)
             out = torch.where((ctx.token_widths == w)[..., None], torch.cat([h, x[..., w:]], dim=-1), out)
