@@ -119,23 +119,31 @@ def test_fsdp_needs_torchrun(corpus_dir, capsys):
     assert "fsdp: shards over the ranks of torchrun" in capsys.readouterr().err
 
 
+def fine_tune_under_fsdp_and_ddp(what: str, base: str, keys) -> list[dict]:
+    """tests/under_torchrun.py's `what` (sft, rl) from `base`, as runs {what}-fsdp and {what}-ddp: each metric of
+    `keys` at every step it was logged the same in both (to 1e-5); the FSDP run's records."""
+    records = {}
+    for fsdp in ("1", "0"):
+        run = f"{what}-{'fsdp' if fsdp == '1' else 'ddp'}"
+        done = subprocess.run(under_torchrun(what, run, base, fsdp), env=env(), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records[fsdp] = [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+    for key in keys:
+        a, b = ({r["step"]: r[key] for r in records[fsdp] if key in r} for fsdp in ("1", "0"))
+        assert a and sorted(a) == sorted(b), key
+        for step in a:
+            assert a[step] == pytest.approx(b[step], abs=1e-5), (key, step)
+    return records["1"]
+
+
 def test_sft_under_fsdp_equals_it_under_ddp_chat_evaluation_included(corpus_dir):
     """Fine-tuning a sharded model: the same losses, validation losses, chat-evaluation scores (each rank decoding
     its stripe of the items with its inference copy) and weights as under DDP."""
     train(tiny_config(block_pattern="TM"), tiny_train_config(corpus_dir, run_name="base", num_iterations=2),
           progress=False)
-    for run, fsdp in (("sft-fsdp", "1"), ("sft-ddp", "0")):
-        done = subprocess.run(under_torchrun("sft", run, "base", fsdp), env=env(), capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    records = {run: [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
-               for run in ("sft-fsdp", "sft-ddp")}
-    for key in ("loss", "val_loss", "chat/even"):
-        a, b = ({r["step"]: r[key] for r in records[run] if key in r} for run in ("sft-fsdp", "sft-ddp"))
-        assert sorted(a) == sorted(b) and a, key
-        for step in a:
-            assert a[step] == pytest.approx(b[step], abs=1e-5), (key, step)
-    scores = [r["chat/even"] for r in records["sft-fsdp"] if "chat/even" in r]
+    records = fine_tune_under_fsdp_and_ddp("sft", "base", ("loss", "val_loss", "chat/even"))
+    scores = [r["chat/even"] for r in records if "chat/even" in r]
     assert len(scores) == 3 and any(0 < score < 1 for score in scores)  # at steps 0, 2, 4; the texts vary
     assert (load_checkpoint(run_dir("sft-fsdp")).path / "shards").is_dir()
     sharded, replicated = load_checkpoint(run_dir("sft-fsdp")).model, load_checkpoint(run_dir("sft-ddp")).model

@@ -275,21 +275,11 @@ def test_rl_under_fsdp_equals_it_under_ddp(base):
     """Sharded policy, whole reference, rollouts decoded by each rank's inference copy: the same rewards, held-out
     pass@k and weights as under DDP (tests/under_torchrun.py: a rigged checker, two passes of two minibatches and a
     KL penalty)."""
-    import json
-    import subprocess
+    from test_fsdp import fine_tune_under_fsdp_and_ddp
 
-    from test_fsdp import env, under_torchrun
-
-    for run, fsdp in (("rl-fsdp", "1"), ("rl-ddp", "0")):
-        proc = subprocess.run(under_torchrun("rl", run, "base", fsdp), env=env(), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    records = {run: [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
-               for run in ("rl-fsdp", "rl-ddp")}
-    for key in ("reward", "correct", "completion_tokens", "kl", "pass@1", "pass@2"):
-        a, b = ([r[key] for r in records[run] if key in r] for run in ("rl-fsdp", "rl-ddp"))
-        assert a and a == pytest.approx(b, abs=1e-6), key
-    assert 0 < records["rl-fsdp"][1]["correct"] < 1  # the groups see both outcomes: the advantages are not all 0
+    records = fine_tune_under_fsdp_and_ddp("rl", "base", ("reward", "correct", "completion_tokens", "kl", "pass@1",
+                                                           "pass@2"))
+    assert 0 < records[1]["correct"] < 1  # the groups see both outcomes: the advantages are not all 0
     assert (load_checkpoint(run_dir("rl-fsdp")).path / "shards").is_dir()
     sharded, replicated = load_checkpoint(run_dir("rl-fsdp")).model, load_checkpoint(run_dir("rl-ddp")).model
     start = load_checkpoint(run_dir("base")).model
