@@ -870,7 +870,7 @@ RL_TRAIN_DEFAULTS = dict(run_name="rl", warmup_ratio=0.0, warmdown_ratio=1.0, fi
 RL_TRAIN_FIELDS = ("run_name", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr",
                    "weight_decay", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "grad_clip", "dtype", "device",
                    "compile", "fsdp", "save_every", "seed", "muon", "muon_beta2", "muon_equilibrate",
-                   "muon_renormalise", "muon_cautious_wd")
+                   "muon_renormalise", "muon_cautious_wd", "float8", "activation_checkpointing")
 RL_IGNORED = tuple(f.name for f in fields(TrainConfig) if f.name not in RL_TRAIN_FIELDS)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import straight_and_resumed_losses, tiny_config
+from conftest import straight_and_resumed_losses, tiny_config, tiny_train_config
 
 from adamba import AdambaLM, TrainConfig
 from adamba.model.float8 import check_float8, enable_float8, float8_layers, linear
@@ -127,3 +127,20 @@ def test_start_up_errors_name_the_field_and_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_float8("tensorwise", torch.device("cuda", 0))  # an H100: accepted
 
+
+
+def test_fine_tuning_takes_the_flag_too(corpus_dir, capsys):
+    """SFT prepares its model as pretraining does (trainer.prepare_model): float8 is not silently dropped."""
+    from test_sft import echo_conversations
+
+    from adamba.config import SFT_TRAIN_DEFAULTS, SFTConfig
+    from adamba.train.sft import sft
+    from adamba.train.trainer import train
+
+    train(tiny_config(), tiny_train_config(corpus_dir, run_name="base", num_iterations=1), progress=False)
+    capsys.readouterr()
+    config = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "run_name": "sft8", "device_batch_size": 2,
+                                    "total_batch_size": 2 * 32, "device": "cpu", "float8": "tensorwise"})
+    result = sft(SFTConfig(base="base", num_iterations=2), config, echo_conversations(16), progress=False)
+    assert "float8 (tensorwise scaling, torchao): 12 of 12 block projections" in capsys.readouterr().out
+    assert result.step == 2

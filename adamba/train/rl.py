@@ -45,13 +45,14 @@ from ..model.exits import Adaptive
 from ..model.predictor import choosable, prediction_flops
 from ..surgery.add_predictor import with_width_predictor
 from ..tools.calculator import calculate
-from .fsdp import inference_copy, shard_model
+from .fsdp import inference_copy
 from .grpo import group_advantages, pass_at_k, policy_loss, token_logprobs
 from .optim import build_optimizers, fine_tuning_config, set_schedule
 from .trainer import (
     MetricsLog,
     TrainResult,
     describe_model,
+    prepare_model,
     restore_optimizers,
     resume_checkpoint,
     save_training,
@@ -136,7 +137,7 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
         reference.requires_grad_(False).eval()
     if config.fsdp:  # the reference stays whole on every rank: it is only ever run forward, without collectives
         _check_fsdp(rl_config, info)
-        shard_model(model, dtype)
+    prepare_model(model, config, device, dtype)
     optimizers = build_optimizers(model, config)
     if resume:
         restore_optimizers(checkpoint, optimizers, model)

@@ -24,7 +24,7 @@ from ..common import init_distributed, pick_device, pick_dtype, print0, seed_eve
 from ..config import SFTConfig, TrainConfig
 from ..data.conversations import ConversationLoader
 from ..model import AdambaLM
-from .fsdp import inference_copy, shard_model
+from .fsdp import inference_copy
 from .optim import build_optimizers, fine_tuning_config, set_schedule
 from .trainer import (
     MetricsLog,
@@ -37,6 +37,7 @@ from .trainer import (
     due,
     grad_accum_steps,
     peak_flops,
+    prepare_model,
     restore_training_state,
     resume_checkpoint,
     save_run,
@@ -88,8 +89,7 @@ def setup_sft(sft: SFTConfig, config: TrainConfig, conversations: Sequence[dict]
            f"embedding {config.embedding_lr:.3g}, unembedding {config.unembedding_lr:.3g}), warmup "
            f"{config.warmup_ratio:g}, linear decay over the last {config.warmdown_ratio:.0%} to "
            f"{config.final_lr_frac:g}")
-    if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
-        shard_model(model, dtype)
+    prepare_model(model, config, device, dtype)
     optimizers = build_optimizers(model, config)
     if resume:
         restore_training_state(checkpoint, optimizers, loader, device, info, model)

@@ -235,12 +235,7 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
     stage = apply_stage(model, config.stage, growth)  # freezes or masks before the optimizers see the parameters
     if stage is not None:
         print0(stage.describe())
-    if config.float8:  # marks layers, so before compile and FSDP/DDP wrapping
-        print0(enable_float8(model, config.float8, device))
-    if config.activation_checkpointing:
-        checkpoint_blocks(model)
-    if config.fsdp:  # before the optimizers, which then hold the shards (fsdp.py)
-        shard_model(model, dtype)
+    prepare_model(model, config, device, dtype)
     if stage is not None:
         stage.hold(model)  # the old entries as this rank holds them (stages.py)
     optimizers = build_optimizers(model, config)
@@ -253,6 +248,18 @@ def setup_run(model_config: ModelConfig, config: TrainConfig, *, resume: bool = 
                wrap_for_training(model, config, device, info, untrained_heads(model)),
                optimizers, loader, accum, start_step=checkpoint.step if checkpoint is not None else 0, stage=stage,
                growth=growth, tokenizer=data.tokenizer)
+
+
+def prepare_model(model: AdambaLM, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """What a run does to its model before the optimizers see it (pretraining and fine-tuning alike): float8
+    matmuls (marked layers, so before compile and wrapping), activation checkpointing, FSDP sharding (the
+    optimizers then hold the shards; fsdp.py)."""
+    if config.float8:
+        print0(enable_float8(model, config.float8, device))
+    if config.activation_checkpointing:
+        checkpoint_blocks(model)
+    if config.fsdp:
+        shard_model(model, dtype)
 
 
 def resume_checkpoint(config: TrainConfig, out_dir: Path, device: torch.device) -> Checkpoint:
