@@ -866,7 +866,9 @@ RL_PRESETS = {
     "grpo": dict(scale_by_std=True, kl_coef=0.04, ppo_epochs=2, minibatches=2, clip_low=0.2, clip_high=0.2),
 }
 # nanochat's RL schedule: no warmup, learning rates decay linearly to 0 over the run.
-RL_TRAIN_DEFAULTS = dict(run_name="rl", warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+# The width predictor's rate (compute-aware RL only; nothing else RL trains uses it): at pretraining's 0.003 times
+# init_lr_frac it barely moves in 30 steps, at 0.05 the priced choice is learnt (BENCHMARKS.md, "rl").
+RL_TRAIN_DEFAULTS = dict(run_name="rl", warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0, adaptive_lr=0.05)
 RL_TRAIN_FIELDS = ("run_name", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adaptive_lr",
                    "weight_decay", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "grad_clip", "dtype", "device",
                    "compile", "fsdp", "save_every", "seed", "muon", "muon_beta2", "muon_equilibrate",
