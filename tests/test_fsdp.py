@@ -207,6 +207,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(patter
         assert kept_c < (0.6 if compute is None else 0.9) * kept
 
 
+@pytest.mark.slow  # two torchrun jobs (make test-slow); the default suite keeps new-dims, SFT and RL under FSDP
 def test_matryoshka_training_under_fsdp_equals_it_under_ddp(corpus_dir):
     """Each rank samples the same widths under FSDP as under DDP, so the two runs must agree: the sharded model's
     Matryoshka slices (weights sliced inside the gathered units) train exactly as the replicated one's."""
@@ -224,6 +225,7 @@ def test_matryoshka_training_under_fsdp_equals_it_under_ddp(corpus_dir):
         torch.testing.assert_close(p, q, atol=1e-4 if muon_param else 2e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow  # two torchrun jobs (make test-slow); the default suite keeps new-dims, SFT and RL under FSDP
 def test_the_mamba_only_growth_stage_under_fsdp_equals_it_under_ddp(corpus_dir, tokenizer):
     """Freezing everything but the inserted Mamba blocks: FSDP units hold frozen and trained parameters together."""
     from test_surgery import _grown_checkpoint
