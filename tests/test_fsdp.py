@@ -112,6 +112,30 @@ def test_fsdp_kill_and_resume_is_exact_and_its_checkpoint_loads_in_one_process(c
     assert sorted(losses("killed")) == list(range(1, n + 2))
 
 
+@pytest.mark.slow  # three processes on two cores (make test-slow)
+def test_an_fsdp_checkpoint_of_two_ranks_resumes_on_three(corpus_dir):
+    """torch.distributed.checkpoint reshards the weights and optimizer states for a larger world: a run saved by 2
+    ranks continues under FSDP on 3 (the same global batch: 2 ranks x 3 micro-steps = 3 ranks x 2), its loss
+    continuing that of the run that stayed on 2 ranks (not exactly: the ranks take other rows of the batch)."""
+    common = dict(num_iterations=4, save_every=2, device_batch_size=2, total_batch_size=2 * 32 * 6, muon="polar")
+    flags = [*train_flags(corpus_dir, "two", **common), "--fsdp", "true", "--muon", "polar"]
+    done = subprocess.run(torchrun("train", *flags), env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    flags = [*train_flags(corpus_dir, "grown", **{**common, "num_iterations": 2}), "--fsdp", "true", "--muon", "polar"]
+    done = subprocess.run(torchrun("train", *flags), env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    three = [arg.replace("--nproc_per_node=2", "--nproc_per_node=3") for arg in torchrun("train", "--resume", *[
+        *train_flags(corpus_dir, "grown", **common), "--fsdp", "true", "--muon", "polar"])]
+    done = subprocess.run(three, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 rank(s) x 2 micro-steps" in done.stdout and "resuming grown from" in done.stdout
+    a, b = losses("two"), losses("grown")
+    assert sorted(b) == [1, 2, 3, 4] and b[1] == a[1] and b[2] == a[2]
+    for step in (3, 4):  # the resumed optimizer states are the saved ones: the loss goes on as on two ranks
+        assert b[step] == pytest.approx(a[step], abs=0.05), step
+    assert len(list((load_checkpoint(run_dir("grown")).path / "shards").glob("*.distcp"))) == 3
+
+
 def test_fsdp_needs_torchrun(corpus_dir, capsys):
     from adamba.cli import main
 
