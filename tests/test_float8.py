@@ -144,3 +144,24 @@ def test_fine_tuning_takes_the_flag_too(corpus_dir, capsys):
     result = sft(SFTConfig(base="base", num_iterations=2), config, echo_conversations(16), progress=False)
     assert "float8 (tensorwise scaling, torchao): 12 of 12 block projections" in capsys.readouterr().out
     assert result.step == 2
+
+
+@pytest.mark.slow  # compiling takes about 40 s on 2 CPU cores (make test-slow)
+def test_compiled_float8_training_equals_eager():
+    """torch.compile traces torchao's float8 matmul on the slices: the loss and gradients of the eager pass."""
+    torch.manual_seed(0)
+    model = AdambaLM.build(tiny_config(block_pattern="TT"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    enable_float8(model, "tensorwise", CPU)
+    idx, targets = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    eager = model(idx, targets)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)(idx, targets)
+    compiled.backward()
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
