@@ -156,8 +156,8 @@ def convert_control_to_float8(control: ControlLM, adamba: AdambaLM, recipe: str)
     """torchao's module swap on the control, for the projections adamba runs in float8 (same names, same set)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    names = {f"blocks.{name}" for name, module in adamba.blocks.named_modules()
-             if module in float8_layers(adamba) and getattr(module, "float8", None) is not None}
+    marked = {id(layer) for layer in float8_layers(adamba) if getattr(layer, "float8", None) is not None}
+    names = {f"blocks.{name}" for name, module in adamba.blocks.named_modules() if id(module) in marked}
     convert_to_float8_training(control, config=Float8LinearConfig.from_recipe_name(recipe),
                                module_filter_fn=lambda module, fqn: fqn in names)
     swapped = sum("Float8" in type(module).__name__ for module in control.modules())

@@ -300,4 +300,4 @@ def test_rl_under_fsdp_needs_torchrun_and_refuses_the_compute_aware_reward(base)
         rl(rl_config, TrainConfig.from_dict({**config.to_dict(), "fsdp": True}), FirstToken("a"), FirstToken("a"),
            progress=False)
     with pytest.raises(ValueError, match="flops_price: compute-aware RL does not run under --fsdp"):
-        _check_fsdp(RLConfig(base="base", flops_price=0.5), SimpleNamespace(enabled=True))
+        _check_fsdp(RLConfig(base="base", flops_price=0.5), TrainConfig(fsdp=True), SimpleNamespace(enabled=True))

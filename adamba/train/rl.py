@@ -51,6 +51,7 @@ from .optim import build_optimizers, fine_tuning_config, set_schedule
 from .trainer import (
     MetricsLog,
     TrainResult,
+    check_fsdp,
     describe_model,
     prepare_model,
     restore_optimizers,
@@ -135,8 +136,8 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
         if reference.config.predictor_layers != model.config.predictor_layers:  # the base had no predictor
             reference = with_width_predictor(reference, model.config.predictor_layers)
         reference.requires_grad_(False).eval()
-    if config.fsdp:  # the reference stays whole on every rank: it is only ever run forward, without collectives
-        _check_fsdp(rl_config, info)
+    # under FSDP the reference stays whole on every rank: it is only ever run forward, without collectives
+    _check_fsdp(rl_config, config, info)
     prepare_model(model, config, device, dtype)
     optimizers = build_optimizers(model, config)
     if resume:
@@ -154,11 +155,10 @@ def setup_rl(rl_config: RLConfig, config: TrainConfig, *, resume: bool = False) 
                  checkpoint.tokenizer, optimizers, out_dir, start_step=checkpoint.step if resume else 0)
 
 
-def _check_fsdp(rl_config: RLConfig, info) -> None:
-    if not info.enabled:
-        raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun --nproc_per_node=N "
-                         "-m adamba.cli rl ..., or drop --fsdp")
-    if rl_config.flops_price is not None:  # the width predictor runs on hidden states outside the model's forward
+def _check_fsdp(rl_config: RLConfig, config: TrainConfig, info) -> None:
+    check_fsdp(config, info)
+    # the width predictor runs on hidden states outside the model's forward, which FSDP does not gather for
+    if config.fsdp and rl_config.flops_price is not None:
         raise ValueError("flops_price: compute-aware RL does not run under --fsdp yet; train it without --fsdp "
                          "(DDP)")
 

@@ -311,10 +311,13 @@ def check_training(model_config: ModelConfig, config: TrainConfig, info: DistInf
                          "them in one process")
     if config.fixed_loops:
         require_loop(model_config, "fixed_loops")
-    if config.fsdp:
-        if not info.enabled:
-            raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun "
-                             "--nproc_per_node=N -m adamba.cli train ..., or drop --fsdp")
+    check_fsdp(config, info)
+
+
+def check_fsdp(config: TrainConfig, info: DistInfo) -> None:
+    if config.fsdp and not info.enabled:
+        raise ValueError("fsdp: shards over the ranks of torchrun; start the run with torchrun --nproc_per_node=N "
+                         "-m adamba.cli train|sft|rl ..., or drop --fsdp")
 
 
 def describe_batch(model: AdambaLM, config: TrainConfig, info: DistInfo, accum: int, dtype: torch.dtype) -> None:
